@@ -1,0 +1,208 @@
+//! Command-line interface: argument definitions and the small glue that runs each command.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use clap::{Parser, Subcommand};
+
+use crate::control::{self, Request};
+use crate::mount::{self, MountOptions};
+use crate::source::Endpoint;
+
+#[derive(Debug, Parser)]
+#[command(name = "autosync", version, about = "Mount a cloud bucket (or a local folder) as a local drive")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount SOURCE (s3://, gs://, az://, file://, a local path, memory://) at MOUNTPOINT.
+    Mount {
+        source: String,
+        mountpoint: PathBuf,
+        /// This mount's state dir (database, journal, lock, control socket).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// This mount's cache dir (staged file contents).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Return once the mount is live, leaving it running in the background.
+        #[arg(long)]
+        daemon: bool,
+        /// Seconds between the last change to a file and its upload.
+        #[arg(long, default_value_t = 2.0)]
+        upload_delay: f64,
+        /// Seconds a folder listing is trusted before asking the bucket again.
+        #[arg(long, default_value_t = 5.0)]
+        metadata_ttl: f64,
+        /// Seconds to keep uploading after SIGTERM/Ctrl-C before unmounting.
+        #[arg(long, default_value_t = 30.0)]
+        shutdown_grace: f64,
+        /// S3-compatible endpoint URL (MinIO, Garage...).
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// Allow plain http:// endpoints.
+        #[arg(long)]
+        allow_http: bool,
+    },
+    /// Unmount, after uploading what can be uploaded within the mount's grace period.
+    Unmount {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Wait until every local change is in the bucket.
+    Flush {
+        mountpoint: PathBuf,
+        /// Give up after this many seconds (exit 1, saying what is pending).
+        #[arg(long, default_value_t = 300.0)]
+        timeout: f64,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Show pending uploads, the last error and cache use.
+    Status {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
+    if !v.is_finite() || v < 0.0 {
+        bail!("--{what} must be a number of seconds, 0 or more");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn socket_for(mountpoint: &Path, state_dir: Option<&Path>) -> PathBuf {
+    match state_dir {
+        Some(d) => d.join("control.sock"),
+        None => mount::registry_path(mountpoint),
+    }
+}
+
+fn call(mountpoint: &Path, state_dir: Option<&Path>, req: Request) -> anyhow::Result<control::Reply> {
+    let socket = socket_for(mountpoint, state_dir);
+    if !socket.exists() {
+        bail!("no autosync mount at {}: mount it first (or pass the mount's --state-dir)", mountpoint.display());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(control::call(&socket, &req))
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Mount {
+            source,
+            mountpoint,
+            state_dir,
+            cache_dir,
+            daemon,
+            upload_delay,
+            metadata_ttl,
+            shutdown_grace,
+            endpoint,
+            region,
+            allow_http,
+        } => {
+            let opts = MountOptions {
+                source,
+                mountpoint,
+                state_dir,
+                cache_dir,
+                upload_delay: secs(upload_delay, "upload-delay")?,
+                metadata_ttl: secs(metadata_ttl, "metadata-ttl")?,
+                shutdown_grace: secs(shutdown_grace, "shutdown-grace")?,
+                endpoint: Endpoint { endpoint, region, allow_http },
+                announce_ready: std::env::var_os("AUTOSYNC_ANNOUNCE_READY").is_some(),
+            };
+            if daemon {
+                let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemon").collect();
+                return mount::daemonize(args);
+            }
+            mount::run(opts)
+        }
+        Command::Unmount { mountpoint, state_dir } => {
+            match call(&mountpoint, state_dir.as_deref(), Request::Unmount) {
+                Ok(_) => {
+                    // The daemon flushes, then unmounts itself; wait for the mount to go.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+                    while is_mounted(&mountpoint) {
+                        if std::time::Instant::now() > deadline {
+                            bail!("{} is still mounted after 10 minutes", mountpoint.display());
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Ok(())
+                }
+                Err(e) if is_mounted(&mountpoint) => {
+                    // No daemon answers (killed?): detach the dead mount.
+                    nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH)
+                        .map_err(|errno| anyhow!("cannot unmount {}: {errno} ({e})", mountpoint.display()))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Flush { mountpoint, timeout, state_dir } => {
+            let timeout = secs(timeout, "timeout")?;
+            let reply =
+                call(&mountpoint, state_dir.as_deref(), Request::Flush { timeout_secs: timeout.as_secs_f64() })?;
+            if reply.ok {
+                return Ok(());
+            }
+            let st = reply.status.unwrap_or_default();
+            let why = st.last_error.map(|e| format!("; last error: {e}")).unwrap_or_default();
+            bail!(
+                "flush timed out after {:.0} s: {} changes ({} bytes) still pending{why}",
+                timeout.as_secs_f64(),
+                st.pending_ops,
+                st.pending_bytes
+            )
+        }
+        Command::Status { mountpoint, json, state_dir } => {
+            let reply = call(&mountpoint, state_dir.as_deref(), Request::Status)?;
+            let st = reply.status.ok_or_else(|| anyhow!("the mount sent no status"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!("pending uploads: {} ({} bytes)", st.pending_ops, st.pending_bytes);
+                println!("uploaded:        {}", st.uploads_done);
+                println!("conflicts:       {}", st.conflicts);
+                println!("staged on disk:  {} bytes", st.staged_bytes);
+                println!("last error:      {}", st.last_error.as_deref().unwrap_or("none"));
+                let cw = match (st.conditional_create, st.conditional_update) {
+                    (true, true) => "conditional writes: enforced by the store".to_string(),
+                    (c, u) => format!(
+                        "conditional writes: not fully enforced by the store (create: {}, update: {}); using compare-then-write",
+                        yes(c),
+                        yes(u)
+                    ),
+                };
+                println!("{cw}");
+                if let Some(ro) = st.read_only {
+                    println!("READ-ONLY:       {ro}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn is_mounted(mountpoint: &Path) -> bool {
+    let canon = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(&*canon.to_string_lossy())))
+        .unwrap_or(false)
+}

@@ -1,0 +1,85 @@
+//! The control socket: how `autosync flush|status|unmount` reach a running mount. One JSON
+//! request per connection, one JSON reply.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::fs::{Fs, Status};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    Flush { timeout_secs: f64 },
+    Unmount,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    pub status: Option<Status>,
+    pub pending: Option<usize>,
+    pub error: Option<String>,
+}
+
+pub fn serve(fs: Arc<Fs>, socket: &Path, unmount: mpsc::Sender<()>) -> anyhow::Result<JoinHandle<()>> {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let fs = Arc::clone(&fs);
+            let unmount = unmount.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(fs, stream, unmount).await {
+                    tracing::debug!("control connection: {e}");
+                }
+            });
+        }
+    }))
+}
+
+async fn handle(fs: Arc<Fs>, stream: UnixStream, unmount: mpsc::Sender<()>) -> anyhow::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Status) => Reply { ok: true, status: Some(fs.status()), pending: None, error: None },
+        Ok(Request::Flush { timeout_secs }) => {
+            let left = fs.flush_all(Duration::from_secs_f64(timeout_secs.max(0.0))).await;
+            let status = fs.status();
+            Reply { ok: left == 0, pending: Some(left), error: status.last_error.clone(), status: Some(status) }
+        }
+        Ok(Request::Unmount) => {
+            let _ = unmount.send(()).await;
+            Reply { ok: true, status: None, pending: None, error: None }
+        }
+        Err(e) => Reply { ok: false, status: None, pending: None, error: Some(format!("bad request: {e}")) },
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    Ok(())
+}
+
+/// Sends one request to the mount behind `socket` and waits for the reply.
+pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| anyhow!("no running mount answers at {}: {e}", socket.display()))?;
+    let (r, mut w) = stream.into_split();
+    let mut out = serde_json::to_vec(req)?;
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    serde_json::from_str(&line).context("the mount sent an unreadable reply")
+}

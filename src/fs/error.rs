@@ -1,0 +1,80 @@
+//! The filesystem's error kinds, and the one place where each becomes an errno.
+
+use crate::state::StateError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or folder")]
+    NotFound,
+    #[error("already exists")]
+    Exists,
+    #[error("not a folder")]
+    NotDir,
+    #[error("is a folder")]
+    IsDir,
+    #[error("folder not empty")]
+    NotEmpty,
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("name too long")]
+    NameTooLong,
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("the remote object changed while reading it: {0}")]
+    Stale(String),
+    #[error("bucket: {0}")]
+    Remote(#[from] object_store::Error),
+    #[error("local disk: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the mount is read-only: {0}")]
+    ReadOnly(String),
+}
+
+impl FsError {
+    /// The errno the kernel gets. Every unsupported operation is listed in docs/SEMANTICS.md.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Unsupported(_) => libc::ENOTSUP,
+            FsError::BadHandle => libc::EBADF,
+            FsError::Stale(_) => libc::ESTALE,
+            FsError::Remote(object_store::Error::NotFound { .. }) => libc::ENOENT,
+            FsError::Remote(object_store::Error::PermissionDenied { .. })
+            | FsError::Remote(object_store::Error::Unauthenticated { .. }) => libc::EACCES,
+            FsError::Remote(_) => libc::EIO,
+            FsError::Io(e) => match e.raw_os_error() {
+                Some(libc::ENOSPC) => libc::ENOSPC,
+                Some(libc::EDQUOT) => libc::EDQUOT,
+                _ => libc::EIO,
+            },
+            FsError::State(_) => libc::EIO,
+            FsError::ReadOnly(_) => libc::EROFS,
+        }
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_mapping_is_deliberate() {
+        assert_eq!(FsError::NotFound.errno(), libc::ENOENT);
+        assert_eq!(FsError::Unsupported("hard links").errno(), libc::ENOTSUP);
+        assert_eq!(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)).errno(), libc::ENOSPC);
+        let nf = object_store::Error::NotFound { path: "x".into(), source: "gone".into() };
+        assert_eq!(FsError::Remote(nf).errno(), libc::ENOENT);
+    }
+}

@@ -1,0 +1,1411 @@
+//! The filesystem logic: inodes, folder listings, file handles and the write journal, as
+//! plain async Rust over an object store. It knows nothing of fuser; the adapter in
+//! `crate::fuse` converts kernel requests into these calls.
+
+pub mod error;
+mod staging;
+pub mod types;
+mod upload;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::Path as FsPath;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStoreExt};
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, watch};
+
+pub use error::{FsError, FsResult};
+use staging::Staging;
+pub use types::{Attr, DirEntry, Inode, Kind, Op, ROOT_INO, Remote, SetAttr};
+use types::{now_ns, to_ns};
+
+use crate::layout::{self, PosixAttrs};
+use crate::state::{Batch, StateDb};
+use crate::store::Store;
+
+/// Files above this size go up as multipart uploads.
+pub const MULTIPART_THRESHOLD: u64 = 32 << 20;
+/// Remote reads of files that are not staged are fetched in chunks of this size.
+const READ_CHUNK: u64 = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// How long a folder listing or attribute is trusted before asking the bucket again.
+    pub metadata_ttl: Duration,
+    /// How long after the last change an upload starts.
+    pub upload_delay: Duration,
+    /// Owner of objects whose metadata carries none.
+    pub uid: u32,
+    pub gid: u32,
+    /// Names conflict copies.
+    pub host: String,
+    pub multipart_threshold: u64,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            metadata_ttl: Duration::from_secs(5),
+            upload_delay: Duration::from_secs(2),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            host: hostname(),
+            multipart_threshold: MULTIPART_THRESHOLD,
+        }
+    }
+}
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect())
+        .unwrap_or_else(|| "host".to_string())
+}
+
+/// Which conditional writes the store honours, found by probing at mount time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Caps {
+    /// `PutMode::Create` (If-None-Match: *) is enforced.
+    pub create: bool,
+    /// `PutMode::Update` (If-Match) is enforced.
+    pub update: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub pending_ops: usize,
+    pub pending_bytes: u64,
+    pub staged_bytes: u64,
+    pub uploads_done: u64,
+    pub conflicts: u64,
+    pub last_error: Option<String>,
+    pub conditional_create: bool,
+    pub conditional_update: bool,
+    pub read_only: Option<String>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    op: Op,
+    ready_at: Instant,
+}
+
+#[derive(Debug)]
+struct Inner {
+    inodes: HashMap<u64, Inode>,
+    children: HashMap<u64, BTreeMap<String, u64>>,
+    /// Which inode owns the object at a key (its `remote`), so a listing that still shows a
+    /// locally renamed file does not bring the old name back.
+    by_remote_key: HashMap<String, u64>,
+    queue: BTreeMap<u64, Queued>,
+    queued_sync: HashMap<u64, u64>,
+    /// Keys (and `prefix/` folder keys) with a pending delete or move: hidden from listings.
+    hidden: HashMap<String, u32>,
+    next_ino: u64,
+    next_seq: u64,
+    /// Bumped when an upload lands, so a listing taken before it does not delete its file.
+    upload_epoch: u64,
+    warned: HashSet<String>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    ino: u64,
+    wrote: bool,
+    /// Last chunk fetched from the bucket, for reads of files that are not staged.
+    chunk: Option<(u64, Bytes)>,
+    /// Directory snapshot taken at opendir.
+    dir: Option<Vec<DirEntry>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    uploads_done: u64,
+    conflicts: u64,
+    last_error: Option<String>,
+    read_only: Option<String>,
+}
+
+pub struct Fs {
+    store: Store,
+    prefix: String,
+    cfg: FsConfig,
+    caps: Caps,
+    db: StateDb,
+    staging: Staging,
+    inner: Mutex<Inner>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    fill_lock: tokio::sync::Mutex<()>,
+    counters: Mutex<Counters>,
+    /// Wakes the uploader: new work, or a flush request.
+    wake: Notify,
+    /// Number of pending journal ops, for flush waiters.
+    pending: watch::Sender<usize>,
+    /// Flush requests: while non-zero the uploader ignores `upload_delay`.
+    urgent: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not turn every later request into a panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn obj_path(key: &str) -> FsResult<Path> {
+    Path::parse(key).map_err(|_| FsError::Invalid("name cannot be stored as an object key"))
+}
+
+fn check_name(name: &str) -> FsResult<()> {
+    if name.len() > 255 {
+        return Err(FsError::NameTooLong);
+    }
+    if layout::invalid_name(name).is_some() || name.chars().any(|c| c.is_ascii_control()) {
+        return Err(FsError::Invalid("name cannot be stored as an object key"));
+    }
+    if layout::is_reserved(name) {
+        return Err(FsError::Invalid("names starting with .autosync- are reserved"));
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn get(&self, ino: u64) -> FsResult<&Inode> {
+        self.inodes.get(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn get_mut(&mut self, ino: u64) -> FsResult<&mut Inode> {
+        self.inodes.get_mut(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn child(&self, parent: u64, name: &str) -> Option<u64> {
+        self.children.get(&parent).and_then(|c| c.get(name)).copied()
+    }
+
+    /// The object key of an inode's current path, relative to the bucket root.
+    fn key_of(&self, prefix: &str, ino: u64) -> FsResult<String> {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        let mut guard = 0;
+        while cur != ROOT_INO {
+            let n = self.get(cur)?;
+            parts.push(n.name.as_str());
+            cur = n.parent;
+            guard += 1;
+            if guard > 4096 {
+                return Err(FsError::Invalid("path too deep"));
+            }
+        }
+        parts.reverse();
+        Ok(layout::join_key(prefix, &parts.join("/")))
+    }
+
+    fn insert(&mut self, node: Inode) {
+        self.children.entry(node.parent).or_default().insert(node.name.clone(), node.ino);
+        if node.kind == Kind::Dir {
+            self.children.entry(node.ino).or_default();
+        }
+        if let Some(r) = &node.remote {
+            self.by_remote_key.insert(r.key.clone(), node.ino);
+        }
+        self.inodes.insert(node.ino, node);
+    }
+
+    fn detach(&mut self, ino: u64) {
+        if let Some(n) = self.inodes.get(&ino) {
+            if let Some(c) = self.children.get_mut(&n.parent) {
+                if c.get(&n.name) == Some(&ino) {
+                    c.remove(&n.name);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, ino: u64) -> Option<Inode> {
+        self.detach(ino);
+        self.children.remove(&ino);
+        let n = self.inodes.remove(&ino)?;
+        if let Some(r) = &n.remote {
+            if self.by_remote_key.get(&r.key) == Some(&ino) {
+                self.by_remote_key.remove(&r.key);
+            }
+        }
+        Some(n)
+    }
+
+    fn set_remote(&mut self, ino: u64, remote: Option<Remote>) {
+        let Some(n) = self.inodes.get_mut(&ino) else { return };
+        if let Some(old) = n.remote.take() {
+            if self.by_remote_key.get(&old.key) == Some(&ino) {
+                self.by_remote_key.remove(&old.key);
+            }
+        }
+        if let Some(r) = &remote {
+            self.by_remote_key.insert(r.key.clone(), ino);
+        }
+        n.remote = remote;
+    }
+
+    fn alloc_ino(&mut self, batch: &mut Batch) -> u64 {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        batch.meta.push(("next_ino", self.next_ino));
+        ino
+    }
+
+    fn persist(&self, ino: u64, batch: &mut Batch) -> FsResult<()> {
+        if let Some(n) = self.inodes.get(&ino) {
+            batch.inode(ino, n)?;
+        }
+        Ok(())
+    }
+
+    fn hide(&mut self, key: String) {
+        *self.hidden.entry(key).or_default() += 1;
+    }
+
+    fn unhide(&mut self, key: &str) {
+        if let Some(c) = self.hidden.get_mut(key) {
+            *c -= 1;
+            if *c == 0 {
+                self.hidden.remove(key);
+            }
+        }
+    }
+
+    fn is_hidden(&self, key: &str) -> bool {
+        if self.hidden.contains_key(key) {
+            return true;
+        }
+        let mut k = key;
+        while let Some(i) = k.rfind('/') {
+            k = &k[..i];
+            if self.hidden.contains_key(&format!("{k}/")) {
+                return true;
+            }
+        }
+        self.hidden.contains_key(&format!("{key}/"))
+    }
+
+    fn push_op(&mut self, op: Op, delay: Duration, batch: &mut Batch) -> FsResult<u64> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        batch.op(seq, &op)?;
+        batch.meta.push(("next_seq", self.next_seq));
+        match &op {
+            Op::Delete { remote } => self.hide(remote.key.clone()),
+            Op::RenameTree { from, .. } => self.hide(format!("{from}/")),
+            Op::Sync { ino } => {
+                self.queued_sync.insert(*ino, seq);
+            }
+        }
+        self.queue.insert(seq, Queued { op, ready_at: Instant::now() + delay });
+        Ok(seq)
+    }
+
+    /// Marks an inode changed: queues its upload once, and pushes the upload back while it
+    /// keeps changing (coalescing).
+    fn touch(&mut self, ino: u64, delay: Duration, batch: &mut Batch) -> FsResult<()> {
+        if let Some(n) = self.inodes.get_mut(&ino) {
+            n.generation += 1;
+        }
+        match self.queued_sync.get(&ino) {
+            Some(seq) => {
+                if let Some(q) = self.queue.get_mut(seq) {
+                    q.ready_at = Instant::now() + delay;
+                }
+            }
+            None => {
+                self.push_op(Op::Sync { ino }, delay, batch)?;
+            }
+        }
+        self.persist(ino, batch)
+    }
+
+    /// Schedules removal of whatever the bucket holds for a removed inode.
+    fn drop_remote(
+        &mut self,
+        node: &Inode,
+        keep_key: Option<&str>,
+        delay: Duration,
+        batch: &mut Batch,
+    ) -> FsResult<()> {
+        for r in [&node.remote, &node.overwrites].into_iter().flatten() {
+            if Some(r.key.as_str()) != keep_key {
+                self.push_op(Op::Delete { remote: r.clone() }, delay, batch)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn has_pending_below(&self, ino: u64) -> bool {
+        let Some(n) = self.inodes.get(&ino) else { return false };
+        if n.dirty || n.open > 0 || self.queued_sync.contains_key(&ino) {
+            return true;
+        }
+        self.children.get(&ino).is_some_and(|c| c.values().any(|&k| self.has_pending_below(k)))
+    }
+}
+
+impl Fs {
+    /// Opens (or creates) the state of a mount and replays nothing yet: call
+    /// [`Fs::run_uploader`] to drain the journal.
+    pub fn open_state(
+        store: Store,
+        prefix: &str,
+        state_dir: &FsPath,
+        cache_dir: &FsPath,
+        cfg: FsConfig,
+        caps: Caps,
+    ) -> FsResult<Arc<Self>> {
+        std::fs::create_dir_all(state_dir)?;
+        let db = StateDb::open(&state_dir.join("state.redb"))?;
+        let staging = Staging::new(cache_dir)?;
+        let loaded = db.load::<Inode, Op>()?;
+        let meta: HashMap<String, u64> = loaded.meta.into_iter().collect();
+        let mut inner = Inner {
+            inodes: HashMap::new(),
+            children: HashMap::new(),
+            by_remote_key: HashMap::new(),
+            queue: BTreeMap::new(),
+            queued_sync: HashMap::new(),
+            hidden: HashMap::new(),
+            next_ino: meta.get("next_ino").copied().unwrap_or(ROOT_INO + 1),
+            next_seq: meta.get("next_seq").copied().unwrap_or(1),
+            upload_epoch: 0,
+            warned: HashSet::new(),
+        };
+        let mut batch = Batch::default();
+        let mut nodes = loaded.inodes;
+        if !nodes.iter().any(|n: &Inode| n.ino == ROOT_INO) {
+            let mut root = Inode::new(ROOT_INO, ROOT_INO, String::new(), Kind::Dir, 0o755, cfg.uid, cfg.gid);
+            root.attrs_known = true;
+            batch.inode(ROOT_INO, &root)?;
+            nodes.push(root);
+        }
+        for n in nodes {
+            if n.ino == ROOT_INO {
+                inner.children.entry(ROOT_INO).or_default();
+                inner.inodes.insert(ROOT_INO, n);
+            } else {
+                inner.insert(n);
+            }
+        }
+        // Inodes whose staging file vanished (cache wiped) fall back to the remote copy.
+        let lost: Vec<u64> =
+            inner.inodes.values().filter(|n| n.staged && !staging.exists(n.ino)).map(|n| n.ino).collect();
+        for ino in lost {
+            if let Some(n) = inner.inodes.get_mut(&ino) {
+                tracing::error!(ino, name = %n.name, "staged content is missing from the cache dir; using the bucket's copy");
+                n.staged = false;
+                n.dirty = false;
+                n.size = n.remote.as_ref().map_or(0, |r| r.size);
+                batch.inode(ino, n)?;
+            }
+        }
+        let now = Instant::now();
+        for (seq, op) in loaded.ops {
+            match &op {
+                Op::Delete { remote } => inner.hide(remote.key.clone()),
+                Op::RenameTree { from, .. } => inner.hide(format!("{from}/")),
+                Op::Sync { ino } => {
+                    inner.queued_sync.insert(*ino, seq);
+                }
+            }
+            inner.queue.insert(seq, Queued { op, ready_at: now });
+        }
+        db.commit(&batch, true)?;
+        let pending = inner.queue.len();
+        let (tx, _) = watch::channel(pending);
+        if pending > 0 {
+            tracing::info!(pending, "replaying journal: changes from an earlier run are still to upload");
+        }
+        Ok(Arc::new(Fs {
+            store,
+            prefix: prefix.trim_matches('/').to_string(),
+            cfg,
+            caps,
+            db,
+            staging,
+            inner: Mutex::new(inner),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            fill_lock: tokio::sync::Mutex::new(()),
+            counters: Mutex::new(Counters::default()),
+            wake: Notify::new(),
+            pending: tx,
+            urgent: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    fn commit(&self, inner: &Inner, batch: Batch, durable: bool) -> FsResult<()> {
+        if let Some(why) = &lock(&self.counters).read_only {
+            return Err(FsError::ReadOnly(why.clone()));
+        }
+        if !batch.is_empty() || durable {
+            if let Err(e) = self.db.commit(&batch, durable) {
+                // A journal that cannot be written must not pretend: stop taking writes.
+                let why = format!("journal write failed: {e}");
+                tracing::error!("{why}; the mount is now read-only");
+                lock(&self.counters).read_only = Some(why);
+                return Err(e.into());
+            }
+        }
+        self.pending.send_replace(inner.queue.len());
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    // ---- metadata -------------------------------------------------------------------
+
+    /// Lists a folder from the bucket and merges it with what is known locally.
+    async fn refresh_dir(&self, ino: u64) -> FsResult<()> {
+        let (key, epoch) = {
+            let inner = lock(&self.inner);
+            let n = inner.get(ino)?;
+            if n.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            (inner.key_of(&self.prefix, ino)?, inner.upload_epoch)
+        };
+        let prefix = if key.is_empty() { None } else { Some(obj_path(&key)?) };
+        let listing = self.store.list_with_delimiter(prefix.as_ref()).await;
+        let listing = match listing {
+            Ok(l) => l,
+            // A folder that exists only locally (pending upload) lists as empty.
+            Err(object_store::Error::NotFound { .. }) => {
+                object_store::ListResult { common_prefixes: vec![], objects: vec![], extensions: Default::default() }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut new_files = Vec::new();
+        {
+            let mut inner = lock(&self.inner);
+            let mut batch = Batch::default();
+            if inner.get(ino).is_err() {
+                return Ok(());
+            }
+            let epoch_changed = inner.upload_epoch != epoch;
+            let mut seen: HashSet<String> = HashSet::new();
+            for p in &listing.common_prefixes {
+                let Some(name) = p.filename().map(str::to_string) else { continue };
+                let full = p.as_ref().to_string();
+                if !self.acceptable(&mut inner, &full, &name) {
+                    continue;
+                }
+                seen.insert(name.clone());
+                match inner.child(ino, &name) {
+                    Some(_) => {}
+                    None => {
+                        let c = inner.alloc_ino(&mut batch);
+                        let mut n = Inode::new(c, ino, name, Kind::Dir, 0o755, self.cfg.uid, self.cfg.gid);
+                        n.attrs_known = false;
+                        n.remote = Some(Remote { key: full, etag: None, version: None, size: 0 });
+                        inner.insert(n);
+                        inner.persist(c, &mut batch)?;
+                    }
+                }
+            }
+            for m in &listing.objects {
+                let full = m.location.as_ref().to_string();
+                if full == key {
+                    continue; // an s3fs-style `dir/` marker of this folder itself
+                }
+                let Some(name) = m.location.filename().map(str::to_string) else { continue };
+                if name == layout::FOLDER_MARKER {
+                    if let Ok(n) = inner.get_mut(ino) {
+                        n.attrs_known = n.attrs_known || n.ino == ROOT_INO;
+                    }
+                    continue;
+                }
+                if !self.acceptable(&mut inner, &full, &name) {
+                    continue;
+                }
+                if seen.contains(&name) {
+                    continue; // a folder and a file of one name: the folder wins
+                }
+                seen.insert(name.clone());
+                match inner.child(ino, &name) {
+                    Some(c) => {
+                        let n = inner.get(c)?;
+                        let clean = !n.dirty && n.open == 0 && !inner.queued_sync.contains_key(&c);
+                        let changed = n
+                            .remote
+                            .as_ref()
+                            .is_none_or(|r| r.key != full || !etag_same(r.etag.as_deref(), m.e_tag.as_deref()));
+                        if clean && changed && n.kind != Kind::Dir {
+                            let n = inner.get_mut(c)?;
+                            n.size = m.size;
+                            n.mtime_ns = to_ns(SystemTime::from(m.last_modified));
+                            n.attrs_known = false;
+                            let was_staged = n.staged;
+                            n.staged = false;
+                            if was_staged {
+                                self.staging.remove(c);
+                            }
+                            inner.set_remote(c, Some(remote_of(m)));
+                            inner.persist(c, &mut batch)?;
+                            new_files.push(c);
+                        }
+                    }
+                    None => {
+                        let c = inner.alloc_ino(&mut batch);
+                        let mut n = Inode::new(c, ino, name, Kind::File, 0o644, self.cfg.uid, self.cfg.gid);
+                        n.size = m.size;
+                        n.mtime_ns = to_ns(SystemTime::from(m.last_modified));
+                        n.ctime_ns = n.mtime_ns;
+                        n.attrs_known = false;
+                        n.remote = Some(remote_of(m));
+                        inner.insert(n);
+                        inner.persist(c, &mut batch)?;
+                        new_files.push(c);
+                    }
+                }
+            }
+            // Local entries the bucket no longer has: deleted by someone else, unless they
+            // are ours and still on their way up.
+            if !epoch_changed {
+                let local: Vec<(String, u64)> = inner
+                    .children
+                    .get(&ino)
+                    .map(|c| c.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                    .unwrap_or_default();
+                for (name, c) in local {
+                    if seen.contains(&name) {
+                        continue;
+                    }
+                    let n = inner.get(c)?;
+                    let gone = match n.kind {
+                        Kind::Dir => n.remote.is_some() && !inner.has_pending_below(c),
+                        _ => {
+                            n.remote.is_some()
+                                && !n.dirty
+                                && n.open == 0
+                                && !inner.queued_sync.contains_key(&c)
+                                && n.overwrites.is_none()
+                        }
+                    };
+                    if gone {
+                        self.remove_tree(&mut inner, c, &mut batch)?;
+                    }
+                }
+            }
+            if let Ok(n) = inner.get_mut(ino) {
+                n.listed_at = Some(Instant::now());
+            }
+            self.commit(&inner, batch, false)?;
+        }
+        self.fetch_attrs(new_files).await;
+        Ok(())
+    }
+
+    fn remove_tree(&self, inner: &mut Inner, ino: u64, batch: &mut Batch) -> FsResult<()> {
+        let kids: Vec<u64> = inner.children.get(&ino).map(|c| c.values().copied().collect()).unwrap_or_default();
+        for k in kids {
+            self.remove_tree(inner, k, batch)?;
+        }
+        if let Some(n) = inner.remove(ino) {
+            if n.staged {
+                self.staging.remove(ino);
+            }
+            batch.del_inodes.push(ino);
+        }
+        Ok(())
+    }
+
+    /// Whether a listed key can appear in the mount (valid name, not hidden by a pending
+    /// change, not owned by an inode that was renamed locally).
+    fn acceptable(&self, inner: &mut Inner, full: &str, name: &str) -> bool {
+        if layout::is_reserved(name) {
+            return false;
+        }
+        if let Some(why) = layout::invalid_name(name) {
+            if inner.warned.insert(full.to_string()) {
+                tracing::warn!(key = full, "skipping object whose key cannot be a file name: {why}");
+            }
+            return false;
+        }
+        if inner.is_hidden(full) {
+            return false;
+        }
+        if let Some(&owner) = inner.by_remote_key.get(full) {
+            // Owned by an inode that now lives elsewhere: the old name is on its way out.
+            if inner.key_of(&self.prefix, owner).ok().as_deref() != Some(full) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Reads object metadata (mode, owner, mtime, symlink) for inodes known only from a
+    /// listing. Failures leave the defaults.
+    async fn fetch_attrs(&self, inos: Vec<u64>) {
+        if inos.is_empty() {
+            return;
+        }
+        let keys: Vec<(u64, String)> = {
+            let inner = lock(&self.inner);
+            inos.iter().filter_map(|&i| Some((i, inner.get(i).ok()?.remote.as_ref()?.key.clone()))).collect()
+        };
+        let results: Vec<_> = futures::stream::iter(keys)
+            .map(|(ino, key)| async move {
+                let Ok(path) = obj_path(&key) else { return (ino, None) };
+                let opts = GetOptions { head: true, ..Default::default() };
+                (ino, self.store.get_opts(&path, opts).await.ok())
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let mut symlinks = Vec::new();
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        for (ino, r) in results {
+            let Some(r) = r else { continue };
+            let Ok(n) = inner.get_mut(ino) else { continue };
+            if n.dirty || n.remote.as_ref().is_none_or(|rem| !etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref())) {
+                continue;
+            }
+            let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
+            self.apply_posix(n, attrs);
+            if n.kind == Kind::Symlink && n.target.is_none() {
+                symlinks.push(ino);
+            }
+            let _ = inner.persist(ino, &mut batch);
+        }
+        let _ = self.commit(&inner, batch, false);
+        drop(inner);
+        for ino in symlinks {
+            let _ = self.load_symlink(ino).await;
+        }
+    }
+
+    fn apply_posix(&self, n: &mut Inode, a: PosixAttrs) {
+        if let Some(mode) = a.mode {
+            n.perm = (mode & 0o7777) as u16;
+            if n.kind != Kind::Dir {
+                n.kind = if a.is_symlink() { Kind::Symlink } else { Kind::File };
+            }
+        }
+        if let Some(u) = a.uid {
+            n.uid = u;
+        }
+        if let Some(g) = a.gid {
+            n.gid = g;
+        }
+        if let Some(t) = a.mtime {
+            // Keep sub-second precision when the seconds agree.
+            if n.mtime_ns.div_euclid(1_000_000_000) != t {
+                n.mtime_ns = t.saturating_mul(1_000_000_000);
+            }
+        }
+        n.attrs_known = true;
+    }
+
+    async fn load_symlink(&self, ino: u64) -> FsResult<String> {
+        let key = {
+            let inner = lock(&self.inner);
+            let n = inner.get(ino)?;
+            if let Some(t) = &n.target {
+                return Ok(t.clone());
+            }
+            n.remote.as_ref().ok_or(FsError::NotFound)?.key.clone()
+        };
+        let bytes = self.store.get(&obj_path(&key)?).await?.bytes().await?;
+        let target = String::from_utf8_lossy(&bytes).into_owned();
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        let n = inner.get_mut(ino)?;
+        n.target = Some(target.clone());
+        n.size = target.len() as u64;
+        inner.persist(ino, &mut batch)?;
+        self.commit(&inner, batch, false)?;
+        Ok(target)
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        if name.len() > 255 {
+            return Err(FsError::NameTooLong);
+        }
+        if layout::is_reserved(name) {
+            return Err(FsError::NotFound);
+        }
+        let fresh = {
+            let inner = lock(&self.inner);
+            let p = inner.get(parent)?;
+            if p.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            p.is_listed_fresh(self.cfg.metadata_ttl)
+        };
+        let found = lock(&self.inner).child(parent, name);
+        let ino = match found {
+            Some(ino) => ino,
+            None if fresh => return Err(FsError::NotFound),
+            None => {
+                self.refresh_dir(parent).await?;
+                lock(&self.inner).child(parent, name).ok_or(FsError::NotFound)?
+            }
+        };
+        self.ensure_attrs(ino).await;
+        Ok(lock(&self.inner).get(ino)?.attr())
+    }
+
+    async fn ensure_attrs(&self, ino: u64) {
+        let (known, symlink_unloaded) = {
+            let inner = lock(&self.inner);
+            match inner.get(ino) {
+                Ok(n) => (n.attrs_known, n.kind == Kind::Symlink && n.target.is_none()),
+                Err(_) => return,
+            }
+        };
+        if !known {
+            self.fetch_attrs(vec![ino]).await;
+        } else if symlink_unloaded {
+            let _ = self.load_symlink(ino).await;
+        }
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        Ok(lock(&self.inner).get(ino)?.attr())
+    }
+
+    pub async fn setattr(&self, ino: u64, set: SetAttr) -> FsResult<Attr> {
+        if let Some(size) = set.size {
+            let kind = lock(&self.inner).get(ino)?.kind;
+            if kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            let file = if size == 0 { self.restage_empty(ino)? } else { self.ensure_staged(ino).await? };
+            file.set_len(size)?;
+        }
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        let n = inner.get_mut(ino)?;
+        if let Some(size) = set.size {
+            n.size = size;
+            n.mtime_ns = now_ns();
+        }
+        if let Some(mode) = set.mode {
+            n.perm = (mode & 0o7777) as u16;
+        }
+        if let Some(u) = set.uid {
+            n.uid = u;
+        }
+        if let Some(g) = set.gid {
+            n.gid = g;
+        }
+        if let Some(t) = set.mtime {
+            n.mtime_ns = to_ns(t);
+        }
+        n.ctime_ns = now_ns();
+        if n.ino != ROOT_INO {
+            n.dirty = true;
+            inner.touch(ino, self.cfg.upload_delay, &mut batch)?;
+        } else {
+            inner.persist(ino, &mut batch)?;
+        }
+        let attr = inner.get(ino)?.attr();
+        // Truncation is a content change that close() may never follow: make it durable.
+        self.commit(&inner, batch, set.size.is_some())?;
+        Ok(attr)
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<String> {
+        let kind = lock(&self.inner).get(ino)?.kind;
+        if kind != Kind::Symlink {
+            return Err(FsError::Invalid("not a symlink"));
+        }
+        self.load_symlink(ino).await
+    }
+
+    /// Checks for mkdir, create and symlink: the name is valid and free in the bucket too.
+    async fn prepare_new(&self, parent: u64, name: &str) -> FsResult<()> {
+        check_name(name)?;
+        // Make sure the name is free in the bucket too, not only in what we have seen.
+        let fresh = lock(&self.inner).get(parent)?.is_listed_fresh(self.cfg.metadata_ttl);
+        if !fresh {
+            self.refresh_dir(parent).await?;
+        }
+        let inner = lock(&self.inner);
+        let p = inner.get(parent)?;
+        if p.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if inner.child(parent, name).is_some() {
+            return Err(FsError::Exists);
+        }
+        Ok(())
+    }
+
+    fn add_node(
+        &self,
+        parent: u64,
+        name: &str,
+        kind: Kind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        target: Option<String>,
+    ) -> FsResult<Attr> {
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        if inner.get(parent)?.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if inner.child(parent, name).is_some() {
+            return Err(FsError::Exists);
+        }
+        let ino = inner.alloc_ino(&mut batch);
+        let mut n = Inode::new(ino, parent, name.to_string(), kind, perm, uid, gid);
+        n.dirty = true;
+        match kind {
+            Kind::Dir => n.listed_at = Some(Instant::now()),
+            Kind::Symlink => {
+                n.size = target.as_ref().map_or(0, |t| t.len() as u64);
+                n.target = target;
+            }
+            Kind::File => {
+                self.staging.create_empty(ino)?;
+                n.staged = true;
+            }
+        }
+        inner.insert(n);
+        if let Ok(p) = inner.get_mut(parent) {
+            p.mtime_ns = now_ns();
+            p.ctime_ns = p.mtime_ns;
+        }
+        inner.touch(ino, self.cfg.upload_delay, &mut batch)?;
+        let attr = inner.get(ino)?.attr();
+        self.commit(&inner, batch, false)?;
+        Ok(attr)
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &str, mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.prepare_new(parent, name).await?;
+        self.add_node(parent, name, Kind::Dir, (mode & 0o7777) as u16, uid, gid, None)
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &str, target: &str, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.prepare_new(parent, name).await?;
+        self.add_node(parent, name, Kind::Symlink, 0o777, uid, gid, Some(target.to_string()))
+    }
+
+    pub async fn create(&self, parent: u64, name: &str, mode: u32, uid: u32, gid: u32) -> FsResult<(Attr, u64)> {
+        self.prepare_new(parent, name).await?;
+        let attr = self.add_node(parent, name, Kind::File, (mode & 0o7777) as u16, uid, gid, None)?;
+        let fh = self.new_handle(attr.ino);
+        // A fresh file is written by whoever created it: make the upload wait for close.
+        Ok((attr, fh))
+    }
+
+    /// Looks a name up, listing the folder when it is not known yet.
+    async fn resolve(&self, parent: u64, name: &str) -> FsResult<u64> {
+        if let Some(i) = lock(&self.inner).child(parent, name) {
+            return Ok(i);
+        }
+        self.lookup(parent, name).await.map(|a| a.ino)
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+        let ino = self.resolve(parent, name).await?;
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        let n = inner.get(ino)?;
+        if n.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let node = n.clone();
+        inner.drop_remote(&node, None, self.cfg.upload_delay, &mut batch)?;
+        if node.open > 0 {
+            // Still open: keep the inode (and its staging) until the last release.
+            inner.detach(ino);
+            inner.set_remote(ino, None);
+            if let Ok(n) = inner.get_mut(ino) {
+                n.overwrites = None;
+                n.dirty = false;
+                n.parent = 0;
+            }
+            inner.queued_sync.remove(&ino);
+            batch.del_inodes.push(ino);
+        } else {
+            self.remove_tree(&mut inner, ino, &mut batch)?;
+            inner.queued_sync.remove(&ino);
+        }
+        if let Ok(p) = inner.get_mut(parent) {
+            p.mtime_ns = now_ns();
+        }
+        self.commit(&inner, batch, false)
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        let ino = self.resolve(parent, name).await?;
+        if lock(&self.inner).get(ino)?.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        // The bucket may hold files we have not listed yet.
+        self.refresh_dir(ino).await?;
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        if inner.children.get(&ino).is_some_and(|c| !c.is_empty()) {
+            return Err(FsError::NotEmpty);
+        }
+        let key = inner.key_of(&self.prefix, ino)?;
+        let node = inner.get(ino)?.clone();
+        if node.remote.is_some() || !inner.queued_sync.contains_key(&ino) {
+            let marker = Remote { key: layout::marker_key(&key), etag: None, version: None, size: 0 };
+            inner.push_op(Op::Delete { remote: marker }, self.cfg.upload_delay, &mut batch)?;
+        }
+        inner.queued_sync.remove(&ino);
+        self.remove_tree(&mut inner, ino, &mut batch)?;
+        self.commit(&inner, batch, false)
+    }
+
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        noreplace: bool,
+    ) -> FsResult<()> {
+        check_name(newname)?;
+        let ino = self.resolve(parent, name).await?;
+        let target = match self.resolve(newparent, newname).await {
+            Ok(t) => Some(t),
+            Err(FsError::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        if target == Some(ino) {
+            return Ok(());
+        }
+        let is_dir = lock(&self.inner).get(ino)?.kind == Kind::Dir;
+        if let Some(t) = target {
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            let tkind = lock(&self.inner).get(t)?.kind;
+            match (is_dir, tkind == Kind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) => {
+                    self.refresh_dir(t).await?;
+                    if lock(&self.inner).children.get(&t).is_some_and(|c| !c.is_empty()) {
+                        return Err(FsError::NotEmpty);
+                    }
+                }
+                (false, false) => {}
+            }
+        }
+        if is_dir {
+            // Moving a folder moves every object under it, listed or not.
+            self.refresh_dir(ino).await.ok();
+        }
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        if inner.get(newparent)?.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        // Re-check under the lock: the target may have changed while we listed.
+        if inner.child(newparent, newname) != target {
+            return Err(FsError::Exists);
+        }
+        let old_key = inner.key_of(&self.prefix, ino)?;
+        let delay = self.cfg.upload_delay;
+        if let Some(t) = target {
+            let tnode = inner.get(t)?.clone();
+            let new_key = inner.key_of(&self.prefix, t)?;
+            if is_dir {
+                let marker = Remote { key: layout::marker_key(&new_key), etag: None, version: None, size: 0 };
+                inner.push_op(Op::Delete { remote: marker }, delay, &mut batch)?;
+                inner.drop_remote(&tnode, Some(new_key.as_str()), delay, &mut batch)?;
+            } else {
+                // The moved file takes over the target's object: it may overwrite that version.
+                let takeover =
+                    [&tnode.remote, &tnode.overwrites].into_iter().flatten().find(|r| r.key == new_key).cloned();
+                inner.drop_remote(&tnode, Some(new_key.as_str()), delay, &mut batch)?;
+                if let Some(r) = takeover {
+                    inner.get_mut(ino)?.overwrites = Some(r);
+                }
+            }
+            inner.queued_sync.remove(&t);
+            self.remove_tree(&mut inner, t, &mut batch)?;
+        }
+        inner.detach(ino);
+        {
+            let n = inner.get_mut(ino)?;
+            n.parent = newparent;
+            n.name = newname.to_string();
+            n.ctime_ns = now_ns();
+        }
+        inner.children.entry(newparent).or_default().insert(newname.to_string(), ino);
+        for p in [parent, newparent] {
+            if let Ok(p) = inner.get_mut(p) {
+                p.mtime_ns = now_ns();
+            }
+        }
+        if is_dir {
+            let new_key = inner.key_of(&self.prefix, ino)?;
+            inner.push_op(Op::RenameTree { from: old_key, to: new_key }, delay, &mut batch)?;
+            inner.persist(ino, &mut batch)?;
+        } else {
+            inner.touch(ino, delay, &mut batch)?;
+        }
+        self.commit(&inner, batch, false)
+    }
+
+    // ---- file contents --------------------------------------------------------------
+
+    fn new_handle(&self, ino: u64) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Handle { ino, wrote: false, chunk: None, dir: None });
+        if let Ok(n) = lock(&self.inner).get_mut(ino) {
+            n.open += 1;
+        }
+        fh
+    }
+
+    /// Opens a file. Returns the handle and whether the kernel may keep its page cache.
+    pub async fn open(&self, ino: u64) -> FsResult<(u64, bool)> {
+        let n = lock(&self.inner).get(ino)?.clone();
+        if n.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if !n.attrs_known {
+            self.fetch_attrs(vec![ino]).await;
+        }
+        Ok((self.new_handle(ino), false))
+    }
+
+    fn handle_ino(&self, fh: u64) -> FsResult<u64> {
+        lock(&self.handles).get(&fh).map(|h| h.ino).ok_or(FsError::BadHandle)
+    }
+
+    /// Replaces the staging file with an empty one (truncate to zero needs no download).
+    fn restage_empty(&self, ino: u64) -> FsResult<Arc<std::fs::File>> {
+        let mut inner = lock(&self.inner);
+        let n = inner.get_mut(ino)?;
+        if n.staged {
+            return Ok(self.staging.file(ino)?);
+        }
+        let f = self.staging.create_empty(ino)?;
+        n.staged = true;
+        Ok(f)
+    }
+
+    /// Makes sure the file's content is in staging, downloading the remote copy once.
+    async fn ensure_staged(&self, ino: u64) -> FsResult<Arc<std::fs::File>> {
+        if lock(&self.inner).get(ino)?.staged {
+            return Ok(self.staging.file(ino)?);
+        }
+        let _fill = self.fill_lock.lock().await;
+        let remote = {
+            let inner = lock(&self.inner);
+            let n = inner.get(ino)?;
+            if n.staged {
+                return Ok(self.staging.file(ino)?);
+            }
+            n.remote.clone()
+        };
+        let (tmp, file) = self.staging.temp(&format!("fill-{ino}"))?;
+        let mut file = tokio::fs::File::from_std(file);
+        if let Some(r) = &remote {
+            if r.size > 0 {
+                let opts = GetOptions { if_match: r.etag.clone(), ..Default::default() };
+                let res = self.store.get_opts(&obj_path(&r.key)?, opts).await.map_err(stale)?;
+                let mut stream = res.into_stream();
+                while let Some(chunk) = stream.next().await {
+                    file.write_all(&chunk.map_err(stale)?).await?;
+                }
+                file.flush().await?;
+            }
+        }
+        drop(file);
+        let mut inner = lock(&self.inner);
+        let n = inner.get_mut(ino)?;
+        self.staging.install(ino, &tmp)?;
+        n.staged = true;
+        Ok(self.staging.file(ino)?)
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let ino = self.handle_ino(fh)?;
+        let (staged, file_size, remote, kind) = {
+            let inner = lock(&self.inner);
+            let n = inner.get(ino)?;
+            (n.staged, n.size, n.remote.clone(), n.kind)
+        };
+        if kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if offset >= file_size {
+            return Ok(Bytes::new());
+        }
+        let len = (size as u64).min(file_size - offset) as usize;
+        if staged {
+            let f = self.staging.file(ino)?;
+            let mut buf = vec![0u8; len];
+            let mut done = 0;
+            while done < len {
+                let n = f.read_at(&mut buf[done..], offset + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            buf.truncate(done);
+            return Ok(buf.into());
+        }
+        let Some(remote) = remote else { return Ok(Bytes::from(vec![0u8; len])) };
+        let mut out = Vec::with_capacity(len);
+        let mut pos = offset;
+        let end = offset + len as u64;
+        while pos < end {
+            let chunk_start = pos - pos % READ_CHUNK;
+            let cached = lock(&self.handles)
+                .get(&fh)
+                .and_then(|h| h.chunk.as_ref().filter(|(s, _)| *s == chunk_start).map(|(_, b)| b.clone()));
+            let chunk = match cached {
+                Some(b) => b,
+                None => {
+                    let chunk_end = (chunk_start + READ_CHUNK).min(remote.size.max(file_size));
+                    let opts = GetOptions {
+                        if_match: remote.etag.clone(),
+                        range: Some(GetRange::Bounded(chunk_start..chunk_end)),
+                        ..Default::default()
+                    };
+                    let b = self
+                        .store
+                        .get_opts(&obj_path(&remote.key)?, opts)
+                        .await
+                        .map_err(stale)?
+                        .bytes()
+                        .await
+                        .map_err(stale)?;
+                    if let Some(h) = lock(&self.handles).get_mut(&fh) {
+                        h.chunk = Some((chunk_start, b.clone()));
+                    }
+                    b
+                }
+            };
+            let from = (pos - chunk_start) as usize;
+            if from >= chunk.len() {
+                break;
+            }
+            let take = (chunk.len() - from).min((end - pos) as usize);
+            out.extend_from_slice(&chunk[from..from + take]);
+            pos += take as u64;
+        }
+        Ok(out.into())
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let ino = self.handle_ino(fh)?;
+        let file = self.ensure_staged(ino).await?;
+        if let Some(why) = &lock(&self.counters).read_only {
+            return Err(FsError::ReadOnly(why.clone()));
+        }
+        file.write_all_at(data, offset)?;
+        {
+            let mut inner = lock(&self.inner);
+            let n = inner.get_mut(ino)?;
+            n.size = n.size.max(offset + data.len() as u64);
+            n.mtime_ns = now_ns();
+            n.ctime_ns = n.mtime_ns;
+            n.dirty = true;
+            n.generation += 1;
+            // Push a queued upload back while the file keeps changing.
+            if let Some(&seq) = inner.queued_sync.get(&ino) {
+                if let Some(q) = inner.queue.get_mut(&seq) {
+                    q.ready_at = Instant::now() + self.cfg.upload_delay;
+                }
+            }
+        }
+        if let Some(h) = lock(&self.handles).get_mut(&fh) {
+            h.wrote = true;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// close() and fsync(): the change is durable on local disk when this returns.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let (ino, wrote) = {
+            let mut hs = lock(&self.handles);
+            let h = hs.get_mut(&fh).ok_or(FsError::BadHandle)?;
+            (h.ino, std::mem::take(&mut h.wrote))
+        };
+        let (staged, dirty) = {
+            let inner = lock(&self.inner);
+            match inner.get(ino) {
+                Ok(n) => (n.staged, n.dirty),
+                Err(_) => return Ok(()),
+            }
+        };
+        if !wrote && !dirty {
+            return Ok(());
+        }
+        if staged {
+            self.staging.file(ino)?.sync_data()?;
+        }
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        if inner.get(ino).is_ok_and(|n| n.parent != 0) {
+            inner.touch(ino, self.cfg.upload_delay, &mut batch)?;
+        }
+        self.commit(&inner, batch, true)
+    }
+
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let h = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
+        if h.dir.is_some() {
+            return Ok(());
+        }
+        let mut inner = lock(&self.inner);
+        let orphan = match inner.get_mut(h.ino) {
+            Ok(n) => {
+                n.open = n.open.saturating_sub(1);
+                n.open == 0 && n.parent == 0
+            }
+            Err(_) => false,
+        };
+        if orphan {
+            inner.remove(h.ino);
+            self.staging.remove(h.ino);
+        }
+        Ok(())
+    }
+
+    // ---- folders --------------------------------------------------------------------
+
+    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let fresh = {
+            let inner = lock(&self.inner);
+            let n = inner.get(ino)?;
+            if n.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            n.is_listed_fresh(self.cfg.metadata_ttl)
+        };
+        if !fresh {
+            self.refresh_dir(ino).await?;
+        }
+        let inner = lock(&self.inner);
+        let n = inner.get(ino)?;
+        let mut entries = vec![
+            DirEntry { ino, name: ".".into(), kind: Kind::Dir, attr: n.attr() },
+            DirEntry {
+                ino: n.parent.max(ROOT_INO),
+                name: "..".into(),
+                kind: Kind::Dir,
+                attr: inner.get(n.parent.max(ROOT_INO)).map(|p| p.attr()).unwrap_or(n.attr()),
+            },
+        ];
+        if let Some(c) = inner.children.get(&ino) {
+            for (name, &ci) in c {
+                if let Ok(cn) = inner.get(ci) {
+                    entries.push(DirEntry { ino: ci, name: name.clone(), kind: cn.kind, attr: cn.attr() });
+                }
+            }
+        }
+        drop(inner);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Handle { ino, wrote: false, chunk: None, dir: Some(entries) });
+        Ok(fh)
+    }
+
+    /// Entries from `offset` on; the offset of entry i is i + 1.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        let hs = lock(&self.handles);
+        let h = hs.get(&fh).ok_or(FsError::BadHandle)?;
+        let d = h.dir.as_ref().ok_or(FsError::NotDir)?;
+        Ok(d.iter().skip(offset as usize).cloned().collect())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+
+    // ---- the whole mount ------------------------------------------------------------
+
+    pub fn status(&self) -> Status {
+        let inner = lock(&self.inner);
+        let pending_bytes = inner
+            .queue
+            .values()
+            .filter_map(|q| match q.op {
+                Op::Sync { ino } => inner.inodes.get(&ino).filter(|n| n.dirty).map(|n| n.size),
+                _ => None,
+            })
+            .sum();
+        let c = lock(&self.counters);
+        Status {
+            pending_ops: inner.queue.len(),
+            pending_bytes,
+            staged_bytes: self.staging.bytes(),
+            uploads_done: c.uploads_done,
+            conflicts: c.conflicts,
+            last_error: c.last_error.clone(),
+            conditional_create: self.caps.create,
+            conditional_update: self.caps.update,
+            read_only: c.read_only.clone(),
+        }
+    }
+
+    /// Waits until every local change is in the bucket, or the timeout passes. Returns the
+    /// number of changes still pending.
+    pub async fn flush_all(&self, timeout: Duration) -> usize {
+        self.urgent.fetch_add(1, Ordering::SeqCst);
+        self.wake.notify_one();
+        let mut rx = self.pending.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|&n| n == 0)).await;
+        self.urgent.fetch_sub(1, Ordering::SeqCst);
+        let left = lock(&self.inner).queue.len();
+        left
+    }
+
+    /// Makes every journalled change durable (fsyncdir).
+    pub fn sync_journal(&self) -> FsResult<()> {
+        let inner = lock(&self.inner);
+        self.commit(&inner, Batch::default(), true)
+    }
+
+    pub fn pending(&self) -> usize {
+        lock(&self.inner).queue.len()
+    }
+}
+
+fn remote_of(m: &ObjectMeta) -> Remote {
+    Remote { key: m.location.as_ref().to_string(), etag: m.e_tag.clone(), version: m.version.clone(), size: m.size }
+}
+
+fn etag_same(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => layout::etag_eq(a, b),
+        _ => false,
+    }
+}
+
+/// A read conditional on the version we know failed because the object changed.
+fn stale(e: object_store::Error) -> FsError {
+    match e {
+        object_store::Error::Precondition { path, .. } | object_store::Error::NotModified { path, .. } => {
+            FsError::Stale(path)
+        }
+        other => FsError::Remote(other),
+    }
+}

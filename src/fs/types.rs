@@ -1,0 +1,174 @@
+//! Records of the filesystem: inodes as stored in the state database, journal operations,
+//! and the attribute struct handed to the FUSE adapter.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// A version of an object in the bucket that a local inode is based on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remote {
+    pub key: String,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Inode {
+    pub ino: u64,
+    pub parent: u64,
+    pub name: String,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub target: Option<String>,
+    /// The object this inode's content came from (or was last uploaded to).
+    pub remote: Option<Remote>,
+    /// An object at this inode's current path that it replaced by a rename, and may overwrite.
+    pub overwrites: Option<Remote>,
+    /// Content lives in the staging file.
+    pub staged: bool,
+    /// Local content or attributes differ from `remote`.
+    pub dirty: bool,
+    /// Attributes were read from the object's metadata (not defaults from a listing).
+    pub attrs_known: bool,
+    /// In-memory only: when the folder was last listed from the bucket.
+    #[serde(skip)]
+    pub listed_at: Option<Instant>,
+    /// In-memory only: bumped by every local change, to tell whether an upload is current.
+    #[serde(skip)]
+    pub generation: u64,
+    #[serde(skip)]
+    pub open: u32,
+}
+
+impl Inode {
+    pub fn new(ino: u64, parent: u64, name: String, kind: Kind, perm: u16, uid: u32, gid: u32) -> Self {
+        let now = now_ns();
+        Inode {
+            ino,
+            parent,
+            name,
+            kind,
+            size: 0,
+            perm,
+            uid,
+            gid,
+            mtime_ns: now,
+            ctime_ns: now,
+            target: None,
+            remote: None,
+            overwrites: None,
+            staged: false,
+            dirty: false,
+            attrs_known: true,
+            listed_at: None,
+            generation: 0,
+            open: 0,
+        }
+    }
+
+    pub fn attr(&self) -> Attr {
+        Attr {
+            ino: self.ino,
+            kind: self.kind,
+            size: if self.kind == Kind::Dir { 4096 } else { self.size },
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: from_ns(self.mtime_ns),
+            ctime: from_ns(self.ctime_ns),
+            nlink: if self.kind == Kind::Dir { 2 } else { 1 },
+        }
+    }
+
+    pub fn is_listed_fresh(&self, ttl: Duration) -> bool {
+        self.listed_at.is_some_and(|t| t.elapsed() < ttl)
+    }
+
+    pub fn file_mode(&self) -> u32 {
+        let t = match self.kind {
+            Kind::File => crate::layout::S_IFREG,
+            Kind::Dir => crate::layout::S_IFDIR,
+            Kind::Symlink => crate::layout::S_IFLNK,
+        };
+        t | u32::from(self.perm)
+    }
+}
+
+/// Attributes as the adapter reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub nlink: u32,
+}
+
+/// What setattr may change.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SystemTime>,
+}
+
+/// One change waiting for the bucket. Ops name inodes, not paths: the uploader works out
+/// where a file lives when it uploads it, so renames before an upload cost nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Bring the inode's object (content, attributes, location) in line with the inode.
+    Sync { ino: u64 },
+    /// Remove an object, unless it changed since `remote` (then the edit survives).
+    Delete { remote: Remote },
+    /// Move every object under one folder key to another.
+    RenameTree { from: String, to: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub name: String,
+    pub kind: Kind,
+    pub attr: Attr,
+}
+
+pub fn now_ns() -> i64 {
+    to_ns(SystemTime::now())
+}
+
+pub fn to_ns(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
+}
+
+pub fn from_ns(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}

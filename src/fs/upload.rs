@@ -1,0 +1,571 @@
+//! The background uploader: drains the journal in order, one op at a time, with conditional
+//! writes (or compare-then-write where the store ignores them), multipart for large files,
+//! conflict copies when the bucket changed underneath, and capped backoff on errors.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::{
+    GetOptions, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
+};
+use tokio::io::AsyncReadExt;
+
+use super::*;
+
+/// How an upload of one op ended.
+enum Outcome {
+    Done,
+    /// The bucket changed underneath: resolved by a conflict copy.
+    Conflict,
+}
+
+/// What a conditional put found.
+enum PutError {
+    /// The object at the key is not the version we based our change on.
+    Diverged,
+    Other(FsError),
+}
+
+impl From<FsError> for PutError {
+    fn from(e: FsError) -> Self {
+        PutError::Other(e)
+    }
+}
+impl From<object_store::Error> for PutError {
+    fn from(e: object_store::Error) -> Self {
+        PutError::Other(e.into())
+    }
+}
+impl From<std::io::Error> for PutError {
+    fn from(e: std::io::Error) -> Self {
+        PutError::Other(e.into())
+    }
+}
+
+/// Where the bytes of an upload come from.
+enum Content {
+    File { path: std::path::PathBuf, size: u64, hash: String },
+    Bytes { data: Bytes, hash: String },
+}
+
+impl Content {
+    fn hash(&self) -> &str {
+        match self {
+            Content::File { hash, .. } | Content::Bytes { hash, .. } => hash,
+        }
+    }
+    fn size(&self) -> u64 {
+        match self {
+            Content::File { size, .. } => *size,
+            Content::Bytes { data, .. } => data.len() as u64,
+        }
+    }
+}
+
+impl Drop for Content {
+    fn drop(&mut self) {
+        if let Content::File { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Fs {
+    /// Runs until `stop` resolves, then returns (whatever is left stays in the journal).
+    pub async fn run_uploader(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let next = {
+                let inner = lock(&self.inner);
+                inner.queue.iter().next().map(|(seq, q)| (*seq, q.op.clone(), q.ready_at))
+            };
+            let Some((seq, op, ready_at)) = next else {
+                tokio::select! {
+                    _ = self.wake.notified() => {},
+                    _ = stop.changed() => {},
+                }
+                continue;
+            };
+            let urgent = self.urgent.load(Ordering::SeqCst) > 0;
+            if !urgent && ready_at > Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(ready_at.into()) => {},
+                    _ = self.wake.notified() => {},
+                    _ = stop.changed() => {},
+                }
+                continue;
+            }
+            match self.process(seq, &op).await {
+                Ok(outcome) => {
+                    backoff = Duration::from_millis(500);
+                    let mut c = lock(&self.counters);
+                    c.uploads_done += 1;
+                    c.last_error = None;
+                    if matches!(outcome, Outcome::Conflict) {
+                        c.conflicts += 1;
+                    }
+                }
+                Err(e) => {
+                    let what = self.describe(&op);
+                    tracing::error!(path = %what, "upload failed, will retry: {e}");
+                    lock(&self.counters).last_error = Some(format!("{what}: {e}"));
+                    // Capped exponential backoff with jitter; a flush request cuts it short.
+                    let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff + jitter) => {},
+                        _ = stop.changed() => {},
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    fn describe(&self, op: &Op) -> String {
+        match op {
+            Op::Sync { ino } => {
+                let inner = lock(&self.inner);
+                inner.key_of(&self.prefix, *ino).unwrap_or_else(|_| format!("inode {ino}"))
+            }
+            Op::Delete { remote } => remote.key.clone(),
+            Op::RenameTree { from, to } => format!("{from} -> {to}"),
+        }
+    }
+
+    /// Removes a finished op from the journal, durably.
+    fn finish(&self, seq: u64, mut batch: Batch) -> FsResult<()> {
+        let mut inner = lock(&self.inner);
+        if let Some(q) = inner.queue.remove(&seq) {
+            match q.op {
+                Op::Sync { ino } => {
+                    if inner.queued_sync.get(&ino) == Some(&seq) {
+                        inner.queued_sync.remove(&ino);
+                    }
+                }
+                Op::Delete { remote } => inner.unhide(&remote.key),
+                Op::RenameTree { from, .. } => inner.unhide(&format!("{from}/")),
+            }
+        }
+        batch.del_ops.push(seq);
+        self.commit(&inner, batch, true)
+    }
+
+    async fn process(&self, seq: u64, op: &Op) -> FsResult<Outcome> {
+        match op {
+            Op::Sync { ino } => self.sync_inode(seq, *ino).await,
+            Op::Delete { remote } => {
+                self.delete_checked(remote).await?;
+                self.finish(seq, Batch::default())?;
+                Ok(Outcome::Done)
+            }
+            Op::RenameTree { from, to } => {
+                self.rename_tree(from, to).await?;
+                self.finish(seq, Batch::default())?;
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    /// Deletes an object unless it changed since we saw it (then the other edit survives).
+    async fn delete_checked(&self, remote: &Remote) -> FsResult<()> {
+        let path = obj_path(&remote.key)?;
+        match self.store.head(&path).await {
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+            Ok(m) => {
+                if remote.etag.is_some() && !etag_same(remote.etag.as_deref(), m.e_tag.as_deref()) {
+                    tracing::warn!(key = %remote.key, "not deleting: the object changed in the bucket since it was read; the other edit survives");
+                    return Ok(());
+                }
+            }
+        }
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn rename_tree(&self, from: &str, to: &str) -> FsResult<()> {
+        let objects: Vec<ObjectMeta> = self.store.list(Some(&obj_path(from)?)).try_collect().await?;
+        for m in objects {
+            let key = m.location.as_ref();
+            let Some(rel) = key.strip_prefix(from).and_then(|r| r.strip_prefix('/')) else { continue };
+            let dest = layout::join_key(to, rel);
+            let dest_path = obj_path(&dest)?;
+            self.store.copy(&m.location, &dest_path).await?;
+            let new_meta = self.store.head(&dest_path).await?;
+            {
+                let mut inner = lock(&self.inner);
+                let mut batch = Batch::default();
+                if let Some(&owner) = inner.by_remote_key.get(key) {
+                    let mut r = remote_of(&new_meta);
+                    r.key = dest.clone();
+                    inner.set_remote(owner, Some(r));
+                    inner.persist(owner, &mut batch)?;
+                }
+                inner.upload_epoch += 1;
+                self.commit(&inner, batch, false)?;
+            }
+            match self.store.delete(&m.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync_inode(&self, seq: u64, ino: u64) -> FsResult<Outcome> {
+        // Plan under the lock: where the inode lives now, what it is based on, a snapshot.
+        let plan = {
+            let mut inner = lock(&self.inner);
+            let Some(n) = inner.inodes.get(&ino).cloned() else {
+                drop(inner);
+                self.finish(seq, Batch::default())?;
+                return Ok(Outcome::Done);
+            };
+            if n.parent == 0 || ino == ROOT_INO {
+                drop(inner);
+                self.finish(seq, Batch::default())?;
+                return Ok(Outcome::Done);
+            }
+            // Changes from here on queue a fresh op; this one covers the state snapshotted now.
+            if inner.queued_sync.get(&ino) == Some(&seq) {
+                inner.queued_sync.remove(&ino);
+            }
+            let key = inner.key_of(&self.prefix, ino)?;
+            let content = match n.kind {
+                Kind::Dir => None,
+                Kind::Symlink => {
+                    let data = Bytes::from(n.target.clone().unwrap_or_default().into_bytes());
+                    let hash = blake3::hash(&data).to_hex().to_string();
+                    Some(Content::Bytes { data, hash })
+                }
+                Kind::File if n.staged => {
+                    let (path, size, hash) = self.staging.snapshot(ino, &format!("up-{seq}"))?;
+                    Some(Content::File { path, size, hash })
+                }
+                Kind::File => None,
+            };
+            (n, key, content)
+        };
+        let (node, key, content) = plan;
+        let attrs = PosixAttrs {
+            mode: Some(node.file_mode()),
+            uid: Some(node.uid),
+            gid: Some(node.gid),
+            mtime: Some(node.mtime_ns.div_euclid(1_000_000_000)),
+        };
+
+        if node.kind == Kind::Dir {
+            let marker = obj_path(&layout::marker_key(&key))?;
+            let opts = PutOptions { attributes: attrs.to_attributes(None), ..Default::default() };
+            self.store.put_opts(&marker, PutPayload::new(), opts).await?;
+            let mut batch = Batch::default();
+            {
+                let mut inner = lock(&self.inner);
+                if let Ok(n) = inner.get_mut(ino) {
+                    if n.generation == node.generation {
+                        n.dirty = false;
+                    }
+                    if n.remote.is_none() {
+                        n.remote = Some(Remote { key: key.clone(), etag: None, version: None, size: 0 });
+                    }
+                }
+                inner.persist(ino, &mut batch)?;
+            }
+            self.finish(seq, batch)?;
+            return Ok(Outcome::Done);
+        }
+
+        let moved_from = node.remote.as_ref().filter(|r| r.key != key).cloned();
+        let base = match &node.remote {
+            Some(r) if r.key == key => Some(r.clone()),
+            _ => node.overwrites.clone().filter(|r| r.key == key),
+        };
+        // Nothing staged: either a pure move, or an attribute change that needs the content.
+        let content = match content {
+            Some(c) => c,
+            None => {
+                let Some(src) = node.remote.clone() else {
+                    // A file that never had content anywhere: upload it empty.
+                    let data = Bytes::new();
+                    let hash = blake3::hash(&data).to_hex().to_string();
+                    return self
+                        .put_and_record(seq, &node, &key, base, moved_from, Content::Bytes { data, hash }, attrs)
+                        .await;
+                };
+                if !node.dirty && moved_from.is_some() && base.is_none() {
+                    return self.move_object(seq, &node, &key, &src).await;
+                }
+                self.download_snapshot(seq, &src).await?
+            }
+        };
+        self.put_and_record(seq, &node, &key, base, moved_from, content, attrs).await
+    }
+
+    async fn download_snapshot(&self, seq: u64, src: &Remote) -> FsResult<Content> {
+        let opts = GetOptions { if_match: src.etag.clone(), ..Default::default() };
+        let res = self.store.get_opts(&obj_path(&src.key)?, opts).await.map_err(stale)?;
+        let (path, file) = self.staging.temp(&format!("up-{seq}"))?;
+        let mut file = tokio::fs::File::from_std(file);
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        let mut stream = res.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        Ok(Content::File { path, size, hash: hasher.finalize().to_hex().to_string() })
+    }
+
+    /// A rename of an unchanged file: server-side copy, then delete of the old key.
+    async fn move_object(&self, seq: u64, node: &Inode, key: &str, src: &Remote) -> FsResult<Outcome> {
+        let dest = obj_path(key)?;
+        match self.store.head(&dest).await {
+            Err(object_store::Error::NotFound { .. }) => {}
+            Ok(_) => {
+                // Someone else created this path meanwhile: keep theirs, ours becomes a copy.
+                let content = self.download_snapshot(seq, src).await?;
+                return self.resolve_conflict(seq, node, key, Some(src.clone()), content).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.store.copy(&obj_path(&src.key)?, &dest).await?;
+        let meta = self.store.head(&dest).await?;
+        self.delete_checked(src).await?;
+        let mut batch = Batch::default();
+        {
+            let mut inner = lock(&self.inner);
+            if inner.inodes.contains_key(&node.ino) {
+                inner.set_remote(node.ino, Some(remote_of(&meta)));
+                inner.persist(node.ino, &mut batch)?;
+            } else {
+                // Deleted while we moved it.
+                inner.push_op(Op::Delete { remote: remote_of(&meta) }, Duration::ZERO, &mut batch)?;
+            }
+            inner.upload_epoch += 1;
+        }
+        self.finish(seq, batch)?;
+        Ok(Outcome::Done)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn put_and_record(
+        &self,
+        seq: u64,
+        node: &Inode,
+        key: &str,
+        base: Option<Remote>,
+        moved_from: Option<Remote>,
+        content: Content,
+        attrs: PosixAttrs,
+    ) -> FsResult<Outcome> {
+        let result = self.conditional_put(key, base.as_ref(), &content, attrs).await;
+        let put = match result {
+            Ok(p) => p,
+            Err(PutError::Diverged) => return self.resolve_conflict(seq, node, key, moved_from, content).await,
+            Err(PutError::Other(e)) => return Err(e),
+        };
+        if let Some(old) = &moved_from {
+            self.delete_checked(old).await?;
+        }
+        let mut batch = Batch::default();
+        {
+            let mut inner = lock(&self.inner);
+            let remote = Remote { key: key.to_string(), etag: put.e_tag, version: put.version, size: content.size() };
+            if inner.inodes.contains_key(&node.ino) && inner.get(node.ino)?.parent != 0 {
+                inner.set_remote(node.ino, Some(remote));
+                let n = inner.get_mut(node.ino)?;
+                n.overwrites = None;
+                if n.generation == node.generation {
+                    n.dirty = false;
+                }
+                inner.persist(node.ino, &mut batch)?;
+            } else {
+                // Deleted while it was uploading: the delete follows.
+                inner.push_op(Op::Delete { remote }, Duration::ZERO, &mut batch)?;
+            }
+            inner.upload_epoch += 1;
+        }
+        self.finish(seq, batch)?;
+        Ok(Outcome::Done)
+    }
+
+    /// Writes `content` at `key` only if the object there is still `base` (or absent when
+    /// `base` is None). Uses the store's conditional writes where the probe found them, and
+    /// compare-then-write elsewhere (a race window: see docs/SEMANTICS.md).
+    async fn conditional_put(
+        &self,
+        key: &str,
+        base: Option<&Remote>,
+        content: &Content,
+        attrs: PosixAttrs,
+    ) -> Result<object_store::PutResult, PutError> {
+        let path = obj_path(key)?;
+        let attributes = attrs.to_attributes(Some(content.hash()));
+        let multipart = content.size() > self.cfg.multipart_threshold;
+        let native = match base {
+            None => self.caps.create,
+            Some(b) => self.caps.update && (b.etag.is_some() || b.version.is_some()),
+        };
+        if !native || multipart {
+            // Compare, then write.
+            let current = match self.store.head(&path).await {
+                Ok(m) => Some(m),
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let matches = match (base, &current) {
+                (None, None) => true,
+                (Some(b), Some(m)) => etag_same(b.etag.as_deref(), m.e_tag.as_deref()),
+                _ => false,
+            };
+            if !matches {
+                return if self.already_ours(&path, content).await {
+                    self.settle(&path).await
+                } else {
+                    Err(PutError::Diverged)
+                };
+            }
+        }
+        let mode = if native && !multipart {
+            match base {
+                None => PutMode::Create,
+                Some(b) => PutMode::Update(UpdateVersion { e_tag: b.etag.clone(), version: b.version.clone() }),
+            }
+        } else {
+            PutMode::Overwrite
+        };
+        let res = if multipart {
+            let Content::File { path: file, .. } = content else { unreachable!("multipart content is a file") };
+            let opts = PutMultipartOptions { attributes, ..Default::default() };
+            let upload = self.store.put_multipart_opts(&path, opts).await?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, 16 << 20);
+            let mut f = tokio::fs::File::open(file).await?;
+            let mut buf = vec![0u8; 8 << 20];
+            loop {
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                writer.wait_for_capacity(4).await?;
+                writer.write(&buf[..n]);
+            }
+            writer.finish().await
+        } else {
+            let payload = match content {
+                Content::Bytes { data, .. } => PutPayload::from_bytes(data.clone()),
+                Content::File { path: file, .. } => PutPayload::from_bytes(Bytes::from(tokio::fs::read(file).await?)),
+            };
+            let opts = PutOptions { mode, attributes, ..Default::default() };
+            self.store.put_opts(&path, payload, opts).await
+        };
+        match res {
+            Ok(r) => Ok(r),
+            Err(object_store::Error::Precondition { .. }) | Err(object_store::Error::AlreadyExists { .. }) => {
+                // Ambiguous after a retry or a crash: settle it by reading back.
+                if self.already_ours(&path, content).await { self.settle(&path).await } else { Err(PutError::Diverged) }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The object at `path` already holds exactly this content (our own earlier attempt).
+    async fn already_ours(&self, path: &Path, content: &Content) -> bool {
+        let opts = GetOptions { head: true, ..Default::default() };
+        match self.store.get_opts(path, opts).await {
+            Ok(r) => {
+                let (_, hash) = PosixAttrs::from_attributes(&r.attributes);
+                hash.as_deref() == Some(content.hash()) && r.meta.size == content.size()
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn settle(&self, path: &Path) -> Result<object_store::PutResult, PutError> {
+        let m = self.store.head(path).await?;
+        Ok(object_store::PutResult { e_tag: m.e_tag, version: m.version, extensions: Default::default() })
+    }
+
+    /// keep-both: the bucket's version keeps the path; ours is saved next to it as
+    /// `NAME.conflict-HOST-STAMP.EXT`, and the local inode becomes that copy.
+    async fn resolve_conflict(
+        &self,
+        seq: u64,
+        node: &Inode,
+        key: &str,
+        moved_from: Option<Remote>,
+        content: Content,
+    ) -> FsResult<Outcome> {
+        let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
+        let (dir_key, name) = match key.rfind('/') {
+            Some(i) => (&key[..i], &key[i + 1..]),
+            None => ("", key),
+        };
+        let mut copy_name = layout::conflict_name(name, &self.cfg.host, &stamp);
+        let mut attempt = 1;
+        let attrs = PosixAttrs {
+            mode: Some(node.file_mode()),
+            uid: Some(node.uid),
+            gid: Some(node.gid),
+            mtime: Some(node.mtime_ns.div_euclid(1_000_000_000)),
+        };
+        let put = loop {
+            let copy_key = if dir_key.is_empty() { copy_name.clone() } else { format!("{dir_key}/{copy_name}") };
+            match self.conditional_put(&copy_key, None, &content, attrs).await {
+                Ok(p) => break (copy_key, p),
+                Err(PutError::Diverged) if attempt < 20 => {
+                    attempt += 1;
+                    copy_name = layout::conflict_name(name, &self.cfg.host, &format!("{stamp}-{attempt}"));
+                }
+                Err(PutError::Diverged) => return Err(FsError::Exists),
+                Err(PutError::Other(e)) => return Err(e),
+            }
+        };
+        let (copy_key, put) = put;
+        tracing::warn!(path = %key, copy = %copy_key, "conflict: the bucket's version changed since this file was read; it keeps the path and the local version was saved as a conflict copy");
+        if let Some(old) = &moved_from {
+            // Our old location is no longer ours to keep: the content lives in the copy now.
+            self.delete_checked(old).await?;
+        }
+        let mut batch = Batch::default();
+        {
+            let mut inner = lock(&self.inner);
+            let remote = Remote { key: copy_key, etag: put.e_tag, version: put.version, size: content.size() };
+            let alive = inner.get(node.ino).is_ok_and(|n| n.parent != 0);
+            if alive {
+                let parent = inner.get(node.ino)?.parent;
+                inner.detach(node.ino);
+                let free = inner.child(parent, &copy_name).is_none();
+                let n = inner.get_mut(node.ino)?;
+                if free {
+                    n.name = copy_name.clone();
+                }
+                n.overwrites = None;
+                if n.generation == node.generation {
+                    n.dirty = false;
+                }
+                n.attrs_known = true;
+                let name_now = n.name.clone();
+                inner.children.entry(parent).or_default().insert(name_now, node.ino);
+                inner.set_remote(node.ino, Some(remote));
+                inner.persist(node.ino, &mut batch)?;
+                if let Ok(p) = inner.get_mut(parent) {
+                    // Relist so the bucket's version appears at the original name.
+                    p.listed_at = None;
+                }
+            }
+            inner.upload_epoch += 1;
+        }
+        self.finish(seq, batch)?;
+        Ok(Outcome::Conflict)
+    }
+}

@@ -1,0 +1,371 @@
+//! The fuser adapter: converts kernel requests into `Fs` calls and replies. It decides
+//! nothing itself; errno comes from `FsError::errno`, and a panic below becomes EIO instead
+//! of hanging every process that uses the mount.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+
+use crate::fs::{Attr, Fs, FsError, FsResult, Kind, SetAttr};
+
+/// How long the kernel may cache attributes and names before asking again.
+const TTL: Duration = Duration::from_secs(1);
+
+pub struct FuseAdapter {
+    fs: Arc<Fs>,
+    rt: Handle,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<Fs>, rt: Handle) -> Self {
+        FuseAdapter { fs, rt }
+    }
+
+    /// Runs a filesystem call to completion on the runtime, turning panics into EIO.
+    fn run<T>(&self, what: &str, f: impl Future<Output = FsResult<T>>) -> Result<T, Errno> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.rt.block_on(f))) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                log_error(what, &e);
+                Err(Errno::from_i32(e.errno()))
+            }
+            Err(_) => {
+                tracing::error!("{what}: internal error (panic); answering EIO");
+                Err(Errno::EIO)
+            }
+        }
+    }
+}
+
+fn log_error(what: &str, e: &FsError) {
+    match e {
+        // Expected answers, not failures.
+        FsError::NotFound | FsError::Exists | FsError::NotEmpty | FsError::NotDir | FsError::IsDir => {
+            tracing::debug!("{what}: {e}")
+        }
+        _ => tracing::error!("{what}: {e}"),
+    }
+}
+
+fn name_str(name: &OsStr) -> Result<&str, Errno> {
+    name.to_str().ok_or(Errno::EINVAL)
+}
+
+fn kind(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
+fn attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: kind(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+macro_rules! try_reply {
+    ($reply:ident, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(errno) => return $reply.error(errno),
+        }
+    };
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = try_reply!(reply, name_str(name));
+        let a = try_reply!(reply, self.run("lookup", self.fs.lookup(parent.0, name)));
+        reply.entry(&TTL, &attr(&a), Generation(0));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let a = try_reply!(reply, self.run("getattr", self.fs.getattr(ino.0)));
+        reply.attr(&TTL, &attr(&a));
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr { mode, uid, gid, size, mtime: mtime.map(time) };
+        let a = try_reply!(reply, self.run("setattr", self.fs.setattr(ino.0, set)));
+        reply.attr(&TTL, &attr(&a));
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let t = try_reply!(reply, self.run("readlink", self.fs.readlink(ino.0)));
+        reply.data(t.as_bytes());
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // FIFOs, sockets and device nodes cannot be stored as objects.
+            return reply.error(Errno::EPERM);
+        }
+        let name = try_reply!(reply, name_str(name));
+        let (a, fh) =
+            try_reply!(reply, self.run("mknod", self.fs.create(parent.0, name, mode & !umask, req.uid(), req.gid())));
+        let _ = self.rt.block_on(self.fs.release(fh));
+        reply.entry(&TTL, &attr(&a), Generation(0));
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let name = try_reply!(reply, name_str(name));
+        let a =
+            try_reply!(reply, self.run("mkdir", self.fs.mkdir(parent.0, name, mode & !umask, req.uid(), req.gid())));
+        reply.entry(&TTL, &attr(&a), Generation(0));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = try_reply!(reply, name_str(name));
+        try_reply!(reply, self.run("unlink", self.fs.unlink(parent.0, name)));
+        reply.ok();
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = try_reply!(reply, name_str(name));
+        try_reply!(reply, self.run("rmdir", self.fs.rmdir(parent.0, name)));
+        reply.ok();
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let name = try_reply!(reply, name_str(link_name));
+        let target = try_reply!(reply, target.to_str().ok_or(Errno::EINVAL));
+        let a = try_reply!(reply, self.run("symlink", self.fs.symlink(parent.0, name, target, req.uid(), req.gid())));
+        reply.entry(&TTL, &attr(&a), Generation(0));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let name = try_reply!(reply, name_str(name));
+        let newname = try_reply!(reply, name_str(newname));
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        try_reply!(reply, self.run("rename", self.fs.rename(parent.0, name, newparent.0, newname, noreplace)));
+        reply.ok();
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        // Objects cannot share content: hard links are refused as link(2) documents.
+        reply.error(Errno::EPERM);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let (fh, keep) = try_reply!(reply, self.run("open", self.fs.open(ino.0)));
+        let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+        reply.opened(FileHandle(fh), flags);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let data = try_reply!(reply, self.run("read", self.fs.read(fh.0, offset, size)));
+        reply.data(&data);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let n = try_reply!(reply, self.run("write", self.fs.write(fh.0, offset, data)));
+        reply.written(n);
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        try_reply!(reply, self.run("flush", self.fs.flush(fh.0)));
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        try_reply!(reply, self.run("release", self.fs.release(fh.0)));
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        try_reply!(reply, self.run("fsync", self.fs.flush(fh.0)));
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = try_reply!(reply, self.run("opendir", self.fs.opendir(ino.0)));
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = try_reply!(reply, self.fs.readdir(fh.0, offset).map_err(|e| Errno::from_i32(e.errno())));
+        for (i, e) in entries.iter().enumerate() {
+            if reply.add(INodeNo(e.ino), offset + i as u64 + 1, kind(e.kind), &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = try_reply!(reply, self.fs.readdir(fh.0, offset).map_err(|e| Errno::from_i32(e.errno())));
+        for (i, e) in entries.iter().enumerate() {
+            if reply.add(INodeNo(e.ino), offset + i as u64 + 1, &e.name, &TTL, &attr(&e.attr), Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Folder changes are journalled when they happen; make them durable now.
+        try_reply!(reply, self.run("fsyncdir", async { self.fs.sync_journal() }));
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // A bucket has no fixed size: report a large, mostly free volume.
+        let blocks = 1u64 << 32;
+        reply.statfs(blocks, blocks, blocks, 1 << 30, 1 << 30, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        // Extended attributes are not stored in the bucket: every file has none.
+        reply.error(Errno::from_i32(libc::ENODATA));
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTSUP));
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::from_i32(libc::ENODATA));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = try_reply!(reply, name_str(name));
+        let (a, fh) =
+            try_reply!(reply, self.run("create", self.fs.create(parent.0, name, mode & !umask, req.uid(), req.gid())));
+        reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty());
+    }
+}

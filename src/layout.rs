@@ -1,0 +1,191 @@
+//! Bucket layout: how paths become object keys and how POSIX attributes travel as object
+//! user metadata (the names s3fs uses). Pure functions, no I/O.
+
+use std::collections::HashMap;
+
+use object_store::{Attribute, AttributeValue, Attributes};
+
+/// Zero-byte object that keeps an empty folder alive (object_store paths cannot end in `/`,
+/// so the s3fs-style `dir/` marker cannot be written; `dir/` markers written by other tools
+/// are still read as folders).
+pub const FOLDER_MARKER: &str = ".autosync-folder";
+/// Names starting with this are reserved for autosync and hidden from listings.
+pub const RESERVED_PREFIX: &str = ".autosync-";
+
+pub const S_IFMT: u32 = 0o170000;
+pub const S_IFREG: u32 = 0o100000;
+pub const S_IFDIR: u32 = 0o040000;
+pub const S_IFLNK: u32 = 0o120000;
+
+/// Metadata names, shared with s3fs so buckets stay readable by both.
+pub const META_MODE: &str = "mode";
+pub const META_UID: &str = "uid";
+pub const META_GID: &str = "gid";
+pub const META_MTIME: &str = "mtime";
+/// blake3 of the content, to settle ambiguous conditional writes by reading back.
+pub const META_HASH: &str = "autosync-hash";
+
+/// Why a listed key cannot become a file name.
+pub fn invalid_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("empty path component")
+    } else if name == "." || name == ".." {
+        Some("`.` or `..` component")
+    } else if name.len() > 255 {
+        Some("component longer than 255 bytes")
+    } else if name.contains('\0') {
+        Some("NUL byte in name")
+    } else {
+        None
+    }
+}
+
+/// Hidden from listings: autosync's own markers and probes.
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with(RESERVED_PREFIX)
+}
+
+/// Joins the mount prefix and a relative path (`a/b`) into a key without leading `/`.
+pub fn join_key(prefix: &str, rel: &str) -> String {
+    match (prefix.is_empty(), rel.is_empty()) {
+        (true, _) => rel.to_string(),
+        (false, true) => prefix.to_string(),
+        (false, false) => format!("{prefix}/{rel}"),
+    }
+}
+
+pub fn marker_key(dir_key: &str) -> String {
+    join_key(dir_key, FOLDER_MARKER)
+}
+
+/// Splits `name.ext` to build `name.conflict-HOST-STAMP.ext`.
+pub fn conflict_name(name: &str, host: &str, stamp: &str) -> String {
+    match name.rfind('.') {
+        Some(i) if i > 0 => format!("{}.conflict-{host}-{stamp}{}", &name[..i], &name[i..]),
+        _ => format!("{name}.conflict-{host}-{stamp}"),
+    }
+}
+
+/// POSIX attributes as stored on an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PosixAttrs {
+    /// Full st_mode including the type bits, as s3fs writes it.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Seconds since the epoch (s3fs precision).
+    pub mtime: Option<i64>,
+}
+
+impl PosixAttrs {
+    pub fn to_attributes(self, hash: Option<&str>) -> Attributes {
+        let mut a = Attributes::new();
+        let mut put = |k: &'static str, v: String| {
+            a.insert(Attribute::Metadata(k.into()), AttributeValue::from(v));
+        };
+        if let Some(m) = self.mode {
+            put(META_MODE, m.to_string());
+        }
+        if let Some(u) = self.uid {
+            put(META_UID, u.to_string());
+        }
+        if let Some(g) = self.gid {
+            put(META_GID, g.to_string());
+        }
+        if let Some(t) = self.mtime {
+            put(META_MTIME, t.to_string());
+        }
+        if let Some(h) = hash {
+            put(META_HASH, h.to_string());
+        }
+        a
+    }
+
+    pub fn from_attributes(a: &Attributes) -> (Self, Option<String>) {
+        let map = metadata_map(a);
+        let num = |k: &str| map.get(k).and_then(|v| parse_leading_int(v));
+        let attrs = PosixAttrs {
+            mode: num(META_MODE).and_then(|v| u32::try_from(v).ok()),
+            uid: num(META_UID).and_then(|v| u32::try_from(v).ok()),
+            gid: num(META_GID).and_then(|v| u32::try_from(v).ok()),
+            mtime: num(META_MTIME),
+        };
+        (attrs, map.get(META_HASH).cloned())
+    }
+
+    pub fn is_symlink(&self) -> bool {
+        self.mode.is_some_and(|m| m & S_IFMT == S_IFLNK)
+    }
+}
+
+/// s3fs may write `mtime` with a fractional part; keep the whole seconds.
+fn parse_leading_int(v: &str) -> Option<i64> {
+    let v = v.trim();
+    let end =
+        v.char_indices().find(|&(i, c)| !(c.is_ascii_digit() || (i == 0 && c == '-'))).map_or(v.len(), |(i, _)| i);
+    v[..end].parse().ok()
+}
+
+pub fn metadata_map(a: &Attributes) -> HashMap<String, String> {
+    a.iter()
+        .filter_map(|(k, v)| match k {
+            Attribute::Metadata(name) => Some((name.to_ascii_lowercase(), v.as_ref().to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// ETags compare equal whether or not a server quoted them.
+pub fn etag_eq(a: &str, b: &str) -> bool {
+    a.trim_matches('"') == b.trim_matches('"')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_round_trip_with_s3fs_names() {
+        let a = PosixAttrs { mode: Some(S_IFREG | 0o640), uid: Some(1000), gid: Some(100), mtime: Some(1_700_000_000) };
+        let attrs = a.to_attributes(Some("abc"));
+        let map = metadata_map(&attrs);
+        assert_eq!(map["mode"], (0o100640).to_string());
+        assert_eq!(map["mtime"], "1700000000");
+        assert_eq!(PosixAttrs::from_attributes(&attrs), (a, Some("abc".into())));
+    }
+
+    #[test]
+    fn fractional_mtime_from_other_tools_keeps_seconds() {
+        assert_eq!(parse_leading_int("1700000000.123"), Some(1_700_000_000));
+        assert_eq!(parse_leading_int("junk"), None);
+    }
+
+    #[test]
+    fn bad_names_are_named() {
+        assert!(invalid_name("..").is_some());
+        assert!(invalid_name("").is_some());
+        assert!(invalid_name(&"x".repeat(256)).is_some());
+        assert!(invalid_name("ok name+%#ü").is_none());
+    }
+
+    #[test]
+    fn conflict_names_keep_the_extension() {
+        assert_eq!(conflict_name("report.txt", "h", "20260101-000000"), "report.conflict-h-20260101-000000.txt");
+        assert_eq!(conflict_name(".bashrc", "h", "s"), ".bashrc.conflict-h-s");
+        assert_eq!(conflict_name("Makefile", "h", "s"), "Makefile.conflict-h-s");
+    }
+
+    #[test]
+    fn etags_compare_without_quotes() {
+        assert!(etag_eq("\"abc\"", "abc"));
+        assert!(!etag_eq("abc", "abd"));
+    }
+
+    #[test]
+    fn keys_join_under_a_prefix() {
+        assert_eq!(join_key("", "a/b"), "a/b");
+        assert_eq!(join_key("p", "a"), "p/a");
+        assert_eq!(join_key("p", ""), "p");
+        assert_eq!(marker_key("p/d"), "p/d/.autosync-folder");
+    }
+}

@@ -1,0 +1,15 @@
+//! The `autosync` command: parses arguments, sets up logging and hands over to the library.
+
+use clap::Parser;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = autosync::cli::Cli::parse();
+    if let Err(e) = autosync::cli::run(cli) {
+        eprintln!("autosync: {e:#}");
+        std::process::exit(1);
+    }
+}

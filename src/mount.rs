@@ -1,0 +1,349 @@
+//! Bringing a mount up and down: checks of the source and the mount point, the state-dir
+//! lock, the conditional-write probe, the FUSE session, the uploader and the control socket,
+//! and a clean stop on signals or unmount.
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use nix::fcntl::{Flock, FlockArg};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use tokio::sync::watch;
+
+use crate::control;
+use crate::fs::{Caps, Fs, FsConfig, obj_path};
+use crate::fuse::FuseAdapter;
+use crate::layout;
+use crate::source::{Endpoint, Source};
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub source: String,
+    pub mountpoint: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub upload_delay: Duration,
+    pub metadata_ttl: Duration,
+    pub shutdown_grace: Duration,
+    pub endpoint: Endpoint,
+    /// Print `ready` on stdout once live (used by `--daemon`).
+    pub announce_ready: bool,
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `~/.local/state/autosync` (or `/var/lib/autosync` for root).
+pub fn default_state_root() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/autosync");
+    }
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("autosync")
+}
+
+/// `~/.cache/autosync` (or `/var/cache/autosync` for root).
+pub fn default_cache_root() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/cache/autosync");
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("autosync")
+}
+
+fn short_hash(s: &str) -> String {
+    blake3::hash(s.as_bytes()).to_hex()[..16].to_string()
+}
+
+/// Where the CLI finds the control socket of the mount at `mountpoint`.
+pub fn registry_path(mountpoint: &Path) -> PathBuf {
+    let canon = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
+    default_state_root().join("mounts").join(format!("{}.sock", short_hash(&canon.to_string_lossy())))
+}
+
+/// A dead FUSE mount (daemon killed) answers ENOTCONN: detach it so the path is usable.
+fn clean_dead_mount(mp: &Path) {
+    if let Err(e) = std::fs::metadata(mp) {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            tracing::info!(mountpoint = %mp.display(), "cleaning up a dead mount left by a killed daemon");
+            let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn check_mountpoint(mp: &Path) -> anyhow::Result<PathBuf> {
+    clean_dead_mount(mp);
+    let md = std::fs::metadata(mp).map_err(|_| {
+        anyhow!("mount point {} does not exist: create it with `mkdir -p {}`", mp.display(), mp.display())
+    })?;
+    if !md.is_dir() {
+        bail!("mount point {} is not a directory: choose an empty directory", mp.display());
+    }
+    let mut rd = std::fs::read_dir(mp).with_context(|| format!("cannot read mount point {}", mp.display()))?;
+    if rd.next().is_some() {
+        bail!(
+            "mount point {} is not empty: choose an empty directory (or unmount what is mounted there)",
+            mp.display()
+        );
+    }
+    Ok(mp.canonicalize()?)
+}
+
+/// Checks that the bucket answers, turning the store's errors into one line with a fix.
+async fn check_bucket(store: &Store, source: &Source, ep: &Endpoint) -> anyhow::Result<()> {
+    let prefix = if source.prefix().is_empty() { None } else { Some(obj_path(source.prefix())?) };
+    let id = source.identity();
+    let r = tokio::time::timeout(Duration::from_secs(30), store.list_with_delimiter(prefix.as_ref())).await;
+    let err = match r {
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(e)) => e,
+        Err(_) => bail!("cannot reach {id}: no answer within 30 s; check --endpoint and the network"),
+    };
+    let text = err.to_string();
+    let endpoint = ep.endpoint.clone().unwrap_or_else(|| "the default endpoint".into());
+    match err {
+        _ if text.contains("NoSuchBucket") || text.contains("ContainerNotFound") => {
+            bail!("bucket of {id} does not exist: create it first, or fix the name")
+        }
+        object_store::Error::NotFound { .. } => {
+            bail!("bucket of {id} does not exist: create it first, or fix the name")
+        }
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => bail!(
+            "{id} refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the GCS/Azure credentials)"
+        ),
+        _ if text.contains("InvalidAccessKeyId")
+            || text.contains("SignatureDoesNotMatch")
+            || text.contains("AccessDenied")
+            || text.contains("403") =>
+        {
+            bail!(
+                "{id} refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the GCS/Azure credentials)"
+            )
+        }
+        _ if text.contains("error sending request") || text.contains("connect") || text.contains("dns") => {
+            bail!("cannot reach {id} at {endpoint}: check --endpoint, --allow-http and that the server runs")
+        }
+        _ => bail!("cannot list {id}: {}", first_line(&text)),
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// Finds out which conditional writes the store enforces, with a throwaway object.
+pub async fn probe_caps(store: &Store, prefix: &str) -> Caps {
+    let key = layout::join_key(prefix, &format!("{}probe-{:016x}", layout::RESERVED_PREFIX, rand::random::<u64>()));
+    let Ok(path) = obj_path(&key) else { return Caps::default() };
+    let put = |mode: PutMode| {
+        let path = path.clone();
+        async move {
+            store.put_opts(&path, PutPayload::from_static(b"probe"), PutOptions { mode, ..Default::default() }).await
+        }
+    };
+    let mut caps = Caps::default();
+    match put(PutMode::Create).await {
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!("conditional-write probe could not write: {e}; assuming no conditional writes");
+            let _ = store.delete(&path).await;
+            return caps;
+        }
+    }
+    caps.create = matches!(put(PutMode::Create).await, Err(object_store::Error::AlreadyExists { .. }));
+    let bogus = UpdateVersion { e_tag: Some("\"autosync-probe-mismatch\"".into()), version: None };
+    caps.update = matches!(put(PutMode::Update(bogus)).await, Err(object_store::Error::Precondition { .. }));
+    let _ = store.delete(&path).await;
+    caps
+}
+
+/// Holds the state dir for one mount; dropped when the mount ends.
+struct StateLock {
+    _lock: Flock<File>,
+}
+
+fn lock_state_dir(dir: &Path) -> anyhow::Result<StateLock> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create state dir {}", dir.display()))?;
+    let f = File::options().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(StateLock { _lock: l }),
+        Err((_, _)) => bail!(
+            "state dir {} is in use by another mount: unmount that one first, or pass a different --state-dir",
+            dir.display()
+        ),
+    }
+}
+
+fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let path = path.to_string_lossy().into_owned();
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let res = if let Some(abs) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+    if let Err(e) = res {
+        tracing::warn!("could not notify systemd: {e}");
+    }
+}
+
+/// Mounts and serves until unmounted or signalled. Blocks the calling thread.
+pub fn run(opts: MountOptions) -> anyhow::Result<()> {
+    let source = Source::parse(&opts.source)?.prepare()?;
+    let mountpoint = check_mountpoint(&opts.mountpoint)?;
+    let id = short_hash(&source.identity());
+    let state_dir = opts.state_dir.clone().unwrap_or_else(|| default_state_root().join(&id));
+    let cache_dir = opts.cache_dir.clone().unwrap_or_else(|| default_cache_root().join(&id));
+    let _lock = lock_state_dir(&state_dir)?;
+    std::fs::create_dir_all(&cache_dir).with_context(|| format!("cannot create cache dir {}", cache_dir.display()))?;
+    // Absolute paths: the control socket is found through a symlink, and --daemon may cd.
+    let state_dir = state_dir.canonicalize()?;
+    let cache_dir = cache_dir.canonicalize()?;
+    let _ = std::fs::set_permissions(&cache_dir, std::fs::Permissions::from_mode(0o700));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("autosync").build()?;
+    let store = source.build(&opts.endpoint)?;
+    rt.block_on(check_bucket(&store, &source, &opts.endpoint))?;
+    let caps = rt.block_on(probe_caps(&store, source.prefix()));
+    if !caps.update || !caps.create {
+        tracing::info!(
+            create = caps.create,
+            update = caps.update,
+            "the store does not enforce every conditional write; using compare-then-write where it does not"
+        );
+    }
+    let cfg = FsConfig { metadata_ttl: opts.metadata_ttl, upload_delay: opts.upload_delay, ..FsConfig::default() };
+    let fs = Fs::open_state(store, source.prefix(), &state_dir, &cache_dir, cfg, caps)
+        .map_err(|e| anyhow!("cannot open the mount state in {}: {e}", state_dir.display()))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let uploader = rt.spawn(Arc::clone(&fs).run_uploader(stop_rx));
+    let (unmount_tx, mut unmount_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let socket = state_dir.join("control.sock");
+    let registry = registry_path(&mountpoint);
+    let _guard = rt.enter();
+    let control = control::serve(Arc::clone(&fs), &socket, unmount_tx)?;
+    if let Some(parent) = registry.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let _ = std::fs::remove_file(&registry);
+    std::os::unix::fs::symlink(&socket, &registry)?;
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("autosync:{}", source.identity())),
+        fuser::MountOption::Subtype("autosync".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::RW,
+        fuser::MountOption::NoAtime,
+    ];
+    if is_root() {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(8);
+    let adapter = FuseAdapter::new(Arc::clone(&fs), rt.handle().clone());
+    let mut session = fuser::Session::new(adapter, &mountpoint, &config)
+        .map_err(|e| anyhow!("cannot mount at {}: {e}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
+        let r = session.run();
+        let _ = done_tx.send(r);
+    })?;
+    tracing::info!(mountpoint = %mountpoint.display(), source = %source.identity(), "mounted");
+    sd_notify("READY=1");
+    if opts.announce_ready {
+        println!("ready");
+        // Detach from the parent's pipe so its exit cannot hurt us.
+        if let Ok(null) = File::options().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(null);
+        }
+    }
+
+    let grace = opts.shutdown_grace;
+    let result = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut done_rx = done_rx;
+        let unmounted_externally = tokio::select! {
+            _ = term.recv() => false,
+            _ = int.recv() => false,
+            _ = unmount_rx.recv() => false,
+            r = &mut done_rx => {
+                if let Ok(Err(e)) = r { tracing::error!("FUSE session ended: {e}"); }
+                true
+            }
+        };
+        sd_notify("STOPPING=1");
+        let left = fs.flush_all(grace).await;
+        if left > 0 {
+            tracing::warn!(
+                pending = left,
+                "stopping with changes not yet in the bucket; they stay in the journal and upload at the next mount"
+            );
+        }
+        if !unmounted_externally {
+            if let Err(e) = unmounter.unmount() {
+                tracing::warn!("unmount: {e}");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), done_rx).await;
+        }
+        anyhow::Ok(())
+    });
+    let _ = stop_tx.send(true);
+    let _ = rt.block_on(uploader);
+    control.abort();
+    // Only remove the registry entry if it is still ours (a new mount may have taken it).
+    if std::fs::read_link(&registry).is_ok_and(|t| t == socket) {
+        let _ = std::fs::remove_file(&registry);
+    }
+    let _ = std::fs::remove_file(&socket);
+    let _ = fs.sync_journal();
+    drop(_guard);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+/// `--daemon`: re-runs this command in the background and returns once it is mounted.
+pub fn daemonize(args: Vec<String>) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).env("AUTOSYNC_ANNOUNCE_READY", "1").stdin(Stdio::null()).stdout(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no pipe to the daemon"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        return Ok(());
+    }
+    let status = child.wait()?;
+    bail!("the daemon did not mount (exit {status}); see the error above")
+}

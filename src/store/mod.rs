@@ -1,0 +1,12 @@
+//! Object stores as composed for a mount: the backend from `source`, wrapped by the layers
+//! here (attribute emulation for local folders, fault injection for tests).
+
+pub mod faulty;
+pub mod local;
+
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+
+/// The store every other module talks to.
+pub type Store = Arc<dyn ObjectStore>;
