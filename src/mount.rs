@@ -74,11 +74,11 @@ pub fn registry_path(mountpoint: &Path) -> PathBuf {
 
 /// A dead FUSE mount (daemon killed) answers ENOTCONN: detach it so the path is usable.
 fn clean_dead_mount(mp: &Path) {
-    if let Err(e) = std::fs::metadata(mp) {
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
-            tracing::info!(mountpoint = %mp.display(), "cleaning up a dead mount left by a killed daemon");
-            let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
-        }
+    if let Err(e) = std::fs::metadata(mp)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        tracing::info!(mountpoint = %mp.display(), "cleaning up a dead mount left by a killed daemon");
+        let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

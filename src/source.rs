@@ -83,9 +83,7 @@ impl Source {
                 }
                 _ => Err(bad(FIX)),
             }
-        } else if s.is_empty() {
-            Err(bad(FIX))
-        } else if s.contains(':') && !s.starts_with('/') && !s.starts_with('.') {
+        } else if s.is_empty() || (s.contains(':') && !s.starts_with('/') && !s.starts_with('.')) {
             Err(bad(FIX))
         } else {
             Ok(Source::Local { root: PathBuf::from(s) })

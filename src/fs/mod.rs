@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStoreExt};
 use serde::Serialize;
@@ -114,6 +114,8 @@ struct Inner {
     next_seq: u64,
     /// Bumped when an upload lands, so a listing taken before it does not delete its file.
     upload_epoch: u64,
+    /// The inode the uploader is working on.
+    uploading: Option<u64>,
     warned: HashSet<String>,
 }
 
@@ -220,12 +222,11 @@ impl Inner {
     }
 
     fn detach(&mut self, ino: u64) {
-        if let Some(n) = self.inodes.get(&ino) {
-            if let Some(c) = self.children.get_mut(&n.parent) {
-                if c.get(&n.name) == Some(&ino) {
-                    c.remove(&n.name);
-                }
-            }
+        if let Some(n) = self.inodes.get(&ino)
+            && let Some(c) = self.children.get_mut(&n.parent)
+            && c.get(&n.name) == Some(&ino)
+        {
+            c.remove(&n.name);
         }
     }
 
@@ -233,20 +234,20 @@ impl Inner {
         self.detach(ino);
         self.children.remove(&ino);
         let n = self.inodes.remove(&ino)?;
-        if let Some(r) = &n.remote {
-            if self.by_remote_key.get(&r.key) == Some(&ino) {
-                self.by_remote_key.remove(&r.key);
-            }
+        if let Some(r) = &n.remote
+            && self.by_remote_key.get(&r.key) == Some(&ino)
+        {
+            self.by_remote_key.remove(&r.key);
         }
         Some(n)
     }
 
     fn set_remote(&mut self, ino: u64, remote: Option<Remote>) {
         let Some(n) = self.inodes.get_mut(&ino) else { return };
-        if let Some(old) = n.remote.take() {
-            if self.by_remote_key.get(&old.key) == Some(&ino) {
-                self.by_remote_key.remove(&old.key);
-            }
+        if let Some(old) = n.remote.take()
+            && self.by_remote_key.get(&old.key) == Some(&ino)
+        {
+            self.by_remote_key.remove(&old.key);
         }
         if let Some(r) = &remote {
             self.by_remote_key.insert(r.key.clone(), ino);
@@ -300,15 +301,19 @@ impl Inner {
         self.next_seq += 1;
         batch.op(seq, &op)?;
         batch.meta.push(("next_seq", self.next_seq));
-        match &op {
-            Op::Delete { remote } => self.hide(remote.key.clone()),
-            Op::RenameTree { from, .. } => self.hide(format!("{from}/")),
-            Op::Sync { ino } => {
-                self.queued_sync.insert(*ino, seq);
-            }
-        }
-        self.queue.insert(seq, Queued { op, ready_at: Instant::now() + delay });
+        self.register(seq, op, Instant::now() + delay);
         Ok(seq)
+    }
+
+    /// Puts an op in the in-memory queue, hiding what it removes from listings meanwhile.
+    fn register(&mut self, seq: u64, op: Op, ready_at: Instant) {
+        for k in hidden_keys(&op) {
+            self.hide(k);
+        }
+        if let Op::Sync { ino } = op {
+            self.queued_sync.insert(ino, seq);
+        }
+        self.queue.insert(seq, Queued { op, ready_at });
     }
 
     /// Marks an inode changed: queues its upload once, and pushes the upload back while it
@@ -346,9 +351,19 @@ impl Inner {
         Ok(())
     }
 
+    /// No local change of this inode is pending or in flight: the bucket's word is final.
+    fn is_settled(&self, ino: u64) -> bool {
+        self.inodes.get(&ino).is_some_and(|n| {
+            !n.dirty
+                && n.open == 0
+                && n.overwrites.is_none()
+                && !self.queued_sync.contains_key(&ino)
+                && self.uploading != Some(ino)
+        })
+    }
+
     fn has_pending_below(&self, ino: u64) -> bool {
-        let Some(n) = self.inodes.get(&ino) else { return false };
-        if n.dirty || n.open > 0 || self.queued_sync.contains_key(&ino) {
+        if !self.is_settled(ino) {
             return true;
         }
         self.children.get(&ino).is_some_and(|c| c.values().any(|&k| self.has_pending_below(k)))
@@ -381,6 +396,7 @@ impl Fs {
             next_ino: meta.get("next_ino").copied().unwrap_or(ROOT_INO + 1),
             next_seq: meta.get("next_seq").copied().unwrap_or(1),
             upload_epoch: 0,
+            uploading: None,
             warned: HashSet::new(),
         };
         let mut batch = Batch::default();
@@ -413,14 +429,7 @@ impl Fs {
         }
         let now = Instant::now();
         for (seq, op) in loaded.ops {
-            match &op {
-                Op::Delete { remote } => inner.hide(remote.key.clone()),
-                Op::RenameTree { from, .. } => inner.hide(format!("{from}/")),
-                Op::Sync { ino } => {
-                    inner.queued_sync.insert(*ino, seq);
-                }
-            }
-            inner.queue.insert(seq, Queued { op, ready_at: now });
+            inner.register(seq, op, now);
         }
         db.commit(&batch, true)?;
         let pending = inner.queue.len();
@@ -458,14 +467,14 @@ impl Fs {
         if let Some(why) = &lock(&self.counters).read_only {
             return Err(FsError::ReadOnly(why.clone()));
         }
-        if !batch.is_empty() || durable {
-            if let Err(e) = self.db.commit(&batch, durable) {
-                // A journal that cannot be written must not pretend: stop taking writes.
-                let why = format!("journal write failed: {e}");
-                tracing::error!("{why}; the mount is now read-only");
-                lock(&self.counters).read_only = Some(why);
-                return Err(e.into());
-            }
+        if (!batch.is_empty() || durable)
+            && let Err(e) = self.db.commit(&batch, durable)
+        {
+            // A journal that cannot be written must not pretend: stop taking writes.
+            let why = format!("journal write failed: {e}");
+            tracing::error!("{why}; the mount is now read-only");
+            lock(&self.counters).read_only = Some(why);
+            return Err(e.into());
         }
         self.pending.send_replace(inner.queue.len());
         self.wake.notify_one();
@@ -476,23 +485,34 @@ impl Fs {
 
     /// Lists a folder from the bucket and merges it with what is known locally.
     async fn refresh_dir(&self, ino: u64) -> FsResult<()> {
-        let (key, epoch) = {
-            let inner = lock(&self.inner);
-            let n = inner.get(ino)?;
-            if n.kind != Kind::Dir {
-                return Err(FsError::NotDir);
+        // A listing taken while an upload landed may predate it: list again (a few times)
+        // rather than let an old listing undo our own upload.
+        let mut attempt = 0;
+        let (listing, key, epoch_changed) = loop {
+            let (key, epoch) = {
+                let inner = lock(&self.inner);
+                let n = inner.get(ino)?;
+                if n.kind != Kind::Dir {
+                    return Err(FsError::NotDir);
+                }
+                (inner.key_of(&self.prefix, ino)?, inner.upload_epoch)
+            };
+            let prefix = if key.is_empty() { None } else { Some(obj_path(&key)?) };
+            let listing = match self.store.list_with_delimiter(prefix.as_ref()).await {
+                Ok(l) => l,
+                // A folder that exists only locally (pending upload) lists as empty.
+                Err(object_store::Error::NotFound { .. }) => object_store::ListResult {
+                    common_prefixes: vec![],
+                    objects: vec![],
+                    extensions: Default::default(),
+                },
+                Err(e) => return Err(e.into()),
+            };
+            attempt += 1;
+            let changed = lock(&self.inner).upload_epoch != epoch;
+            if !changed || attempt >= 4 {
+                break (listing, key, changed);
             }
-            (inner.key_of(&self.prefix, ino)?, inner.upload_epoch)
-        };
-        let prefix = if key.is_empty() { None } else { Some(obj_path(&key)?) };
-        let listing = self.store.list_with_delimiter(prefix.as_ref()).await;
-        let listing = match listing {
-            Ok(l) => l,
-            // A folder that exists only locally (pending upload) lists as empty.
-            Err(object_store::Error::NotFound { .. }) => {
-                object_store::ListResult { common_prefixes: vec![], objects: vec![], extensions: Default::default() }
-            }
-            Err(e) => return Err(e.into()),
         };
         let mut new_files = Vec::new();
         {
@@ -501,7 +521,6 @@ impl Fs {
             if inner.get(ino).is_err() {
                 return Ok(());
             }
-            let epoch_changed = inner.upload_epoch != epoch;
             let mut seen: HashSet<String> = HashSet::new();
             for p in &listing.common_prefixes {
                 let Some(name) = p.filename().map(str::to_string) else { continue };
@@ -522,6 +541,7 @@ impl Fs {
                     }
                 }
             }
+            let prefixes: HashSet<&str> = listing.common_prefixes.iter().filter_map(|p| p.filename()).collect();
             for m in &listing.objects {
                 let full = m.location.as_ref().to_string();
                 if full == key {
@@ -541,10 +561,21 @@ impl Fs {
                     continue; // a folder and a file of one name: the folder wins
                 }
                 seen.insert(name.clone());
+                // A folder of ours that the bucket no longer has, where it now has a file.
+                if let Some(c) = inner.child(ino, &name) {
+                    let stale_dir = inner.get(c)?.kind == Kind::Dir
+                        && !prefixes.contains(name.as_str())
+                        && !epoch_changed
+                        && inner.get(c)?.remote.is_some()
+                        && !inner.has_pending_below(c);
+                    if stale_dir {
+                        self.remove_tree(&mut inner, c, &mut batch)?;
+                    }
+                }
                 match inner.child(ino, &name) {
                     Some(c) => {
+                        let clean = !epoch_changed && inner.is_settled(c);
                         let n = inner.get(c)?;
-                        let clean = !n.dirty && n.open == 0 && !inner.queued_sync.contains_key(&c);
                         let changed = n
                             .remote
                             .as_ref()
@@ -591,16 +622,14 @@ impl Fs {
                         continue;
                     }
                     let n = inner.get(c)?;
-                    let gone = match n.kind {
-                        Kind::Dir => n.remote.is_some() && !inner.has_pending_below(c),
-                        _ => {
-                            n.remote.is_some()
-                                && !n.dirty
-                                && n.open == 0
-                                && !inner.queued_sync.contains_key(&c)
-                                && n.overwrites.is_none()
-                        }
-                    };
+                    // Only what still sits at the key it came from can have been deleted there.
+                    let in_place =
+                        n.remote.as_ref().is_some_and(|r| inner.key_of(&self.prefix, c).is_ok_and(|k| k == r.key));
+                    let gone = in_place
+                        && match n.kind {
+                            Kind::Dir => !inner.has_pending_below(c),
+                            _ => inner.is_settled(c),
+                        };
                     if gone {
                         self.remove_tree(&mut inner, c, &mut batch)?;
                     }
@@ -608,11 +637,73 @@ impl Fs {
             }
             if let Ok(n) = inner.get_mut(ino) {
                 n.listed_at = Some(Instant::now());
+                if !n.listed {
+                    n.listed = true;
+                    inner.persist(ino, &mut batch)?;
+                }
             }
             self.commit(&inner, batch, false)?;
         }
         self.fetch_attrs(new_files).await;
         Ok(())
+    }
+
+    /// Lists everything under a folder (recursively, one paginated listing) and adds what
+    /// is not known yet as inodes.
+    async fn populate_tree(&self, ino: u64) -> FsResult<()> {
+        let key = lock(&self.inner).key_of(&self.prefix, ino)?;
+        let prefix = if key.is_empty() { None } else { Some(obj_path(&key)?) };
+        let objects: Vec<ObjectMeta> = self.store.list(prefix.as_ref()).try_collect().await?;
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        for m in &objects {
+            let full = m.location.as_ref();
+            let Some(rel) =
+                (if key.is_empty() { Some(full) } else { full.strip_prefix(&key).and_then(|r| r.strip_prefix('/')) })
+            else {
+                continue;
+            };
+            let parts: Vec<&str> = rel.split('/').collect();
+            let mut dir = ino;
+            let mut dir_key = key.clone();
+            for (i, part) in parts.iter().enumerate() {
+                let last = i + 1 == parts.len();
+                let part_key = layout::join_key(&dir_key, part);
+                if last && *part == layout::FOLDER_MARKER {
+                    break;
+                }
+                if !self.acceptable(&mut inner, &part_key, part) {
+                    break;
+                }
+                match inner.child(dir, part) {
+                    Some(c) => {
+                        if !last && inner.get(c)?.kind != Kind::Dir {
+                            break;
+                        }
+                        dir = c;
+                    }
+                    None => {
+                        let c = inner.alloc_ino(&mut batch);
+                        let kind = if last { Kind::File } else { Kind::Dir };
+                        let perm = if last { 0o644 } else { 0o755 };
+                        let mut n = Inode::new(c, dir, part.to_string(), kind, perm, self.cfg.uid, self.cfg.gid);
+                        n.attrs_known = false;
+                        if last {
+                            n.size = m.size;
+                            n.mtime_ns = to_ns(SystemTime::from(m.last_modified));
+                            n.remote = Some(remote_of(m));
+                        } else {
+                            n.remote = Some(Remote { key: part_key.clone(), etag: None, version: None, size: 0 });
+                        }
+                        inner.insert(n);
+                        inner.persist(c, &mut batch)?;
+                        dir = c;
+                    }
+                }
+                dir_key = part_key;
+            }
+        }
+        self.commit(&inner, batch, false)
     }
 
     fn remove_tree(&self, inner: &mut Inner, ino: u64, batch: &mut Batch) -> FsResult<()> {
@@ -673,23 +764,26 @@ impl Fs {
             .collect()
             .await;
         let mut symlinks = Vec::new();
-        let mut inner = lock(&self.inner);
-        let mut batch = Batch::default();
-        for (ino, r) in results {
-            let Some(r) = r else { continue };
-            let Ok(n) = inner.get_mut(ino) else { continue };
-            if n.dirty || n.remote.as_ref().is_none_or(|rem| !etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref())) {
-                continue;
+        {
+            let mut inner = lock(&self.inner);
+            let mut batch = Batch::default();
+            for (ino, r) in results {
+                let Some(r) = r else { continue };
+                let Ok(n) = inner.get_mut(ino) else { continue };
+                if n.dirty
+                    || n.remote.as_ref().is_none_or(|rem| !etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref()))
+                {
+                    continue;
+                }
+                let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
+                self.apply_posix(n, attrs);
+                if n.kind == Kind::Symlink && n.target.is_none() {
+                    symlinks.push(ino);
+                }
+                let _ = inner.persist(ino, &mut batch);
             }
-            let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
-            self.apply_posix(n, attrs);
-            if n.kind == Kind::Symlink && n.target.is_none() {
-                symlinks.push(ino);
-            }
-            let _ = inner.persist(ino, &mut batch);
+            let _ = self.commit(&inner, batch, false);
         }
-        let _ = self.commit(&inner, batch, false);
-        drop(inner);
         for ino in symlinks {
             let _ = self.load_symlink(ino).await;
         }
@@ -753,15 +847,16 @@ impl Fs {
             }
             p.is_listed_fresh(self.cfg.metadata_ttl)
         };
-        let found = lock(&self.inner).child(parent, name);
-        let ino = match found {
-            Some(ino) => ino,
-            None if fresh => return Err(FsError::NotFound),
-            None => {
-                self.refresh_dir(parent).await?;
-                lock(&self.inner).child(parent, name).ok_or(FsError::NotFound)?
+        // Past the TTL, ask the bucket again: names and versions may have changed there.
+        if !fresh && let Err(e) = self.refresh_dir(parent).await {
+            // Unreachable bucket: answer from what we know, fail only what we don't.
+            let inner = lock(&self.inner);
+            if inner.child(parent, name).is_none() && !inner.get(parent)?.listed {
+                return Err(e);
             }
-        };
+            tracing::debug!("lookup of {name}: listing failed, using the local entry: {e}");
+        }
+        let ino = lock(&self.inner).child(parent, name).ok_or(FsError::NotFound)?;
         self.ensure_attrs(ino).await;
         Ok(lock(&self.inner).get(ino)?.attr())
     }
@@ -839,8 +934,9 @@ impl Fs {
         check_name(name)?;
         // Make sure the name is free in the bucket too, not only in what we have seen.
         let fresh = lock(&self.inner).get(parent)?.is_listed_fresh(self.cfg.metadata_ttl);
-        if !fresh {
-            self.refresh_dir(parent).await?;
+        if !fresh && let Err(e) = self.refresh_dir(parent).await {
+            // Offline: go ahead; the upload is conditional and settles a clash later.
+            tracing::debug!("creating {name} without checking the bucket: {e}");
         }
         let inner = lock(&self.inner);
         let p = inner.get(parent)?;
@@ -853,6 +949,7 @@ impl Fs {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn add_node(
         &self,
         parent: u64,
@@ -875,7 +972,10 @@ impl Fs {
         let mut n = Inode::new(ino, parent, name.to_string(), kind, perm, uid, gid);
         n.dirty = true;
         match kind {
-            Kind::Dir => n.listed_at = Some(Instant::now()),
+            Kind::Dir => {
+                n.listed_at = Some(Instant::now());
+                n.listed = true;
+            }
             Kind::Symlink => {
                 n.size = target.as_ref().map_or(0, |t| t.len() as u64);
                 n.target = target;
@@ -1013,8 +1113,13 @@ impl Fs {
             }
         }
         if is_dir {
-            // Moving a folder moves every object under it, listed or not.
-            self.refresh_dir(ino).await.ok();
+            // Moving a folder moves every object under it: know them all first, so the
+            // folder reads complete at its new name while the move is uploading.
+            if let Err(e) = self.populate_tree(ino).await
+                && lock(&self.inner).get(ino)?.remote.is_some()
+            {
+                return Err(e);
+            }
         }
         let mut inner = lock(&self.inner);
         let mut batch = Batch::default();
@@ -1124,16 +1229,16 @@ impl Fs {
         };
         let (tmp, file) = self.staging.temp(&format!("fill-{ino}"))?;
         let mut file = tokio::fs::File::from_std(file);
-        if let Some(r) = &remote {
-            if r.size > 0 {
-                let opts = GetOptions { if_match: r.etag.clone(), ..Default::default() };
-                let res = self.store.get_opts(&obj_path(&r.key)?, opts).await.map_err(stale)?;
-                let mut stream = res.into_stream();
-                while let Some(chunk) = stream.next().await {
-                    file.write_all(&chunk.map_err(stale)?).await?;
-                }
-                file.flush().await?;
+        if let Some(r) = &remote
+            && r.size > 0
+        {
+            let opts = GetOptions { if_match: r.etag.clone(), ..Default::default() };
+            let res = self.store.get_opts(&obj_path(&r.key)?, opts).await.map_err(stale)?;
+            let mut stream = res.into_stream();
+            while let Some(chunk) = stream.next().await {
+                file.write_all(&chunk.map_err(stale)?).await?;
             }
+            file.flush().await?;
         }
         drop(file);
         let mut inner = lock(&self.inner);
@@ -1230,10 +1335,10 @@ impl Fs {
             n.dirty = true;
             n.generation += 1;
             // Push a queued upload back while the file keeps changing.
-            if let Some(&seq) = inner.queued_sync.get(&ino) {
-                if let Some(q) = inner.queue.get_mut(&seq) {
-                    q.ready_at = Instant::now() + self.cfg.upload_delay;
-                }
+            if let Some(&seq) = inner.queued_sync.get(&ino)
+                && let Some(q) = inner.queue.get_mut(&seq)
+            {
+                q.ready_at = Instant::now() + self.cfg.upload_delay;
             }
         }
         if let Some(h) = lock(&self.handles).get_mut(&fh) {
@@ -1301,8 +1406,11 @@ impl Fs {
             }
             n.is_listed_fresh(self.cfg.metadata_ttl)
         };
-        if !fresh {
-            self.refresh_dir(ino).await?;
+        if !fresh && let Err(e) = self.refresh_dir(ino).await {
+            if !lock(&self.inner).get(ino)?.listed {
+                return Err(e);
+            }
+            tracing::debug!("listing failed, serving the folder as last seen: {e}");
         }
         let inner = lock(&self.inner);
         let n = inner.get(ino)?;
@@ -1374,8 +1482,8 @@ impl Fs {
         let mut rx = self.pending.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|&n| n == 0)).await;
         self.urgent.fetch_sub(1, Ordering::SeqCst);
-        let left = lock(&self.inner).queue.len();
-        left
+
+        lock(&self.inner).queue.len()
     }
 
     /// Makes every journalled change durable (fsyncdir).
@@ -1386,6 +1494,22 @@ impl Fs {
 
     pub fn pending(&self) -> usize {
         lock(&self.inner).queue.len()
+    }
+}
+
+/// What a pending op hides from listings: a deleted key (and the folder of a deleted
+/// folder marker), or a moved folder.
+fn hidden_keys(op: &Op) -> Vec<String> {
+    match op {
+        Op::Delete { remote } => {
+            let mut keys = vec![remote.key.clone()];
+            if let Some(dir) = remote.key.strip_suffix(layout::FOLDER_MARKER) {
+                keys.push(dir.trim_end_matches('/').to_string());
+            }
+            keys
+        }
+        Op::RenameTree { from, .. } => vec![format!("{from}/")],
+        Op::Sync { .. } => vec![],
     }
 }
 

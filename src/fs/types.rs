@@ -46,6 +46,10 @@ pub struct Inode {
     pub dirty: bool,
     /// Attributes were read from the object's metadata (not defaults from a listing).
     pub attrs_known: bool,
+    /// The folder's content has been seen (listed, or created here) at least once, so a
+    /// name missing locally can be answered without the bucket while it is unreachable.
+    #[serde(default)]
+    pub listed: bool,
     /// In-memory only: when the folder was last listed from the bucket.
     #[serde(skip)]
     pub listed_at: Option<Instant>,
@@ -76,6 +80,7 @@ impl Inode {
             staged: false,
             dirty: false,
             attrs_known: true,
+            listed: false,
             listed_at: None,
             generation: 0,
             open: 0,

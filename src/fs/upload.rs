@@ -101,14 +101,9 @@ impl Fs {
                 continue;
             }
             match self.process(seq, &op).await {
-                Ok(outcome) => {
+                Ok(_) => {
                     backoff = Duration::from_millis(500);
-                    let mut c = lock(&self.counters);
-                    c.uploads_done += 1;
-                    c.last_error = None;
-                    if matches!(outcome, Outcome::Conflict) {
-                        c.conflicts += 1;
-                    }
+                    lock(&self.counters).last_error = None;
                 }
                 Err(e) => {
                     let what = self.describe(&op);
@@ -139,7 +134,11 @@ impl Fs {
 
     /// Removes a finished op from the journal, durably.
     fn finish(&self, seq: u64, mut batch: Batch) -> FsResult<()> {
+        // Counted before the op leaves the queue, so a flush waiter sees it.
+        lock(&self.counters).uploads_done += 1;
         let mut inner = lock(&self.inner);
+        inner.upload_epoch += 1;
+        inner.uploading = None;
         if let Some(q) = inner.queue.remove(&seq) {
             match q.op {
                 Op::Sync { ino } => {
@@ -147,8 +146,11 @@ impl Fs {
                         inner.queued_sync.remove(&ino);
                     }
                 }
-                Op::Delete { remote } => inner.unhide(&remote.key),
-                Op::RenameTree { from, .. } => inner.unhide(&format!("{from}/")),
+                op @ (Op::Delete { .. } | Op::RenameTree { .. }) => {
+                    for k in hidden_keys(&op) {
+                        inner.unhide(&k);
+                    }
+                }
             }
         }
         batch.del_ops.push(seq);
@@ -216,6 +218,26 @@ impl Fs {
                 Err(e) => return Err(e.into()),
             }
         }
+        // Folders (and anything not copied above) now live under the new key too.
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        let below = format!("{from}/");
+        let moved: Vec<(u64, Remote)> = inner
+            .inodes
+            .values()
+            .filter_map(|n| {
+                let r = n.remote.as_ref()?;
+                let rest = if r.key == from { "" } else { r.key.strip_prefix(&below)? };
+                let mut r = r.clone();
+                r.key = if rest.is_empty() { to.to_string() } else { layout::join_key(to, rest) };
+                Some((n.ino, r))
+            })
+            .collect();
+        for (ino, r) in moved {
+            inner.set_remote(ino, Some(r));
+            inner.persist(ino, &mut batch)?;
+        }
+        self.commit(&inner, batch, false)?;
         Ok(())
     }
 
@@ -237,6 +259,7 @@ impl Fs {
             if inner.queued_sync.get(&ino) == Some(&seq) {
                 inner.queued_sync.remove(&ino);
             }
+            inner.uploading = Some(ino);
             let key = inner.key_of(&self.prefix, ino)?;
             let content = match n.kind {
                 Kind::Dir => None,
@@ -531,6 +554,7 @@ impl Fs {
             }
         };
         let (copy_key, put) = put;
+        lock(&self.counters).conflicts += 1;
         tracing::warn!(path = %key, copy = %copy_key, "conflict: the bucket's version changed since this file was read; it keeps the path and the local version was saved as a conflict copy");
         if let Some(old) = &moved_from {
             // Our old location is no longer ours to keep: the content lives in the copy now.

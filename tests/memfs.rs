@@ -1,0 +1,593 @@
+//! Filesystem tests without FUSE: the `Fs` core over `memory://` (and wrapped stores),
+//! driven through a small path-based client, including a proptest reference model with
+//! steps where another client changes the bucket and steps where the mount restarts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use autosync::fs::{Caps, Fs, FsConfig, FsError, Kind, ROOT_INO, SetAttr};
+use autosync::store::Store;
+use autosync::store::faulty::{FaultSwitch, FaultyStore};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use proptest::prelude::*;
+use tokio::sync::watch;
+
+struct Harness {
+    store: Store,
+    dir: tempfile::TempDir,
+    caps: Caps,
+    fs: Option<Arc<Fs>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn cfg() -> FsConfig {
+    FsConfig {
+        metadata_ttl: Duration::ZERO,
+        upload_delay: Duration::ZERO,
+        host: "testhost".into(),
+        ..FsConfig::default()
+    }
+}
+
+impl Harness {
+    async fn new(store: Store, caps: Caps) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (fs, stop, task) = Self::start(&store, &dir, caps);
+        Harness { store, dir, caps, fs: Some(fs), stop, task }
+    }
+
+    async fn memory() -> Self {
+        Self::new(Arc::new(InMemory::new()), Caps { create: true, update: true }).await
+    }
+
+    fn start(
+        store: &Store,
+        dir: &tempfile::TempDir,
+        caps: Caps,
+    ) -> (Arc<Fs>, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let fs =
+            Fs::open_state(Arc::clone(store), "", &dir.path().join("state"), &dir.path().join("cache"), cfg(), caps)
+                .expect("open fs");
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(Arc::clone(&fs).run_uploader(rx));
+        (fs, stop, task)
+    }
+
+    /// Stops the mount without flushing (like a crash after every close returned) and
+    /// opens it again from its state dir.
+    async fn restart(&mut self) {
+        let _ = self.stop.send(true);
+        (&mut self.task).await.expect("uploader task");
+        // The old instance must be gone before its database can be opened again.
+        self.fs = None;
+        let (fs, stop, task) = Self::start(&self.store, &self.dir, self.caps);
+        self.fs = Some(fs);
+        self.stop = stop;
+        self.task = task;
+    }
+
+    fn fs(&self) -> &Arc<Fs> {
+        self.fs.as_ref().expect("mounted")
+    }
+
+    async fn flush(&self) {
+        let left = self.fs().flush_all(Duration::from_secs(20)).await;
+        assert_eq!(left, 0, "flush left changes pending: {:?}", self.fs().status());
+    }
+
+    async fn resolve(&self, path: &str) -> Result<u64, FsError> {
+        let mut ino = ROOT_INO;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            ino = self.fs().lookup(ino, part).await?.ino;
+        }
+        Ok(ino)
+    }
+
+    async fn parent_of<'a>(&self, path: &'a str) -> Result<(u64, &'a str), FsError> {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        Ok((self.resolve(dir).await?, name))
+    }
+
+    async fn write(&self, path: &str, data: &[u8]) -> Result<(), FsError> {
+        let (parent, name) = self.parent_of(path).await?;
+        let fh = match self.fs().lookup(parent, name).await {
+            Ok(a) => {
+                let (fh, _) = self.fs().open(a.ino).await?;
+                self.fs().setattr(a.ino, SetAttr { size: Some(0), ..Default::default() }).await?;
+                fh
+            }
+            Err(FsError::NotFound) => self.fs().create(parent, name, 0o644, 0, 0).await?.1,
+            Err(e) => return Err(e),
+        };
+        if !data.is_empty() {
+            assert_eq!(self.fs().write(fh, 0, data).await?, data.len() as u32);
+        }
+        self.fs().flush(fh).await?;
+        self.fs().release(fh).await
+    }
+
+    async fn read(&self, path: &str) -> Result<Vec<u8>, FsError> {
+        let ino = self.resolve(path).await?;
+        let (fh, _) = self.fs().open(ino).await?;
+        let mut out = Vec::new();
+        loop {
+            let b = self.fs().read(fh, out.len() as u64, 128 * 1024).await?;
+            if b.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&b);
+        }
+        self.fs().release(fh).await?;
+        Ok(out)
+    }
+
+    async fn mkdir(&self, path: &str) -> Result<(), FsError> {
+        let (parent, name) = self.parent_of(path).await?;
+        self.fs().mkdir(parent, name, 0o755, 0, 0).await.map(|_| ())
+    }
+
+    async fn unlink(&self, path: &str) -> Result<(), FsError> {
+        let (parent, name) = self.parent_of(path).await?;
+        self.fs().unlink(parent, name).await
+    }
+
+    async fn rmdir(&self, path: &str) -> Result<(), FsError> {
+        let (parent, name) = self.parent_of(path).await?;
+        self.fs().rmdir(parent, name).await
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> Result<(), FsError> {
+        let (p1, n1) = self.parent_of(from).await?;
+        let (p2, n2) = self.parent_of(to).await?;
+        self.fs().rename(p1, n1, p2, n2, false).await
+    }
+
+    /// Every file (with content) and folder (None) the mount shows.
+    async fn tree(&self) -> BTreeMap<String, Option<Vec<u8>>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![(ROOT_INO, String::new())];
+        while let Some((ino, prefix)) = stack.pop() {
+            let fh = self.fs().opendir(ino).await.expect("opendir");
+            let entries = self.fs().readdir(fh, 0).expect("readdir");
+            self.fs().releasedir(fh);
+            for e in entries.into_iter().filter(|e| e.name != "." && e.name != "..") {
+                let path = if prefix.is_empty() { e.name.clone() } else { format!("{prefix}/{}", e.name) };
+                match e.kind {
+                    Kind::Dir => {
+                        out.insert(path.clone(), None);
+                        stack.push((e.ino, path));
+                    }
+                    _ => {
+                        let data = self.read(&path).await.expect("read listed file");
+                        out.insert(path, Some(data));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Files in the bucket (markers left out).
+    async fn bucket(&self) -> BTreeMap<String, Vec<u8>> {
+        let metas: Vec<_> = self.store.list(None).try_collect().await.expect("list");
+        let mut out = BTreeMap::new();
+        for m in metas {
+            let key = m.location.as_ref().to_string();
+            if key.ends_with(".autosync-folder") {
+                continue;
+            }
+            let data = self.store.get(&m.location).await.expect("get").bytes().await.expect("bytes");
+            out.insert(key, data.to_vec());
+        }
+        out
+    }
+
+    async fn remote_put(&self, key: &str, data: &[u8]) {
+        self.store.put(&Path::from(key), PutPayload::from(Bytes::copy_from_slice(data))).await.expect("remote put");
+    }
+}
+
+fn files(tree: &BTreeMap<String, Option<Vec<u8>>>) -> BTreeMap<String, Vec<u8>> {
+    tree.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_read_and_upload() {
+    let h = Harness::memory().await;
+    h.mkdir("docs").await.unwrap();
+    h.write("docs/a.txt", b"hello").await.unwrap();
+    assert_eq!(h.read("docs/a.txt").await.unwrap(), b"hello");
+    h.flush().await;
+    assert_eq!(h.bucket().await, BTreeMap::from([("docs/a.txt".to_string(), b"hello".to_vec())]));
+    // The marker keeps the folder even when empty.
+    let marker = h.store.head(&Path::from("docs/.autosync-folder")).await;
+    assert!(marker.is_ok(), "folder marker missing: {marker:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_writes_into_an_existing_remote_file() {
+    let h = Harness::memory().await;
+    let mut expect: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    h.remote_put("big.bin", &expect).await;
+    let ino = h.resolve("big.bin").await.unwrap();
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    for (off, byte) in [(0u64, 1u8), (1_048_575, 2), (2_999_999, 3), (1_500_000, 4)] {
+        h.fs().write(fh, off, &[byte; 10][..(3_000_000 - off as usize).min(10)]).await.unwrap();
+        let end = (off as usize + 10).min(expect.len());
+        expect[off as usize..end].fill(byte);
+    }
+    h.fs().flush(fh).await.unwrap();
+    h.fs().release(fh).await.unwrap();
+    assert_eq!(h.read("big.bin").await.unwrap(), expect);
+    h.flush().await;
+    assert_eq!(h.bucket().await["big.bin"], expect);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_extend_and_attributes_reach_the_bucket() {
+    let h = Harness::memory().await;
+    h.write("f", b"0123456789").await.unwrap();
+    let ino = h.resolve("f").await.unwrap();
+    h.fs().setattr(ino, SetAttr { size: Some(4), ..Default::default() }).await.unwrap();
+    assert_eq!(h.read("f").await.unwrap(), b"0123");
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    let a = h
+        .fs()
+        .setattr(ino, SetAttr { size: Some(6), mode: Some(0o600), uid: Some(7), gid: Some(8), mtime: Some(when) })
+        .await
+        .unwrap();
+    assert_eq!((a.size, a.perm, a.uid, a.gid, a.mtime), (6, 0o600, 7, 8, when));
+    assert_eq!(h.read("f").await.unwrap(), b"0123\0\0");
+    h.flush().await;
+    let r = h.store.get(&Path::from("f")).await.unwrap();
+    let (attrs, hash) = autosync::layout::PosixAttrs::from_attributes(&r.attributes);
+    assert_eq!(attrs.mode, Some(0o100600));
+    assert_eq!((attrs.uid, attrs.gid, attrs.mtime), (Some(7), Some(8), Some(1_600_000_000)));
+    assert_eq!(hash.as_deref(), Some(blake3::hash(b"0123\0\0").to_hex().as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_folder_moves_every_object_even_unlisted_ones() {
+    let h = Harness::memory().await;
+    for i in 0..20 {
+        h.remote_put(&format!("src/sub/f{i}"), format!("{i}").as_bytes()).await;
+    }
+    h.rename("src", "dst").await.unwrap();
+    assert_eq!(h.fs().lookup(ROOT_INO, "src").await.unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(h.read("dst/sub/f7").await.unwrap(), b"7");
+    h.flush().await;
+    let b = h.bucket().await;
+    assert_eq!(b.len(), 20);
+    assert!(b.keys().all(|k| k.starts_with("dst/sub/")), "{b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_onto_existing_file_replaces_it_and_noreplace_refuses() {
+    let h = Harness::memory().await;
+    h.write("a", b"new").await.unwrap();
+    h.write("b", b"old").await.unwrap();
+    h.flush().await;
+    let (root, _) = h.parent_of("a").await.unwrap();
+    let e = h.fs().rename(root, "a", root, "b", true).await.unwrap_err();
+    assert_eq!(e.errno(), libc::EEXIST);
+    h.rename("a", "b").await.unwrap();
+    assert_eq!(h.read("b").await.unwrap(), b"new");
+    h.flush().await;
+    assert_eq!(h.bucket().await, BTreeMap::from([("b".to_string(), b"new".to_vec())]));
+    assert_eq!(h.fs().status().conflicts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmdir_refuses_non_empty_folders_including_remote_only_content() {
+    let h = Harness::memory().await;
+    h.mkdir("d").await.unwrap();
+    h.flush().await;
+    h.remote_put("d/theirs", b"x").await;
+    assert_eq!(h.rmdir("d").await.unwrap_err().errno(), libc::ENOTEMPTY);
+    h.unlink("d/theirs").await.unwrap();
+    h.rmdir("d").await.unwrap();
+    h.flush().await;
+    assert!(h.store.list(None).try_collect::<Vec<_>>().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_edit_conflict_keeps_both_versions() {
+    let h = Harness::memory().await;
+    h.write("notes.txt", b"base").await.unwrap();
+    h.flush().await;
+    // Edit locally while another client changes the bucket before our upload.
+    let ino = h.resolve("notes.txt").await.unwrap();
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    h.remote_put("notes.txt", b"theirs").await;
+    h.fs().write(fh, 0, b"mine").await.unwrap();
+    h.fs().flush(fh).await.unwrap();
+    h.fs().release(fh).await.unwrap();
+    h.flush().await;
+    let b = h.bucket().await;
+    assert_eq!(b["notes.txt"], b"theirs", "the bucket's version keeps the path");
+    let copies: Vec<_> = b.iter().filter(|(k, _)| k.starts_with("notes.conflict-testhost-")).collect();
+    assert_eq!(copies.len(), 1, "{b:?}");
+    assert!(copies[0].0.ends_with(".txt"));
+    assert_eq!(copies[0].1, b"mine");
+    assert_eq!(h.fs().status().conflicts, 1);
+    // The mount shows both too.
+    let t = files(&h.tree().await);
+    assert_eq!(t["notes.txt"], b"theirs");
+    assert_eq!(t[copies[0].0], b"mine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_delete_keeps_the_edit() {
+    let h = Harness::memory().await;
+    h.write("f", b"v1").await.unwrap();
+    h.flush().await;
+    let (root, _) = h.parent_of("f").await.unwrap();
+    // Local delete, remote edit before the delete is uploaded.
+    h.fs().unlink(root, "f").await.unwrap();
+    h.remote_put("f", b"edited elsewhere").await;
+    h.flush().await;
+    assert_eq!(h.bucket().await["f"], b"edited elsewhere");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_replays_after_restart() {
+    let mut h = Harness::memory().await;
+    let sw = FaultSwitch::default();
+    h.store = FaultyStore::wrap(Arc::clone(&h.store), sw.clone());
+    h.restart().await;
+    sw.set_down(true);
+    h.mkdir("d").await.unwrap();
+    h.write("d/x", b"survives").await.unwrap();
+    h.rename("d/x", "d/y").await.unwrap();
+    // Outage: nothing uploads, and the status says why.
+    assert!(h.fs().flush_all(Duration::from_millis(300)).await > 0);
+    assert!(h.fs().status().last_error.is_some(), "{:?}", h.fs().status());
+    h.restart().await;
+    assert_eq!(h.read("d/y").await.unwrap(), b"survives");
+    sw.set_down(false);
+    h.flush().await;
+    assert_eq!(h.bucket().await, BTreeMap::from([("d/y".to_string(), b"survives".to_vec())]));
+    assert!(sw.refused() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inode_numbers_are_stable_across_restarts() {
+    let mut h = Harness::memory().await;
+    h.mkdir("a").await.unwrap();
+    h.write("a/b", b"x").await.unwrap();
+    let before = (h.resolve("a").await.unwrap(), h.resolve("a/b").await.unwrap());
+    h.flush().await;
+    h.restart().await;
+    let after = (h.resolve("a").await.unwrap(), h.resolve("a/b").await.unwrap());
+    assert_eq!(before, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_compare_then_write_still_detects_conflicts() {
+    // A store like Garage: conditional writes are not enforced.
+    let h = Harness::new(Arc::new(InMemory::new()), Caps::default()).await;
+    h.write("f", b"base").await.unwrap();
+    h.flush().await;
+    let ino = h.resolve("f").await.unwrap();
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    h.remote_put("f", b"theirs").await;
+    h.fs().write(fh, 0, b"mine").await.unwrap();
+    h.fs().flush(fh).await.unwrap();
+    h.fs().release(fh).await.unwrap();
+    h.flush().await;
+    let b = h.bucket().await;
+    assert_eq!(b["f"], b"theirs");
+    assert_eq!(b.values().filter(|v| v.as_slice() == b"mine").count(), 1, "{b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_round_trip_through_the_bucket() {
+    let mut h = Harness::memory().await;
+    h.fs().symlink(ROOT_INO, "link", "target/file", 0, 0).await.unwrap();
+    h.flush().await;
+    let r = h.store.get(&Path::from("link")).await.unwrap();
+    let (attrs, _) = autosync::layout::PosixAttrs::from_attributes(&r.attributes);
+    assert!(attrs.is_symlink());
+    // A fresh mount of the same bucket reads it back as a symlink.
+    h.dir = tempfile::tempdir().unwrap();
+    h.restart().await;
+    let ino = h.resolve("link").await.unwrap();
+    assert_eq!(h.fs().getattr(ino).await.unwrap().kind, Kind::Symlink);
+    assert_eq!(h.fs().readlink(ino).await.unwrap(), "target/file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keys_are_skipped_not_fatal() {
+    let h = Harness::memory().await;
+    let long = "x".repeat(300);
+    h.remote_put(&format!("{long}/f"), b"1").await;
+    h.remote_put("ok", b"2").await;
+    let t = h.tree().await;
+    assert_eq!(files(&t), BTreeMap::from([("ok".to_string(), b"2".to_vec())]));
+}
+
+// ---- reference model -------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Step {
+    Write(usize, u8),
+    Mkdir(usize),
+    Unlink(usize),
+    Rmdir(usize),
+    Rename(usize, usize),
+    /// Another client writes the bucket directly (after our changes are uploaded).
+    RemoteWrite(usize, u8),
+    /// Another client deletes an object directly.
+    RemoteDelete(usize),
+    Restart,
+    Flush,
+}
+
+const NAMES: [&str; 8] = ["a", "b", "d1/a", "d1/b", "d2/a", "d1", "d2", "d2/d3/c"];
+
+fn step() -> impl Strategy<Value = Step> {
+    let n = 0..NAMES.len();
+    prop_oneof![
+        4 => (n.clone(), any::<u8>()).prop_map(|(i, b)| Step::Write(i, b)),
+        2 => n.clone().prop_map(Step::Mkdir),
+        2 => n.clone().prop_map(Step::Unlink),
+        1 => n.clone().prop_map(Step::Rmdir),
+        2 => (n.clone(), n.clone()).prop_map(|(a, b)| Step::Rename(a, b)),
+        2 => (n.clone(), any::<u8>()).prop_map(|(i, b)| Step::RemoteWrite(i, b)),
+        1 => n.clone().prop_map(Step::RemoteDelete),
+        1 => Just(Step::Restart),
+        1 => Just(Step::Flush),
+    ]
+}
+
+/// The model: path → Some(content) for files, None for folders.
+type Model = BTreeMap<String, Option<Vec<u8>>>;
+
+fn parent(p: &str) -> Option<&str> {
+    p.rsplit_once('/').map(|(d, _)| d)
+}
+
+fn parent_ok(m: &Model, p: &str) -> bool {
+    parent(p).is_none_or(|d| matches!(m.get(d), Some(None)))
+}
+
+fn model_apply(m: &mut Model, s: &Step) -> bool {
+    match s {
+        Step::Write(i, b) => {
+            let p = NAMES[*i];
+            if !parent_ok(m, p) || matches!(m.get(p), Some(None)) {
+                return false;
+            }
+            m.insert(p.to_string(), Some(vec![*b; 1 + *b as usize % 7]));
+            true
+        }
+        Step::Mkdir(i) => {
+            let p = NAMES[*i];
+            if !parent_ok(m, p) || m.contains_key(p) {
+                return false;
+            }
+            m.insert(p.to_string(), None);
+            true
+        }
+        Step::Unlink(i) => {
+            let p = NAMES[*i];
+            if !matches!(m.get(p), Some(Some(_))) {
+                return false;
+            }
+            m.remove(p);
+            true
+        }
+        Step::Rmdir(i) => {
+            let p = NAMES[*i];
+            let empty = !m.keys().any(|k| k.starts_with(&format!("{p}/")));
+            if !matches!(m.get(p), Some(None)) || !empty {
+                return false;
+            }
+            m.remove(p);
+            true
+        }
+        Step::Rename(a, b) => {
+            let (a, b) = (NAMES[*a], NAMES[*b]);
+            let Some(src) = m.get(a).cloned() else { return false };
+            if a == b || b.starts_with(&format!("{a}/")) || !parent_ok(m, b) {
+                return false;
+            }
+            match (&src, m.get(b)) {
+                (_, None) => {}
+                (Some(_), Some(Some(_))) => {}
+                (None, Some(None)) if !m.keys().any(|k| k.starts_with(&format!("{b}/"))) => {}
+                _ => return false,
+            }
+            let moved: Vec<(String, Option<Vec<u8>>)> = m
+                .iter()
+                .filter(|(k, _)| *k == a || k.starts_with(&format!("{a}/")))
+                .map(|(k, v)| (format!("{b}{}", &k[a.len()..]), v.clone()))
+                .collect();
+            m.retain(|k, _| k != a && !k.starts_with(&format!("{a}/")));
+            m.remove(b);
+            m.extend(moved);
+            true
+        }
+        Step::RemoteWrite(i, b) => {
+            let p = NAMES[*i];
+            if !parent_ok(m, p) || matches!(m.get(p), Some(None)) {
+                return false;
+            }
+            m.insert(p.to_string(), Some(vec![b.wrapping_add(100); 3]));
+            true
+        }
+        Step::RemoteDelete(i) => {
+            let p = NAMES[*i];
+            if !matches!(m.get(p), Some(Some(_))) {
+                return false;
+            }
+            m.remove(p);
+            true
+        }
+        Step::Restart | Step::Flush => true,
+    }
+}
+
+async fn run_model(steps: Vec<Step>) {
+    let mut h = Harness::memory().await;
+    let mut m = Model::new();
+    for s in &steps {
+        let before = m.clone();
+        if !model_apply(&mut m, s) {
+            continue;
+        }
+        match s {
+            Step::Write(i, _) => h.write(NAMES[*i], m[NAMES[*i]].as_ref().unwrap()).await.unwrap(),
+            Step::Mkdir(i) => h.mkdir(NAMES[*i]).await.unwrap(),
+            Step::Unlink(i) => h.unlink(NAMES[*i]).await.unwrap(),
+            Step::Rmdir(i) => h.rmdir(NAMES[*i]).await.unwrap(),
+            Step::Rename(a, b) => h.rename(NAMES[*a], NAMES[*b]).await.unwrap(),
+            Step::RemoteWrite(i, _) => {
+                // Another client acts on a bucket that holds all of our changes.
+                h.flush().await;
+                h.remote_put(NAMES[*i], m[NAMES[*i]].as_ref().unwrap()).await;
+            }
+            Step::RemoteDelete(i) => {
+                h.flush().await;
+                h.store.delete(&Path::from(NAMES[*i])).await.unwrap();
+            }
+            Step::Restart => h.restart().await,
+            Step::Flush => h.flush().await,
+        }
+        let seen = h.tree().await;
+        assert_eq!(seen, m, "after {s:?} (model before: {before:?})");
+    }
+    h.flush().await;
+    assert_eq!(h.bucket().await, files(&m), "bucket after final flush");
+    assert_eq!(h.fs().status().conflicts, 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn model_random_operation_sequences(steps in proptest::collection::vec(step(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(run_model(steps));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folder_removed_then_a_file_of_that_name_appears() {
+    let h = Harness::memory().await;
+    h.mkdir("b").await.unwrap();
+    h.tree().await;
+    h.write("a", b"x").await.unwrap();
+    h.tree().await;
+    h.rmdir("b").await.unwrap();
+    h.tree().await;
+    h.flush().await;
+    h.remote_put("b", b"theirs").await;
+    let t = h.tree().await;
+    assert_eq!(t.get("b"), Some(&Some(b"theirs".to_vec())), "{t:?}");
+}
