@@ -591,3 +591,40 @@ async fn folder_removed_then_a_file_of_that_name_appears() {
     let t = h.tree().await;
     assert_eq!(t.get("b"), Some(&Some(b"theirs".to_vec())), "{t:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_files_go_up_as_multipart_uploads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Store = Arc::new(InMemory::new());
+    let cfg = FsConfig { multipart_threshold: 1 << 20, ..cfg() };
+    let fs = Fs::open_state(Arc::clone(&store), "", &dir.path().join("s"), &dir.path().join("c"), cfg, Caps::default())
+        .unwrap();
+    let (_stop, rx) = watch::channel(false);
+    tokio::spawn(Arc::clone(&fs).run_uploader(rx));
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let (attr, fh) = fs.create(ROOT_INO, "big", 0o640, 0, 0).await.unwrap();
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, chunk).await.unwrap();
+    }
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(fs.flush_all(Duration::from_secs(20)).await, 0);
+    let r = store.get(&Path::from("big")).await.unwrap();
+    let (attrs, _) = autosync::layout::PosixAttrs::from_attributes(&r.attributes);
+    assert_eq!(attrs.mode, Some(0o100640), "attributes travel with multipart uploads");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), data);
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 5_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chmod_of_a_file_never_downloaded_keeps_its_content() {
+    let h = Harness::memory().await;
+    h.remote_put("theirs.txt", b"content from another tool").await;
+    let ino = h.resolve("theirs.txt").await.unwrap();
+    h.fs().setattr(ino, SetAttr { mode: Some(0o600), ..Default::default() }).await.unwrap();
+    h.flush().await;
+    let r = h.store.get(&Path::from("theirs.txt")).await.unwrap();
+    let (attrs, _) = autosync::layout::PosixAttrs::from_attributes(&r.attributes);
+    assert_eq!(attrs.mode, Some(0o100600));
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"content from another tool");
+}

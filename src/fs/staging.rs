@@ -74,21 +74,34 @@ impl Staging {
 
     /// Copies the staging file to a snapshot for upload, hashing it on the way.
     pub fn snapshot(&self, ino: u64, name: &str) -> std::io::Result<(PathBuf, u64, String)> {
-        let mut src = File::open(self.path(ino))?;
-        let (p, mut dst) = self.temp(name)?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = src.read(&mut buf)?;
-            if n == 0 {
-                break;
+        self.snapshot_job(ino, name)()
+    }
+
+    /// The same copy as a job that can run on a blocking thread.
+    pub fn snapshot_job(
+        &self,
+        ino: u64,
+        name: &str,
+    ) -> impl FnOnce() -> std::io::Result<(PathBuf, u64, String)> + Send + 'static {
+        let src = self.path(ino);
+        let dst = self.tmp.join(name);
+        move || {
+            let mut src = File::open(src)?;
+            let mut out = OpenOptions::new().write(true).create(true).truncate(true).open(&dst)?;
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                let n = src.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+                total += n as u64;
             }
-            hasher.update(&buf[..n]);
-            dst.write_all(&buf[..n])?;
-            total += n as u64;
+            Ok((dst, total, hasher.finalize().to_hex().to_string()))
         }
-        Ok((p, total, hasher.finalize().to_hex().to_string()))
     }
 
     /// Bytes held in staging, for `status`.

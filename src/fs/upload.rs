@@ -268,15 +268,24 @@ impl Fs {
                     let hash = blake3::hash(&data).to_hex().to_string();
                     Some(Content::Bytes { data, hash })
                 }
-                Kind::File if n.staged => {
-                    let (path, size, hash) = self.staging.snapshot(ino, &format!("up-{seq}"))?;
-                    Some(Content::File { path, size, hash })
-                }
                 Kind::File => None,
             };
             (n, key, content)
         };
-        let (node, key, content) = plan;
+        let (mut node, key, mut content) = plan;
+        if node.kind == Kind::File && node.staged {
+            match self.snapshot(seq, ino).await? {
+                Some((c, generation)) => {
+                    content = Some(c);
+                    node.generation = generation;
+                }
+                None => {
+                    // Deleted while we copied it.
+                    self.finish(seq, Batch::default())?;
+                    return Ok(Outcome::Done);
+                }
+            }
+        }
         let attrs = PosixAttrs {
             mode: Some(node.file_mode()),
             uid: Some(node.uid),
@@ -329,6 +338,35 @@ impl Fs {
             }
         };
         self.put_and_record(seq, &node, &key, base, moved_from, content, attrs).await
+    }
+
+    /// Copies the staging file for upload without holding up writers; a copy that a write
+    /// overlapped is thrown away and taken again, so a torn state is never uploaded.
+    async fn snapshot(&self, seq: u64, ino: u64) -> FsResult<Option<(Content, u64)>> {
+        let generation = |fs: &Self| lock(&fs.inner).inodes.get(&ino).map(|n| n.generation);
+        for attempt in 0..5 {
+            let Some(before) = generation(self) else { return Ok(None) };
+            let name = format!("up-{seq}");
+            let copied = if attempt < 4 {
+                tokio::task::spawn_blocking(self.staging.snapshot_job(ino, &name))
+                    .await
+                    .map_err(|e| FsError::Io(std::io::Error::other(e)))?
+            } else {
+                // Still busy: copy under the lock this time.
+                let _inner = lock(&self.inner);
+                self.staging.snapshot(ino, &name)
+            };
+            let (path, size, hash) = match copied {
+                Ok(c) => c,
+                Err(_) if generation(self).is_none() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let content = Content::File { path, size, hash };
+            if generation(self) == Some(before) || attempt == 4 {
+                return Ok(Some((content, before)));
+            }
+        }
+        Ok(None)
     }
 
     async fn download_snapshot(&self, seq: u64, src: &Remote) -> FsResult<Content> {

@@ -3,6 +3,7 @@
 
 pub mod faulty;
 pub mod local;
+pub mod retry;
 
 use std::sync::Arc;
 
