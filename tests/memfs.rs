@@ -628,3 +628,35 @@ async fn chmod_of_a_file_never_downloaded_keeps_its_content() {
     assert_eq!(attrs.mode, Some(0o100600));
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"content from another tool");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folder_attributes_travel_on_the_marker() {
+    let mut h = Harness::memory().await;
+    h.mkdir("d").await.unwrap();
+    let ino = h.resolve("d").await.unwrap();
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    h.fs()
+        .setattr(ino, SetAttr { mode: Some(0o750), uid: Some(5), mtime: Some(when), ..Default::default() })
+        .await
+        .unwrap();
+    h.flush().await;
+    // Another machine: same bucket, fresh state.
+    h.dir = tempfile::tempdir().unwrap();
+    h.restart().await;
+    let a = h.fs().lookup(ROOT_INO, "d").await.unwrap();
+    assert_eq!((a.kind, a.perm, a.uid, a.mtime), (Kind::Dir, 0o750, 5, when));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_file_stays_readable_after_unlink() {
+    let h = Harness::memory().await;
+    h.remote_put("f", b"still here").await;
+    let ino = h.resolve("f").await.unwrap();
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    h.unlink("f").await.unwrap();
+    h.flush().await;
+    assert!(h.bucket().await.is_empty());
+    assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"still here");
+    h.fs().release(fh).await.unwrap();
+    assert_eq!(h.fs().lookup(ROOT_INO, "f").await.unwrap_err().errno(), libc::ENOENT);
+}

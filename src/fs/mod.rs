@@ -752,7 +752,14 @@ impl Fs {
         }
         let keys: Vec<(u64, String)> = {
             let inner = lock(&self.inner);
-            inos.iter().filter_map(|&i| Some((i, inner.get(i).ok()?.remote.as_ref()?.key.clone()))).collect()
+            inos.iter()
+                .filter_map(|&i| {
+                    let n = inner.get(i).ok()?;
+                    let key = &n.remote.as_ref()?.key;
+                    // A folder's attributes live on its marker object.
+                    Some((i, if n.kind == Kind::Dir { layout::marker_key(key) } else { key.clone() }))
+                })
+                .collect()
         };
         let results: Vec<_> = futures::stream::iter(keys)
             .map(|(ino, key)| async move {
@@ -770,9 +777,9 @@ impl Fs {
             for (ino, r) in results {
                 let Some(r) = r else { continue };
                 let Ok(n) = inner.get_mut(ino) else { continue };
-                if n.dirty
-                    || n.remote.as_ref().is_none_or(|rem| !etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref()))
-                {
+                let current = n.kind == Kind::Dir
+                    || n.remote.as_ref().is_some_and(|rem| etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref()));
+                if n.dirty || !current {
                     continue;
                 }
                 let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
@@ -1024,6 +1031,15 @@ impl Fs {
 
     pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         let ino = self.resolve(parent, name).await?;
+        let (open, staged, kind) = {
+            let inner = lock(&self.inner);
+            let n = inner.get(ino)?;
+            (n.open, n.staged, n.kind)
+        };
+        if open > 0 && !staged && kind == Kind::File {
+            // Still open: keep the content readable after the object is gone.
+            self.ensure_staged(ino).await?;
+        }
         let mut inner = lock(&self.inner);
         let mut batch = Batch::default();
         let n = inner.get(ino)?;
