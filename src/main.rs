@@ -1,11 +1,14 @@
 //! The `autosync` command: parses arguments, sets up logging and hands over to the library.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = autosync::cli::Cli::parse();
     if let Err(e) = autosync::cli::run(cli) {

@@ -73,10 +73,13 @@ pub fn registry_path(mountpoint: &Path) -> PathBuf {
 }
 
 /// A dead FUSE mount (daemon killed) answers ENOTCONN: detach it so the path is usable.
+/// `stat` may still be answered from the kernel's attribute cache for a moment, so the
+/// folder is read too.
 fn clean_dead_mount(mp: &Path) {
-    if let Err(e) = std::fs::metadata(mp)
-        && e.raw_os_error() == Some(libc::ENOTCONN)
-    {
+    let dead = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    let stat_dead = std::fs::metadata(mp).err().is_some_and(|e| dead(&e));
+    let read_dead = std::fs::read_dir(mp).err().is_some_and(|e| dead(&e));
+    if stat_dead || read_dead {
         tracing::info!(mountpoint = %mp.display(), "cleaning up a dead mount left by a killed daemon");
         let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
     }
@@ -206,8 +209,9 @@ fn sd_notify(msg: &str) {
 
 /// Mounts and serves until unmounted or signalled. Blocks the calling thread.
 pub fn run(opts: MountOptions) -> anyhow::Result<()> {
-    let source = Source::parse(&opts.source)?.prepare()?;
+    let source = Source::parse(&opts.source)?;
     let mountpoint = check_mountpoint(&opts.mountpoint)?;
+    let source = source.prepare()?;
     let id = short_hash(&source.identity());
     let state_dir = opts.state_dir.clone().unwrap_or_else(|| default_state_root().join(&id));
     let cache_dir = opts.cache_dir.clone().unwrap_or_else(|| default_cache_root().join(&id));
@@ -344,6 +348,7 @@ pub fn daemonize(args: Vec<String>) -> anyhow::Result<()> {
     if line.trim() == "ready" {
         return Ok(());
     }
+    // The daemon has already printed its one-line error to our stderr.
     let status = child.wait()?;
-    bail!("the daemon did not mount (exit {status}); see the error above")
+    std::process::exit(status.code().filter(|&c| c != 0).unwrap_or(1))
 }

@@ -150,11 +150,15 @@ impl Harness {
 
     /// Every file (with content) and folder (None) the mount shows.
     async fn tree(&self) -> BTreeMap<String, Option<Vec<u8>>> {
+        self.try_tree().await.expect("read the whole tree")
+    }
+
+    async fn try_tree(&self) -> Result<BTreeMap<String, Option<Vec<u8>>>, FsError> {
         let mut out = BTreeMap::new();
         let mut stack = vec![(ROOT_INO, String::new())];
         while let Some((ino, prefix)) = stack.pop() {
-            let fh = self.fs().opendir(ino).await.expect("opendir");
-            let entries = self.fs().readdir(fh, 0).expect("readdir");
+            let fh = self.fs().opendir(ino).await?;
+            let entries = self.fs().readdir(fh, 0)?;
             self.fs().releasedir(fh);
             for e in entries.into_iter().filter(|e| e.name != "." && e.name != "..") {
                 let path = if prefix.is_empty() { e.name.clone() } else { format!("{prefix}/{}", e.name) };
@@ -164,13 +168,13 @@ impl Harness {
                         stack.push((e.ino, path));
                     }
                     _ => {
-                        let data = self.read(&path).await.expect("read listed file");
+                        let data = self.read(&path).await?;
                         out.insert(path, Some(data));
                     }
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// Files in the bucket (markers left out).
@@ -324,13 +328,17 @@ async fn edit_edit_conflict_keeps_both_versions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_delete_keeps_the_edit() {
-    let h = Harness::memory().await;
+    // The store is unreachable for the mount while the other client edits, so the order
+    // is certain: our delete is decided before, and carried out after, their edit.
+    let bucket: Store = Arc::new(InMemory::new());
+    let sw = FaultSwitch::default();
+    let h = Harness::new(FaultyStore::wrap(Arc::clone(&bucket), sw.clone()), Caps { create: true, update: true }).await;
     h.write("f", b"v1").await.unwrap();
     h.flush().await;
-    let (root, _) = h.parent_of("f").await.unwrap();
-    // Local delete, remote edit before the delete is uploaded.
-    h.fs().unlink(root, "f").await.unwrap();
-    h.remote_put("f", b"edited elsewhere").await;
+    sw.set_down(true);
+    h.fs().unlink(ROOT_INO, "f").await.unwrap();
+    bucket.put(&Path::from("f"), PutPayload::from_static(b"edited elsewhere")).await.unwrap();
+    sw.set_down(false);
     h.flush().await;
     assert_eq!(h.bucket().await["f"], b"edited elsewhere");
 }
@@ -537,11 +545,12 @@ fn model_apply(m: &mut Model, s: &Step) -> bool {
 async fn run_model(steps: Vec<Step>) {
     let mut h = Harness::memory().await;
     let mut m = Model::new();
+    let mut done = Vec::new();
     for s in &steps {
-        let before = m.clone();
         if !model_apply(&mut m, s) {
             continue;
         }
+        done.push(s.clone());
         match s {
             Step::Write(i, _) => h.write(NAMES[*i], m[NAMES[*i]].as_ref().unwrap()).await.unwrap(),
             Step::Mkdir(i) => h.mkdir(NAMES[*i]).await.unwrap(),
@@ -560,11 +569,11 @@ async fn run_model(steps: Vec<Step>) {
             Step::Restart => h.restart().await,
             Step::Flush => h.flush().await,
         }
-        let seen = h.tree().await;
-        assert_eq!(seen, m, "after {s:?} (model before: {before:?})");
+        let seen = h.try_tree().await.unwrap_or_else(|e| panic!("after steps {done:?}: {e}"));
+        assert_eq!(seen, m, "after steps {done:?}");
     }
     h.flush().await;
-    assert_eq!(h.bucket().await, files(&m), "bucket after final flush");
+    assert_eq!(h.bucket().await, files(&m), "bucket after final flush, steps {done:?}");
     assert_eq!(h.fs().status().conflicts, 0);
 }
 
@@ -659,4 +668,40 @@ async fn an_open_file_stays_readable_after_unlink() {
     assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"still here");
     h.fs().release(fh).await.unwrap();
     assert_eq!(h.fs().lookup(ROOT_INO, "f").await.unwrap_err().errno(), libc::ENOENT);
+}
+
+/// Sequences that once failed through races between uploads and listings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_regressions() {
+    use Step::*;
+    for _ in 0..5 {
+        run_model(vec![Restart, Mkdir(5), Mkdir(1), Write(2, 241), Write(3, 129), Unlink(2)]).await;
+        run_model(vec![
+            RemoteWrite(6, 158),
+            Write(1, 86),
+            Unlink(6),
+            Mkdir(6),
+            Restart,
+            Write(0, 42),
+            Rename(0, 1),
+            RemoteWrite(0, 146),
+        ])
+        .await;
+        run_model(vec![
+            Write(5, 198),
+            Restart,
+            Restart,
+            Flush,
+            RemoteWrite(1, 178),
+            Mkdir(0),
+            Write(6, 69),
+            Write(1, 87),
+            RemoteWrite(5, 27),
+            Write(6, 24),
+            Rename(6, 5),
+            Write(6, 174),
+            RemoteWrite(1, 96),
+        ])
+        .await;
+    }
 }

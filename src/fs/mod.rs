@@ -116,6 +116,9 @@ struct Inner {
     upload_epoch: u64,
     /// The inode the uploader is working on.
     uploading: Option<u64>,
+    /// Keys the uploader is writing right now: a listing may already show them, but they
+    /// are not someone else's new objects.
+    in_flight: HashSet<String>,
     warned: HashSet<String>,
 }
 
@@ -151,6 +154,8 @@ pub struct Fs {
     counters: Mutex<Counters>,
     /// Wakes the uploader: new work, or a flush request.
     wake: Notify,
+    /// Signalled whenever the uploader finishes (or gives up on) an attempt.
+    upload_done: Notify,
     /// Number of pending journal ops, for flush waiters.
     pending: watch::Sender<usize>,
     /// Flush requests: while non-zero the uploader ignores `upload_delay`.
@@ -208,6 +213,12 @@ impl Inner {
         }
         parts.reverse();
         Ok(layout::join_key(prefix, &parts.join("/")))
+    }
+
+    /// The inode now at an object key, if any.
+    fn ino_at_key(&self, prefix: &str, key: &str) -> Option<u64> {
+        let rel = if prefix.is_empty() { key } else { key.strip_prefix(prefix)?.strip_prefix('/')? };
+        rel.split('/').try_fold(ROOT_INO, |dir, name| self.child(dir, name))
     }
 
     fn insert(&mut self, node: Inode) {
@@ -335,9 +346,20 @@ impl Inner {
         self.persist(ino, batch)
     }
 
+    /// Like `touch`, but moves the inode's upload behind every op queued so far: a rename
+    /// must not reach the bucket before the deletes that came before it.
+    fn requeue(&mut self, ino: u64, delay: Duration, batch: &mut Batch) -> FsResult<()> {
+        if let Some(seq) = self.queued_sync.remove(&ino) {
+            self.queue.remove(&seq);
+            batch.del_ops.push(seq);
+        }
+        self.touch(ino, delay, batch)
+    }
+
     /// Schedules removal of whatever the bucket holds for a removed inode.
     fn drop_remote(
         &mut self,
+        prefix: &str,
         node: &Inode,
         keep_key: Option<&str>,
         delay: Duration,
@@ -345,9 +367,24 @@ impl Inner {
     ) -> FsResult<()> {
         for r in [&node.remote, &node.overwrites].into_iter().flatten() {
             if Some(r.key.as_str()) != keep_key {
-                self.push_op(Op::Delete { remote: r.clone() }, delay, batch)?;
+                self.retire(prefix, r.clone(), delay, batch)?;
             }
         }
+        Ok(())
+    }
+
+    /// An object of ours that no inode owns any more (its inode was deleted, or moved away
+    /// from it): a newer file at the same path takes it over (and may overwrite it);
+    /// otherwise it is deleted through the queue.
+    fn retire(&mut self, prefix: &str, remote: Remote, delay: Duration, batch: &mut Batch) -> FsResult<()> {
+        if let Some(ino) = self.ino_at_key(prefix, &remote.key) {
+            let n = self.get_mut(ino)?;
+            if n.kind != Kind::Dir && n.overwrites.is_none() && n.remote.as_ref().is_none_or(|r| r.key != remote.key) {
+                n.overwrites = Some(remote);
+                return self.persist(ino, batch);
+            }
+        }
+        self.push_op(Op::Delete { remote }, delay, batch)?;
         Ok(())
     }
 
@@ -397,6 +434,7 @@ impl Fs {
             next_seq: meta.get("next_seq").copied().unwrap_or(1),
             upload_epoch: 0,
             uploading: None,
+            in_flight: HashSet::new(),
             warned: HashSet::new(),
         };
         let mut batch = Batch::default();
@@ -450,6 +488,7 @@ impl Fs {
             fill_lock: tokio::sync::Mutex::new(()),
             counters: Mutex::new(Counters::default()),
             wake: Notify::new(),
+            upload_done: Notify::new(),
             pending: tx,
             urgent: AtomicU64::new(0),
         }))
@@ -488,7 +527,7 @@ impl Fs {
         // A listing taken while an upload landed may predate it: list again (a few times)
         // rather than let an old listing undo our own upload.
         let mut attempt = 0;
-        let (listing, key, epoch_changed) = loop {
+        let (listing, key, listed_epoch) = loop {
             let (key, epoch) = {
                 let inner = lock(&self.inner);
                 let n = inner.get(ino)?;
@@ -511,7 +550,7 @@ impl Fs {
             attempt += 1;
             let changed = lock(&self.inner).upload_epoch != epoch;
             if !changed || attempt >= 4 {
-                break (listing, key, changed);
+                break (listing, key, epoch);
             }
         };
         let mut new_files = Vec::new();
@@ -521,10 +560,17 @@ impl Fs {
             if inner.get(ino).is_err() {
                 return Ok(());
             }
+            // Checked under the lock that merges: an upload that landed after the listing
+            // was taken makes it too old to delete or update anything.
+            let epoch_changed = inner.upload_epoch != listed_epoch || inner.uploading.is_some();
             let mut seen: HashSet<String> = HashSet::new();
             for p in &listing.common_prefixes {
                 let Some(name) = p.filename().map(str::to_string) else { continue };
                 let full = p.as_ref().to_string();
+                if inner.in_flight.contains(&full) {
+                    seen.insert(name); // a folder of ours being written right now
+                    continue;
+                }
                 if !self.acceptable(&mut inner, &full, &name) {
                     continue;
                 }
@@ -552,6 +598,10 @@ impl Fs {
                     if let Ok(n) = inner.get_mut(ino) {
                         n.attrs_known = n.attrs_known || n.ino == ROOT_INO;
                     }
+                    continue;
+                }
+                if inner.in_flight.contains(&full) {
+                    seen.insert(name); // ours, landing right now: the uploader records it
                     continue;
                 }
                 if !self.acceptable(&mut inner, &full, &name) {
@@ -623,8 +673,10 @@ impl Fs {
                     }
                     let n = inner.get(c)?;
                     // Only what still sits at the key it came from can have been deleted there.
+                    let child_key = inner.key_of(&self.prefix, c)?;
+                    // A key with a pending delete or move is missing on purpose.
                     let in_place =
-                        n.remote.as_ref().is_some_and(|r| inner.key_of(&self.prefix, c).is_ok_and(|k| k == r.key));
+                        n.remote.as_ref().is_some_and(|r| r.key == child_key) && !inner.is_hidden(&child_key);
                     let gone = in_place
                         && match n.kind {
                             Kind::Dir => !inner.has_pending_below(c),
@@ -669,7 +721,7 @@ impl Fs {
             for (i, part) in parts.iter().enumerate() {
                 let last = i + 1 == parts.len();
                 let part_key = layout::join_key(&dir_key, part);
-                if last && *part == layout::FOLDER_MARKER {
+                if last && (*part == layout::FOLDER_MARKER || inner.in_flight.contains(&part_key)) {
                     break;
                 }
                 if !self.acceptable(&mut inner, &part_key, part) {
@@ -1047,7 +1099,7 @@ impl Fs {
             return Err(FsError::IsDir);
         }
         let node = n.clone();
-        inner.drop_remote(&node, None, self.cfg.upload_delay, &mut batch)?;
+        inner.drop_remote(&self.prefix, &node, None, self.cfg.upload_delay, &mut batch)?;
         if node.open > 0 {
             // Still open: keep the inode (and its staging) until the last release.
             inner.detach(ino);
@@ -1082,11 +1134,9 @@ impl Fs {
             return Err(FsError::NotEmpty);
         }
         let key = inner.key_of(&self.prefix, ino)?;
-        let node = inner.get(ino)?.clone();
-        if node.remote.is_some() || !inner.queued_sync.contains_key(&ino) {
-            let marker = Remote { key: layout::marker_key(&key), etag: None, version: None, size: 0 };
-            inner.push_op(Op::Delete { remote: marker }, self.cfg.upload_delay, &mut batch)?;
-        }
+        // Even a folder never uploaded may sit on a marker it took over by a rename.
+        let marker = Remote { key: layout::marker_key(&key), etag: None, version: None, size: 0 };
+        inner.push_op(Op::Delete { remote: marker }, self.cfg.upload_delay, &mut batch)?;
         inner.queued_sync.remove(&ino);
         self.remove_tree(&mut inner, ino, &mut batch)?;
         self.commit(&inner, batch, false)
@@ -1115,6 +1165,8 @@ impl Fs {
             if noreplace {
                 return Err(FsError::Exists);
             }
+            // The object the target is uploading right now is what we replace: let it land.
+            self.wait_not_uploading(t).await;
             let tkind = lock(&self.inner).get(t)?.kind;
             match (is_dir, tkind == Kind::Dir) {
                 (true, false) => return Err(FsError::NotDir),
@@ -1148,18 +1200,21 @@ impl Fs {
         }
         let old_key = inner.key_of(&self.prefix, ino)?;
         let delay = self.cfg.upload_delay;
+        // A file leaving a path it had taken over leaves that object behind: delete it.
+        if let Some(prev) = inner.get_mut(ino)?.overwrites.take() {
+            inner.push_op(Op::Delete { remote: prev }, delay, &mut batch)?;
+        }
         if let Some(t) = target {
             let tnode = inner.get(t)?.clone();
             let new_key = inner.key_of(&self.prefix, t)?;
             if is_dir {
-                let marker = Remote { key: layout::marker_key(&new_key), etag: None, version: None, size: 0 };
-                inner.push_op(Op::Delete { remote: marker }, delay, &mut batch)?;
-                inner.drop_remote(&tnode, Some(new_key.as_str()), delay, &mut batch)?;
+                // The empty target's marker stays: the moved folder needs one at that key.
+                inner.drop_remote(&self.prefix, &tnode, Some(new_key.as_str()), delay, &mut batch)?;
             } else {
                 // The moved file takes over the target's object: it may overwrite that version.
                 let takeover =
                     [&tnode.remote, &tnode.overwrites].into_iter().flatten().find(|r| r.key == new_key).cloned();
-                inner.drop_remote(&tnode, Some(new_key.as_str()), delay, &mut batch)?;
+                inner.drop_remote(&self.prefix, &tnode, Some(new_key.as_str()), delay, &mut batch)?;
                 if let Some(r) = takeover {
                     inner.get_mut(ino)?.overwrites = Some(r);
                 }
@@ -1180,14 +1235,39 @@ impl Fs {
                 p.mtime_ns = now_ns();
             }
         }
+        // Every object under a moved folder moves by itself, through the same conditional
+        // path as any other change: folder first (its marker), then what is inside.
+        let mut moved = vec![ino];
+        let mut i = 0;
+        while i < moved.len() {
+            if let Some(c) = inner.children.get(&moved[i]) {
+                moved.extend(c.values().copied());
+            }
+            i += 1;
+        }
+        for m in moved {
+            inner.requeue(m, delay, &mut batch)?;
+        }
         if is_dir {
-            let new_key = inner.key_of(&self.prefix, ino)?;
-            inner.push_op(Op::RenameTree { from: old_key, to: new_key }, delay, &mut batch)?;
-            inner.persist(ino, &mut batch)?;
-        } else {
-            inner.touch(ino, delay, &mut batch)?;
+            inner.push_op(Op::FolderMoved { from: old_key }, delay, &mut batch)?;
         }
         self.commit(&inner, batch, false)
+    }
+
+    /// Waits (bounded) until the uploader is not in the middle of uploading `ino`.
+    async fn wait_not_uploading(&self, ino: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let notified = self.upload_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if lock(&self.inner).uploading != Some(ino) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
     }
 
     // ---- file contents --------------------------------------------------------------
@@ -1305,19 +1385,17 @@ impl Fs {
                 Some(b) => b,
                 None => {
                     let chunk_end = (chunk_start + READ_CHUNK).min(remote.size.max(file_size));
-                    let opts = GetOptions {
-                        if_match: remote.etag.clone(),
-                        range: Some(GetRange::Bounded(chunk_start..chunk_end)),
-                        ..Default::default()
+                    let b = match self.get_range(&remote, chunk_start..chunk_end).await {
+                        // The uploader moved the object meanwhile: read it where it is now.
+                        Err(FsError::Remote(object_store::Error::NotFound { .. }) | FsError::Stale(_))
+                            if lock(&self.inner).get(ino).ok().and_then(|n| n.remote.clone()).as_ref()
+                                != Some(&remote) =>
+                        {
+                            let now = lock(&self.inner).get(ino)?.remote.clone().ok_or(FsError::NotFound)?;
+                            self.get_range(&now, chunk_start..chunk_end).await?
+                        }
+                        other => other?,
                     };
-                    let b = self
-                        .store
-                        .get_opts(&obj_path(&remote.key)?, opts)
-                        .await
-                        .map_err(stale)?
-                        .bytes()
-                        .await
-                        .map_err(stale)?;
                     if let Some(h) = lock(&self.handles).get_mut(&fh) {
                         h.chunk = Some((chunk_start, b.clone()));
                     }
@@ -1333,6 +1411,12 @@ impl Fs {
             pos += take as u64;
         }
         Ok(out.into())
+    }
+
+    async fn get_range(&self, remote: &Remote, range: std::ops::Range<u64>) -> FsResult<Bytes> {
+        let opts =
+            GetOptions { if_match: remote.etag.clone(), range: Some(GetRange::Bounded(range)), ..Default::default() };
+        self.store.get_opts(&obj_path(&remote.key)?, opts).await.map_err(stale)?.bytes().await.map_err(stale)
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -1524,7 +1608,7 @@ fn hidden_keys(op: &Op) -> Vec<String> {
             }
             keys
         }
-        Op::RenameTree { from, .. } => vec![format!("{from}/")],
+        Op::FolderMoved { from } => vec![format!("{from}/")],
         Op::Sync { .. } => vec![],
     }
 }

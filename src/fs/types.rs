@@ -147,8 +147,9 @@ pub enum Op {
     Sync { ino: u64 },
     /// Remove an object, unless it changed since `remote` (then the edit survives).
     Delete { remote: Remote },
-    /// Move every object under one folder key to another.
-    RenameTree { from: String, to: String },
+    /// Queued after the uploads that move a folder's contents: the old folder key stays
+    /// hidden until then, and its marker goes last.
+    FolderMoved { from: String },
 }
 
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::{
     GetOptions, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
 };
@@ -106,6 +106,13 @@ impl Fs {
                     lock(&self.counters).last_error = None;
                 }
                 Err(e) => {
+                    {
+                        let mut inner = lock(&self.inner);
+                        inner.uploading = None;
+                        inner.in_flight.clear();
+                        inner.upload_epoch += 1;
+                    }
+                    self.upload_done.notify_waiters();
                     let what = self.describe(&op);
                     tracing::error!(path = %what, "upload failed, will retry: {e}");
                     lock(&self.counters).last_error = Some(format!("{what}: {e}"));
@@ -128,7 +135,7 @@ impl Fs {
                 inner.key_of(&self.prefix, *ino).unwrap_or_else(|_| format!("inode {ino}"))
             }
             Op::Delete { remote } => remote.key.clone(),
-            Op::RenameTree { from, to } => format!("{from} -> {to}"),
+            Op::FolderMoved { from } => from.clone(),
         }
     }
 
@@ -139,6 +146,8 @@ impl Fs {
         let mut inner = lock(&self.inner);
         inner.upload_epoch += 1;
         inner.uploading = None;
+        inner.in_flight.clear();
+        self.upload_done.notify_waiters();
         if let Some(q) = inner.queue.remove(&seq) {
             match q.op {
                 Op::Sync { ino } => {
@@ -146,7 +155,7 @@ impl Fs {
                         inner.queued_sync.remove(&ino);
                     }
                 }
-                op @ (Op::Delete { .. } | Op::RenameTree { .. }) => {
+                op @ (Op::Delete { .. } | Op::FolderMoved { .. }) => {
                     for k in hidden_keys(&op) {
                         inner.unhide(&k);
                     }
@@ -158,15 +167,41 @@ impl Fs {
     }
 
     async fn process(&self, seq: u64, op: &Op) -> FsResult<Outcome> {
+        tracing::debug!(seq, ?op, "uploading");
         match op {
             Op::Sync { ino } => self.sync_inode(seq, *ino).await,
-            Op::Delete { remote } => {
-                self.delete_checked(remote).await?;
+            Op::FolderMoved { from } => {
+                let below = format!("{from}/");
+                let mut batch = Batch::default();
+                {
+                    let mut inner = lock(&self.inner);
+                    // Moves of the folder's contents may have queued deletes of old keys
+                    // behind us: stay hidden (and last) until they are done.
+                    let busy = inner.queue.iter().any(|(&s, q)| {
+                        s != seq
+                            && match &q.op {
+                                Op::Delete { remote } => remote.key.starts_with(&below),
+                                Op::Sync { ino } => inner.inodes.get(ino).is_some_and(|n| {
+                                    [&n.remote, &n.overwrites].into_iter().flatten().any(|r| r.key.starts_with(&below))
+                                }),
+                                Op::FolderMoved { .. } => false,
+                            }
+                    });
+                    if busy {
+                        inner.push_op(Op::FolderMoved { from: from.clone() }, Duration::ZERO, &mut batch)?;
+                    }
+                }
+                if !batch.is_empty() {
+                    self.finish(seq, batch)?;
+                    return Ok(Outcome::Done);
+                }
+                let marker = Remote { key: layout::marker_key(from), etag: None, version: None, size: 0 };
+                self.delete_checked(&marker).await?;
                 self.finish(seq, Batch::default())?;
                 Ok(Outcome::Done)
             }
-            Op::RenameTree { from, to } => {
-                self.rename_tree(from, to).await?;
+            Op::Delete { remote } => {
+                self.delete_checked(remote).await?;
                 self.finish(seq, Batch::default())?;
                 Ok(Outcome::Done)
             }
@@ -175,6 +210,15 @@ impl Fs {
 
     /// Deletes an object unless it changed since we saw it (then the other edit survives).
     async fn delete_checked(&self, remote: &Remote) -> FsResult<()> {
+        if let Some(dir) = remote.key.strip_suffix(layout::FOLDER_MARKER) {
+            // A folder that lives at that key again (made after the delete was queued)
+            // owns the marker now.
+            let inner = lock(&self.inner);
+            let now = inner.ino_at_key(&self.prefix, dir.trim_end_matches('/'));
+            if now.and_then(|i| inner.inodes.get(&i)).is_some_and(|n| n.kind == Kind::Dir) {
+                return Ok(());
+            }
+        }
         let path = obj_path(&remote.key)?;
         match self.store.head(&path).await {
             Err(object_store::Error::NotFound { .. }) => return Ok(()),
@@ -190,55 +234,6 @@ impl Fs {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
-    }
-
-    async fn rename_tree(&self, from: &str, to: &str) -> FsResult<()> {
-        let objects: Vec<ObjectMeta> = self.store.list(Some(&obj_path(from)?)).try_collect().await?;
-        for m in objects {
-            let key = m.location.as_ref();
-            let Some(rel) = key.strip_prefix(from).and_then(|r| r.strip_prefix('/')) else { continue };
-            let dest = layout::join_key(to, rel);
-            let dest_path = obj_path(&dest)?;
-            self.store.copy(&m.location, &dest_path).await?;
-            let new_meta = self.store.head(&dest_path).await?;
-            {
-                let mut inner = lock(&self.inner);
-                let mut batch = Batch::default();
-                if let Some(&owner) = inner.by_remote_key.get(key) {
-                    let mut r = remote_of(&new_meta);
-                    r.key = dest.clone();
-                    inner.set_remote(owner, Some(r));
-                    inner.persist(owner, &mut batch)?;
-                }
-                inner.upload_epoch += 1;
-                self.commit(&inner, batch, false)?;
-            }
-            match self.store.delete(&m.location).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        // Folders (and anything not copied above) now live under the new key too.
-        let mut inner = lock(&self.inner);
-        let mut batch = Batch::default();
-        let below = format!("{from}/");
-        let moved: Vec<(u64, Remote)> = inner
-            .inodes
-            .values()
-            .filter_map(|n| {
-                let r = n.remote.as_ref()?;
-                let rest = if r.key == from { "" } else { r.key.strip_prefix(&below)? };
-                let mut r = r.clone();
-                r.key = if rest.is_empty() { to.to_string() } else { layout::join_key(to, rest) };
-                Some((n.ino, r))
-            })
-            .collect();
-        for (ino, r) in moved {
-            inner.set_remote(ino, Some(r));
-            inner.persist(ino, &mut batch)?;
-        }
-        self.commit(&inner, batch, false)?;
-        Ok(())
     }
 
     async fn sync_inode(&self, seq: u64, ino: u64) -> FsResult<Outcome> {
@@ -294,26 +289,29 @@ impl Fs {
         };
 
         if node.kind == Kind::Dir {
-            let marker = obj_path(&layout::marker_key(&key))?;
-            let opts = PutOptions { attributes: attrs.to_attributes(None), ..Default::default() };
-            self.store.put_opts(&marker, PutPayload::new(), opts).await?;
-            let mut batch = Batch::default();
-            {
-                let mut inner = lock(&self.inner);
-                if let Ok(n) = inner.get_mut(ino) {
-                    if n.generation == node.generation {
-                        n.dirty = false;
-                    }
-                    if n.remote.is_none() {
-                        n.remote = Some(Remote { key: key.clone(), etag: None, version: None, size: 0 });
-                    }
-                }
-                inner.persist(ino, &mut batch)?;
-            }
-            self.finish(seq, batch)?;
-            return Ok(Outcome::Done);
+            return self.sync_dir(seq, node, &key).await;
         }
 
+        // The object at our key still belongs to a file that is moving away and has not
+        // been uploaded yet: go after it, and take that object over when it is retired.
+        {
+            let mut inner = lock(&self.inner);
+            let owner = inner.by_remote_key.get(&key).copied().filter(|&o| o != ino);
+            let moving = owner.filter(|o| {
+                inner.queued_sync.contains_key(o) && inner.key_of(&self.prefix, *o).is_ok_and(|k| k != key)
+            });
+            if moving.is_some() {
+                let mut batch = Batch::default();
+                inner.requeue(ino, Duration::ZERO, &mut batch)?;
+                // `requeue` bumped the generation; the file itself did not change.
+                if let Ok(n) = inner.get_mut(ino) {
+                    n.generation = node.generation;
+                }
+                drop(inner);
+                self.finish(seq, batch)?;
+                return Ok(Outcome::Done);
+            }
+        }
         let moved_from = node.remote.as_ref().filter(|r| r.key != key).cloned();
         let base = match &node.remote {
             Some(r) if r.key == key => Some(r.clone()),
@@ -369,6 +367,48 @@ impl Fs {
         Ok(None)
     }
 
+    /// A folder lives in the bucket as its marker (carrying its attributes); a moved folder
+    /// writes the marker at its new key (`FolderMoved` retires the old one).
+    async fn sync_dir(&self, seq: u64, mut node: Inode, key: &str) -> FsResult<Outcome> {
+        if !node.attrs_known && node.remote.is_some() {
+            // Keep the attributes the old marker carries.
+            self.fetch_attrs(vec![node.ino]).await;
+            if let Ok(n) = lock(&self.inner).get(node.ino) {
+                node = Inode { generation: node.generation, ..n.clone() };
+            }
+        }
+        let attrs = PosixAttrs {
+            mode: Some(node.file_mode()),
+            uid: Some(node.uid),
+            gid: Some(node.gid),
+            mtime: Some(node.mtime_ns.div_euclid(1_000_000_000)),
+        };
+        let marker = obj_path(&layout::marker_key(key))?;
+        lock(&self.inner).in_flight.insert(key.to_string());
+        let opts = PutOptions { attributes: attrs.to_attributes(None), ..Default::default() };
+        self.store.put_opts(&marker, PutPayload::new(), opts).await?;
+        let mut batch = Batch::default();
+        {
+            let mut inner = lock(&self.inner);
+            if inner.inodes.contains_key(&node.ino) {
+                // A folder moved with its parent leaves its old marker behind.
+                if let Some(old) = inner.get(node.ino)?.remote.clone().filter(|o| o.key != key) {
+                    let old_marker = Remote { key: layout::marker_key(&old.key), etag: None, version: None, size: 0 };
+                    inner.push_op(Op::Delete { remote: old_marker }, Duration::ZERO, &mut batch)?;
+                }
+                inner.set_remote(node.ino, Some(Remote { key: key.to_string(), etag: None, version: None, size: 0 }));
+                let n = inner.get_mut(node.ino)?;
+                if n.generation == node.generation {
+                    n.dirty = false;
+                }
+                n.attrs_known = true;
+                inner.persist(node.ino, &mut batch)?;
+            }
+        }
+        self.finish(seq, batch)?;
+        Ok(Outcome::Done)
+    }
+
     async fn download_snapshot(&self, seq: u64, src: &Remote) -> FsResult<Content> {
         let opts = GetOptions { if_match: src.etag.clone(), ..Default::default() };
         let res = self.store.get_opts(&obj_path(&src.key)?, opts).await.map_err(stale)?;
@@ -399,19 +439,27 @@ impl Fs {
             }
             Err(e) => return Err(e.into()),
         }
+        lock(&self.inner).in_flight.insert(key.to_string());
         self.store.copy(&obj_path(&src.key)?, &dest).await?;
         let meta = self.store.head(&dest).await?;
-        self.delete_checked(src).await?;
         let mut batch = Batch::default();
         {
             let mut inner = lock(&self.inner);
+            // The old key goes through the queue: hidden at once, so readers and listings
+            // never see it missing while the inode still points at it.
             if inner.inodes.contains_key(&node.ino) {
                 inner.set_remote(node.ino, Some(remote_of(&meta)));
+                let left_behind = inner.get_mut(node.ino)?.overwrites.take_if(|o| o.key != key);
                 inner.persist(node.ino, &mut batch)?;
+                if let Some(o) = left_behind {
+                    inner.retire(&self.prefix, o, Duration::ZERO, &mut batch)?;
+                }
             } else {
                 // Deleted while we moved it.
-                inner.push_op(Op::Delete { remote: remote_of(&meta) }, Duration::ZERO, &mut batch)?;
+                inner.retire(&self.prefix, remote_of(&meta), Duration::ZERO, &mut batch)?;
             }
+            // After recording the new key, so a file now at the old key can claim it.
+            inner.retire(&self.prefix, src.clone(), Duration::ZERO, &mut batch)?;
             inner.upload_epoch += 1;
         }
         self.finish(seq, batch)?;
@@ -429,15 +477,14 @@ impl Fs {
         content: Content,
         attrs: PosixAttrs,
     ) -> FsResult<Outcome> {
+        lock(&self.inner).in_flight.insert(key.to_string());
+        tracing::debug!(key, ?base, ?moved_from, "put");
         let result = self.conditional_put(key, base.as_ref(), &content, attrs).await;
         let put = match result {
             Ok(p) => p,
             Err(PutError::Diverged) => return self.resolve_conflict(seq, node, key, moved_from, content).await,
             Err(PutError::Other(e)) => return Err(e),
         };
-        if let Some(old) = &moved_from {
-            self.delete_checked(old).await?;
-        }
         let mut batch = Batch::default();
         {
             let mut inner = lock(&self.inner);
@@ -445,14 +492,32 @@ impl Fs {
             if inner.inodes.contains_key(&node.ino) && inner.get(node.ino)?.parent != 0 {
                 inner.set_remote(node.ino, Some(remote));
                 let n = inner.get_mut(node.ino)?;
-                n.overwrites = None;
+                // Only the replaced object we just wrote over is used up; a rename made
+                // during the upload may have set a new one.
+                // The replaced object we just wrote over is used up; one at another key was
+                // left behind by a later move (a rename during the upload sets a new one).
+                let left_behind = match n.overwrites.take() {
+                    Some(o) if o.key == key => None,
+                    Some(o) if n.generation == node.generation => Some(o),
+                    other => {
+                        n.overwrites = other;
+                        None
+                    }
+                };
                 if n.generation == node.generation {
                     n.dirty = false;
                 }
                 inner.persist(node.ino, &mut batch)?;
+                if let Some(o) = left_behind {
+                    inner.retire(&self.prefix, o, Duration::ZERO, &mut batch)?;
+                }
             } else {
-                // Deleted while it was uploading: the delete follows.
-                inner.push_op(Op::Delete { remote }, Duration::ZERO, &mut batch)?;
+                // Deleted while it was uploading.
+                inner.retire(&self.prefix, remote, Duration::ZERO, &mut batch)?;
+            }
+            // After recording the new key, so a file now at the old key can claim it.
+            if let Some(old) = moved_from {
+                inner.retire(&self.prefix, old, Duration::ZERO, &mut batch)?;
             }
             inner.upload_epoch += 1;
         }
@@ -581,6 +646,7 @@ impl Fs {
         };
         let put = loop {
             let copy_key = if dir_key.is_empty() { copy_name.clone() } else { format!("{dir_key}/{copy_name}") };
+            lock(&self.inner).in_flight.insert(copy_key.clone());
             match self.conditional_put(&copy_key, None, &content, attrs).await {
                 Ok(p) => break (copy_key, p),
                 Err(PutError::Diverged) if attempt < 20 => {
@@ -611,7 +677,9 @@ impl Fs {
                 if free {
                     n.name = copy_name.clone();
                 }
-                n.overwrites = None;
+                if n.overwrites.as_ref().is_some_and(|o| o.key == key) {
+                    n.overwrites = None;
+                }
                 if n.generation == node.generation {
                     n.dirty = false;
                 }

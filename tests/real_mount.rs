@@ -1,0 +1,931 @@
+//! Real-mount integration tests: the built `autosync` binary mounts a local bucket folder
+//! through FUSE and ordinary programs (cp, diff, git, sqlite3, mv, chmod...) work in it.
+//!
+//! Every test has its own temp dir holding the bucket folder, the mount point, the state and
+//! cache dirs and the daemon's log (`daemon.log`). A failing test keeps its temp dir and prints
+//! where it is. Mounts are always taken down, even by a failing test: `Mount`'s `Drop` runs
+//! `autosync unmount`, falls back to `umount -l`, and kills the daemon it started as a last
+//! resort. Nothing waits by sleeping: conditions are polled with a deadline.
+//!
+//! Set `AUTOSYNC_TEST_LOG` (e.g. `debug`) to change the daemons' `RUST_LOG` (default `info`).
+
+use std::borrow::BorrowMut;
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_autosync");
+/// Short delays so that uploads and re-listings happen within the tests' time.
+const UPLOAD_DELAY: &str = "0.2";
+const METADATA_TTL: &str = "1";
+const SHUTDOWN_GRACE: &str = "20";
+/// How long a single command may take before the test gives up on it.
+const CMD_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------------
+// Running commands with a deadline
+// ---------------------------------------------------------------------------------------------
+
+struct Out {
+    what: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn ok(&self) -> bool {
+        self.status.success()
+    }
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.what, self.status, self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`. Its stderr goes to `stderr_log`
+/// (appended) when given, so that a daemon it leaves behind keeps logging there; `Out.stderr`
+/// then holds what was appended while the command ran.
+fn try_run(cmd: &mut Command, timeout: Duration, stderr_log: Option<&Path>) -> Result<Out, String> {
+    let what = format!("{cmd:?}");
+    let mut out = tempfile::tempfile().map_err(|e| e.to_string())?;
+    let (mut err, start) = match stderr_log {
+        Some(p) => {
+            let f = OpenOptions::new().create(true).append(true).open(p).map_err(|e| e.to_string())?;
+            let len = f.metadata().map_err(|e| e.to_string())?.len();
+            (OpenOptions::new().read(true).open(p).map_err(|e| e.to_string())?, (f, len))
+        }
+        None => {
+            let f = tempfile::tempfile().map_err(|e| e.to_string())?;
+            (f.try_clone().map_err(|e| e.to_string())?, (f, 0))
+        }
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(|e| e.to_string())?)
+        .stderr(start.0.try_clone().map_err(|e| e.to_string())?);
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what} did not finish within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stdout = Vec::new();
+    out.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    out.read_to_end(&mut stdout).map_err(|e| e.to_string())?;
+    let mut stderr = Vec::new();
+    err.seek(SeekFrom::Start(start.1)).map_err(|e| e.to_string())?;
+    err.read_to_end(&mut stderr).map_err(|e| e.to_string())?;
+    Ok(Out {
+        what,
+        status,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
+}
+
+fn run(mut cmd: impl BorrowMut<Command>) -> Out {
+    try_run(cmd.borrow_mut(), CMD_TIMEOUT, None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `cmd` and fails the test unless it exits 0.
+fn run_ok(cmd: impl BorrowMut<Command>) -> Out {
+    let out = run(cmd);
+    assert!(out.ok(), "command failed: {out}");
+    out
+}
+
+fn sh(prog: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
+    let mut c = Command::new(prog);
+    for a in args {
+        c.arg(a.as_ref());
+    }
+    c
+}
+
+/// Polls `f` until it gives a value, failing the test after `timeout`.
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mounts, processes and the mount table
+// ---------------------------------------------------------------------------------------------
+
+/// Is something mounted exactly at `p` (an absolute, canonical path)?
+fn mounted(p: &Path) -> bool {
+    let want = p.to_string_lossy().replace(' ', "\\040");
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str())))
+        .unwrap_or(false)
+}
+
+/// Running (not zombie) `autosync mount` daemons with `needle` as one of their arguments.
+fn daemon_pids(needle: &Path) -> Vec<u32> {
+    let needle = needle.as_os_str().as_bytes();
+    let mut pids = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else { return pids };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"autosync"))
+            && args.contains(&&b"mount"[..])
+            && args.contains(&needle)
+            && !args.contains(&&b"--daemon"[..]);
+        if is_daemon && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The process exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn sigkill(pid: u32) {
+    // SAFETY: plain kill(2) on a pid this test started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+fn log_level() -> String {
+    std::env::var("AUTOSYNC_TEST_LOG").unwrap_or_else(|_| "info".into())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// One test's temp dir: bucket folder, mount point, state and cache dirs, daemon log.
+struct Fixture {
+    tmp: Option<TempDir>,
+    root: PathBuf,
+    bucket: PathBuf,
+    mnt: PathBuf,
+    state: PathBuf,
+    cache: PathBuf,
+    log: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Self {
+        let tmp = tempfile::Builder::new().prefix(&format!("autosync-{name}-")).tempdir().expect("tempdir");
+        let root = tmp.path().canonicalize().expect("canonical temp dir");
+        let mnt = root.join("mnt");
+        fs::create_dir(&mnt).expect("mkdir mnt");
+        Fixture {
+            bucket: root.join("bucket"),
+            state: root.join("state"),
+            cache: root.join("cache"),
+            log: root.join("daemon.log"),
+            mnt,
+            root,
+            tmp: Some(tmp),
+        }
+    }
+
+    /// Mounts the bucket at `mnt` with this fixture's state and cache dirs.
+    fn mount(&self) -> Mount {
+        Mount::start(self, &self.state, &self.cache, UPLOAD_DELAY)
+    }
+
+    /// A path inside the mount.
+    fn m(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// A path inside the bucket folder.
+    fn b(&self, rel: &str) -> PathBuf {
+        self.bucket.join(rel)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Last line of defence (e.g. a test failing right after killing a daemon): nothing of
+        // this test stays mounted or running.
+        if mounted(&self.mnt) {
+            let _ = try_run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(10), None);
+        }
+        for pid in daemon_pids(&self.mnt) {
+            sigkill(pid);
+        }
+        if std::thread::panicking()
+            && let Some(tmp) = self.tmp.take()
+        {
+            let kept = tmp.keep();
+            eprintln!("test failed: keeping {} (daemon log: {})", kept.display(), self.log.display());
+            eprintln!("--- last lines of the daemon log ---\n{}", tail(&self.log, 40));
+        }
+    }
+}
+
+/// A live mount, started with `--daemon`. Dropping it unmounts, whatever happened.
+struct Mount {
+    mnt: PathBuf,
+    state: PathBuf,
+    pid: u32,
+    live: bool,
+}
+
+impl Mount {
+    fn start(fx: &Fixture, state: &Path, cache: &Path, upload_delay: &str) -> Mount {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .arg(&fx.bucket)
+            .arg(&fx.mnt)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("--daemon")
+            .args(["--upload-delay", upload_delay, "--metadata-ttl", METADATA_TTL])
+            .args(["--shutdown-grace", SHUTDOWN_GRACE])
+            .env("RUST_LOG", log_level());
+        let out = try_run(&mut cmd, Duration::from_secs(60), Some(&fx.log)).unwrap_or_else(|e| panic!("{e}"));
+        // Whatever happened, make sure a daemon that did start is taken down on failure.
+        let pid = daemon_pids(state).first().copied();
+        let mut m = Mount { mnt: fx.mnt.clone(), state: state.to_path_buf(), pid: pid.unwrap_or(0), live: true };
+        assert!(out.ok(), "mount failed: {out}\n--- daemon log ---\n{}", tail(&fx.log, 40));
+        assert!(mounted(&fx.mnt), "`mount --daemon` returned but {} is not in the mount table", fx.mnt.display());
+        if m.pid == 0 {
+            m.pid = wait_for("the daemon's pid", Duration::from_secs(10), || daemon_pids(state).first().copied());
+        }
+        m
+    }
+
+    fn cli(&self, sub: &str) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg(sub).arg(&self.mnt).arg("--state-dir").arg(&self.state);
+        c
+    }
+
+    /// `autosync flush`: returns once every change is in the bucket.
+    fn flush(&self) {
+        let out = run(self.cli("flush").args(["--timeout", "90"]));
+        assert!(out.ok(), "flush failed: {out}");
+    }
+
+    /// `autosync unmount`, then waits for the daemon to exit (it releases the state dir).
+    fn unmount(mut self) {
+        let out = run(&mut self.cli("unmount"));
+        assert!(out.ok(), "unmount failed: {out}");
+        assert!(!mounted(&self.mnt), "`autosync unmount` returned but {} is still mounted", self.mnt.display());
+        self.live = false;
+        let pid = self.pid;
+        wait_for("the daemon to exit after unmount", Duration::from_secs(30), || (!alive(pid)).then_some(()));
+    }
+
+    /// SIGKILLs the daemon, leaving its dead mount behind.
+    fn kill9(mut self) {
+        self.live = false;
+        let pid = self.pid;
+        sigkill(pid);
+        wait_for("the killed daemon to die", Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if !self.live {
+            return;
+        }
+        let _ = try_run(&mut self.cli("unmount"), Duration::from_secs(60), None);
+        if mounted(&self.mnt) {
+            let _ = try_run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(10), None);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.pid != 0 && alive(self.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.pid != 0 && alive(self.pid) {
+            sigkill(self.pid);
+        }
+    }
+}
+
+/// Takes down anything a command that should have failed mounted at `mnt` after all.
+struct StrayGuard(PathBuf);
+
+impl Drop for StrayGuard {
+    fn drop(&mut self) {
+        let pids = daemon_pids(&self.0);
+        if mounted(&self.0) {
+            let _ = try_run(Command::new("umount").arg("-l").arg(&self.0), Duration::from_secs(10), None);
+        }
+        for pid in pids {
+            sigkill(pid);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data helpers
+// ---------------------------------------------------------------------------------------------
+
+/// splitmix64: deterministic, fast pseudo-random data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    }
+}
+
+fn write_file(path: &Path, data: &[u8]) {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", p.display()));
+    }
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    f.sync_all().unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+fn hash_file(path: &Path) -> blake3::Hash {
+    blake3::hash(&read(path))
+}
+
+fn assert_gone(path: &Path) {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("{} should not exist, but stat fails with {e} instead of ENOENT", path.display()),
+        Ok(_) => panic!("{} should not exist, but it does", path.display()),
+    }
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+/// Relative paths of everything under `root` (not following symlinks), sorted.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    fn go(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        let rd = fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()));
+        for e in rd {
+            let e = e.unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()));
+            let p = e.path();
+            out.push(p.strip_prefix(root).unwrap().to_path_buf());
+            if e.file_type().unwrap().is_dir() {
+                go(root, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(root, root, &mut out);
+    out.sort();
+    out
+}
+
+/// Files in the bucket folder that are autosync's own (folder markers, probes).
+fn is_reserved(rel: &Path) -> bool {
+    rel.file_name().is_some_and(|n| n.as_bytes().starts_with(b".autosync-"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. cp -r of a tree, diff -r against the mount and the bucket folder
+// ---------------------------------------------------------------------------------------------
+
+/// A tree with nested folders, 300 small text files, binary files of a few sizes, an empty
+/// file, an empty folder, odd names and two symlinks.
+fn make_tree(root: &Path) {
+    let mut rng = Rng(1);
+    let dirs = ["", "a", "a/b", "a/b/c", "d", "d/deeper/still"];
+    for i in 0..300usize {
+        let dir = dirs[i % dirs.len()];
+        let body = format!("line {i} of a small text file\n").repeat(i % 23 + 1);
+        write_file(&root.join(dir).join(format!("file-{i:03}.txt")), body.as_bytes());
+    }
+    for (name, len) in [("bin/small.bin", 4097), ("bin/one-mib-plus.bin", (1 << 20) + 123), ("bin/big.bin", 5 << 19)] {
+        write_file(&root.join(name), &rng.bytes(len));
+    }
+    write_file(&root.join("empty-file"), b"");
+    write_file(&root.join("with space.txt"), b"spaces in names\n");
+    write_file(&root.join("ünïcödé ñame.txt"), "non-ascii name\n".as_bytes());
+    fs::create_dir_all(root.join("e/empty-dir")).unwrap();
+    std::os::unix::fs::symlink("a/file-001.txt", root.join("link-to-file")).unwrap();
+    std::os::unix::fs::symlink("../../d", root.join("a/b/link-to-dir")).unwrap();
+}
+
+#[test]
+fn cp_tree_then_diff_mount_and_bucket() {
+    let fx = Fixture::new("cp");
+    let src = fx.root.join("src");
+    make_tree(&src);
+    let m = fx.mount();
+
+    run_ok(sh("cp", &[&"-r", &src, &fx.mnt]));
+    let in_mount = fx.m("src");
+    let out = run(sh("diff", &[&"-r", &"--no-dereference", &src, &in_mount]));
+    assert!(out.ok() && out.stdout.is_empty(), "source and mount differ: {out}");
+    assert_eq!(fs::read_link(in_mount.join("link-to-file")).unwrap(), Path::new("a/file-001.txt"));
+
+    m.flush();
+    // Every regular file is in the bucket folder at the same relative path, same bytes.
+    let in_bucket = fx.b("src");
+    let src_entries = walk(&src);
+    for rel in &src_entries {
+        let s = src.join(rel);
+        let b = in_bucket.join(rel);
+        let md = fs::symlink_metadata(&s).unwrap();
+        if md.is_file() {
+            assert!(b.is_file(), "{} missing from the bucket folder", b.display());
+            assert!(read(&s) == read(&b), "{} differs from {}", b.display(), s.display());
+        } else if md.is_dir() {
+            assert!(b.is_dir(), "folder {} missing from the bucket folder", b.display());
+        }
+    }
+    // ...and nothing else, apart from autosync's folder markers.
+    for rel in walk(&in_bucket) {
+        if is_reserved(&rel) {
+            continue;
+        }
+        assert!(src_entries.contains(&rel), "unexpected {} in the bucket folder", in_bucket.join(&rel).display());
+    }
+    assert!(
+        fx.b("src/e/empty-dir/.autosync-folder").is_file(),
+        "the empty folder has no .autosync-folder marker in the bucket"
+    );
+    m.unmount();
+
+    // A mount with fresh state and cache (another machine) sees the same tree.
+    let m = Mount::start(&fx, &fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    let out = run(sh("diff", &[&"-r", &"--no-dereference", &src, &in_mount]));
+    assert!(out.ok() && out.stdout.is_empty(), "source and a fresh mount of the bucket differ: {out}");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. git clone, status, log, commit
+// ---------------------------------------------------------------------------------------------
+
+fn git(fx: &Fixture, dir: &Path) -> Command {
+    let home = fx.root.join("home");
+    fs::create_dir_all(&home).unwrap();
+    let mut c = Command::new("git");
+    c.arg("-C")
+        .arg(dir)
+        .env("HOME", &home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com");
+    c
+}
+
+#[test]
+fn git_clone_status_log_commit() {
+    let fx = Fixture::new("git");
+    let origin = fx.root.join("origin");
+    fs::create_dir(&origin).unwrap();
+    run_ok(git(&fx, &origin).args(["init", "-q", "-b", "main"]));
+    for i in 0..3 {
+        write_file(&origin.join("README"), format!("version {i}\n").as_bytes());
+        write_file(&origin.join(format!("src/mod{i}.rs")), format!("pub fn f{i}() -> u32 {{ {i} }}\n").as_bytes());
+        write_file(&origin.join("data/blob.bin"), &Rng(i).bytes(50_000));
+        run_ok(git(&fx, &origin).args(["add", "-A"]));
+        run_ok(git(&fx, &origin).args(["commit", "-q", "-m", &format!("commit {i}")]));
+    }
+
+    let m = fx.mount();
+    let clone = fx.m("clone");
+    run_ok(git(&fx, &fx.mnt).arg("clone").arg("-q").arg(&origin).arg(&clone));
+    let st = run_ok(git(&fx, &clone).args(["status", "--porcelain"]));
+    assert_eq!(st.stdout, "", "a fresh clone in the mount is not clean");
+    let log = run_ok(git(&fx, &clone).args(["log", "--format=%s"]));
+    assert_eq!(log.stdout, "commit 2\ncommit 1\ncommit 0\n");
+    run_ok(git(&fx, &clone).args(["fsck", "--full", "--no-progress"]));
+
+    write_file(&clone.join("README"), b"changed in the mount\n");
+    write_file(&clone.join("src/new.rs"), b"// new file\n");
+    fs::remove_file(clone.join("src/mod0.rs")).unwrap();
+    run_ok(git(&fx, &clone).args(["add", "-A"]));
+    run_ok(git(&fx, &clone).args(["commit", "-q", "-m", "commit in the mount"]));
+    let st = run_ok(git(&fx, &clone).args(["status", "--porcelain"]));
+    assert_eq!(st.stdout, "", "not clean after a commit in the mount");
+    let log = run_ok(git(&fx, &clone).args(["log", "--format=%s"]));
+    assert_eq!(log.stdout, "commit in the mount\ncommit 2\ncommit 1\ncommit 0\n");
+    let show = run_ok(git(&fx, &clone).args(["show", "--name-status", "--format=", "HEAD"]));
+    assert_eq!(show.stdout, "M\tREADME\nD\tsrc/mod0.rs\nA\tsrc/new.rs\n");
+    m.unmount();
+
+    // After a remount the repository is intact and still clean.
+    let m = fx.mount();
+    let st = run_ok(git(&fx, &clone).args(["status", "--porcelain"]));
+    assert_eq!(st.stdout, "", "not clean after a remount");
+    let log = run_ok(git(&fx, &clone).args(["log", "--format=%s"]));
+    assert_eq!(log.stdout, "commit in the mount\ncommit 2\ncommit 1\ncommit 0\n");
+    run_ok(git(&fx, &clone).args(["fsck", "--full", "--no-progress"]));
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. sqlite3
+// ---------------------------------------------------------------------------------------------
+
+fn sqlite(db: &Path, sql: &str) -> String {
+    run_ok(Command::new("sqlite3").arg(db).arg(sql)).stdout.trim_end().to_string()
+}
+
+#[test]
+fn sqlite_database_in_the_mount() {
+    let fx = Fixture::new("sqlite");
+    let m = fx.mount();
+    let db = fx.m("app.db");
+    let mut sql = String::from("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER NOT NULL, s TEXT);\nBEGIN;\n");
+    for i in 1..=1000 {
+        sql.push_str(&format!("INSERT INTO t(v, s) VALUES ({i}, 'row number {i}');\n"));
+    }
+    sql.push_str("COMMIT;\n");
+    sqlite(&db, &sql);
+    let query = "SELECT count(*), sum(v), max(s) FROM t;";
+    let expected = "1000|500500|row number 999";
+    assert_eq!(sqlite(&db, query), expected);
+    assert_eq!(sqlite(&db, "PRAGMA integrity_check;"), "ok");
+
+    m.flush();
+    // The bucket holds a plain, valid database file.
+    let in_bucket = fx.b("app.db");
+    assert_eq!(sqlite(&in_bucket, &format!("PRAGMA query_only=1; {query}")), expected);
+    m.unmount();
+
+    let m = fx.mount();
+    assert_eq!(sqlite(&db, query), expected, "different result after unmount + remount");
+    assert_eq!(sqlite(&db, "PRAGMA integrity_check;"), "ok");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. random writes into a 64 MiB file
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn random_writes_into_a_64_mib_file() {
+    let fx = Fixture::new("pwrite");
+    let m = fx.mount();
+    let path = fx.m("big.bin");
+    let mut rng = Rng(4);
+    let mut expected = rng.bytes(64 << 20);
+    write_file(&path, &expected);
+
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    for i in 0..200 {
+        let len = 1 + rng.below(64 << 10) as usize;
+        // The last write runs past the end and grows the file.
+        let off = if i == 199 { expected.len() - 100 } else { rng.below((expected.len() - len) as u64 + 1) as usize };
+        let data = rng.bytes(len);
+        f.write_all_at(&data, off as u64).unwrap_or_else(|e| panic!("pwrite of {len} bytes at {off}: {e}"));
+        if off + len > expected.len() {
+            expected.resize(off + len, 0);
+        }
+        expected[off..off + len].copy_from_slice(&data);
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let want = blake3::hash(&expected);
+    assert_eq!(fs::metadata(&path).unwrap().len(), expected.len() as u64);
+    assert_eq!(hash_file(&path), want, "the mount file differs from the expected buffer");
+
+    m.flush();
+    assert_eq!(fs::metadata(fx.b("big.bin")).unwrap().len(), expected.len() as u64);
+    assert_eq!(hash_file(&fx.b("big.bin")), want, "the bucket file differs from the expected buffer");
+    m.unmount();
+
+    let m = fx.mount();
+    assert_eq!(hash_file(&path), want, "the mount file differs after unmount + remount");
+    m.unmount();
+
+    // Read back from the bucket alone (fresh state and cache).
+    let m = Mount::start(&fx, &fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    assert_eq!(hash_file(&path), want, "the file differs in a fresh mount of the bucket");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. renaming a folder of 1,000 files
+// ---------------------------------------------------------------------------------------------
+
+/// Checks the 1,000 files (and `sub/nested.txt`) of `dir`; in the bucket folder, autosync's
+/// own marker files are left out of the listing.
+fn check_renamed_dir(dir: &Path, in_bucket: bool) {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !(in_bucket && n.starts_with(".autosync-")))
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (0..1000).map(|i| format!("f{i:04}")).collect();
+    want.push("sub".into());
+    assert_eq!(names.len(), want.len(), "{} holds {} entries", dir.display(), names.len());
+    assert_eq!(names, want);
+    for i in 0..1000 {
+        let p = dir.join(format!("f{i:04}"));
+        assert_eq!(read(&p), format!("content of file {i}\n").into_bytes(), "{}", p.display());
+    }
+    assert_eq!(read(&dir.join("sub/nested.txt")), b"nested\n");
+}
+
+#[test]
+fn rename_a_folder_of_1000_files() {
+    let fx = Fixture::new("mvdir");
+    let m = fx.mount();
+    let dir = fx.m("dir");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..1000 {
+        fs::write(dir.join(format!("f{i:04}")), format!("content of file {i}\n")).unwrap();
+    }
+    write_file(&dir.join("sub/nested.txt"), b"nested\n");
+    // Get the files into the bucket first, so the rename moves objects there.
+    m.flush();
+    assert_eq!(walk(&fx.b("dir")).into_iter().filter(|p| !is_reserved(p)).count(), 1002);
+
+    run_ok(sh("mv", &[&dir, &fx.m("dir2")]));
+    assert_gone(&dir);
+    check_renamed_dir(&fx.m("dir2"), false);
+
+    m.flush();
+    assert_gone(&fx.b("dir"));
+    let in_bucket: Vec<PathBuf> = walk(&fx.b("dir2")).into_iter().filter(|p| !is_reserved(p)).collect();
+    assert_eq!(in_bucket.len(), 1002, "dir2 in the bucket: {in_bucket:?}");
+    check_renamed_dir(&fx.b("dir2"), true);
+    m.unmount();
+
+    let m = fx.mount();
+    assert_gone(&dir);
+    check_renamed_dir(&fx.m("dir2"), false);
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. chmod, chown, touch -d survive a remount
+// ---------------------------------------------------------------------------------------------
+
+/// 2021-03-04 05:06:07 UTC.
+const STAMP: i64 = 1_614_834_367;
+
+fn check_attrs(path: &Path, perm: u32, when: &str) {
+    let md = fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    let got = (md.mode() & 0o7777, md.uid(), md.gid(), md.mtime());
+    assert_eq!(got, (perm, 1234, 5678, STAMP), "{} (mode, uid, gid, mtime) {when}", path.display());
+}
+
+#[test]
+fn chmod_chown_touch_survive_remount() {
+    let fx = Fixture::new("attrs");
+    let m = fx.mount();
+    let (d, f) = (fx.m("d"), fx.m("d/f.txt"));
+    fs::create_dir(&d).unwrap();
+    write_file(&f, b"attributes\n");
+    run_ok(sh("chmod", &[&"640", &f]));
+    run_ok(sh("chmod", &[&"750", &d]));
+    run_ok(sh("chown", &[&"1234:5678", &f, &d]));
+    for p in [&f, &d] {
+        run_ok(sh("touch", &[&"-d", &"2021-03-04 05:06:07", p]).env("TZ", "UTC"));
+    }
+    check_attrs(&f, 0o640, "in the mount");
+    check_attrs(&d, 0o750, "in the mount");
+
+    m.flush();
+    // The backing file carries them too, and so does its metadata xattr.
+    let bf = fx.b("d/f.txt");
+    let md = fs::metadata(&bf).unwrap();
+    assert_eq!((md.uid(), md.gid(), md.mtime()), (1234, 5678, STAMP), "backing file {}", bf.display());
+    assert_eq!(md.mode() & 0o777, 0o640, "backing file mode");
+    let meta = xattr::get(&bf, "user.autosync.meta").unwrap().expect("user.autosync.meta xattr on the backing file");
+    let meta: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(meta["mode"], (libc::S_IFREG | 0o640).to_string(), "xattr: {meta}");
+    assert_eq!(meta["uid"], "1234", "xattr: {meta}");
+    assert_eq!(meta["gid"], "5678", "xattr: {meta}");
+    assert_eq!(meta["mtime"], STAMP.to_string(), "xattr: {meta}");
+    m.unmount();
+
+    let m = fx.mount();
+    check_attrs(&f, 0o640, "after unmount + remount");
+    check_attrs(&d, 0o750, "after unmount + remount");
+    m.unmount();
+
+    // From the bucket alone (fresh state and cache, as on another machine).
+    let m = Mount::start(&fx, &fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    check_attrs(&f, 0o640, "in a fresh mount of the bucket");
+    check_attrs(&d, 0o750, "in a fresh mount of the bucket");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. crash: SIGKILL the daemon, remount with the same state, the journal is replayed
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn sigkill_then_remount_replays_the_journal() {
+    let fx = Fixture::new("crash");
+    // A long upload delay: at the kill, the files are only in the local journal.
+    let m = Mount::start(&fx, &fx.state, &fx.cache, "600");
+    let big: Vec<u8> = Rng(7).bytes(300_000);
+    write_file(&fx.m("crash.bin"), &big);
+    write_file(&fx.m("sub/inner.txt"), b"written just before the crash\n");
+    assert_gone(&fx.b("crash.bin"));
+    assert_gone(&fx.b("sub/inner.txt"));
+
+    // Someone looks at the mount (`ls -ld`) just before the crash: the kernel may keep
+    // answering stat of the mount point from its attribute cache for a while afterwards.
+    assert!(fs::metadata(&fx.mnt).unwrap().is_dir());
+    m.kill9();
+    assert!(mounted(&fx.mnt), "the killed daemon's mount should still be in the mount table");
+
+    // The next mount, started right away (as systemd's Restart= would), cleans the dead
+    // mount up by itself.
+    let m = fx.mount();
+    m.flush();
+    assert!(read(&fx.b("crash.bin")) == big, "crash.bin in the bucket differs");
+    assert_eq!(read(&fx.b("sub/inner.txt")), b"written just before the crash\n");
+    assert!(read(&fx.m("crash.bin")) == big, "crash.bin in the mount differs");
+    assert_eq!(read(&fx.m("sub/inner.txt")), b"written just before the crash\n");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. bad input: one-line messages, nothing mounted
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_input_fails_with_one_line_and_mounts_nothing() {
+    let fx = Fixture::new("bad");
+    let m = fx.mount();
+    write_file(&fx.m("keep.txt"), b"the good mount keeps working\n");
+
+    let nonempty = fx.root.join("nonempty");
+    write_file(&nonempty.join("something"), b"x");
+    let cases: Vec<(&str, String, PathBuf, PathBuf)> = vec![
+        // (what, source, mount point, state dir)
+        ("missing mount point", fx.root.join("b1").display().to_string(), fx.root.join("nope"), fx.root.join("s1")),
+        ("non-empty mount point", fx.root.join("b2").display().to_string(), nonempty.clone(), fx.root.join("s2")),
+        ("malformed source", "ftp://x".into(), fx.root.join("mp3"), fx.root.join("s3")),
+        ("state dir in use", fx.root.join("b4").display().to_string(), fx.root.join("mp4"), fx.state.clone()),
+    ];
+    for (_, _, mp, _) in &cases[2..] {
+        fs::create_dir_all(mp).unwrap();
+    }
+    let mut failures = Vec::new();
+    for (what, source, mp, state) in &cases {
+        for daemon in [false, true] {
+            let _guard = StrayGuard(mp.clone());
+            let mut cmd = Command::new(BIN);
+            cmd.arg("mount").arg(source).arg(mp).arg("--state-dir").arg(state);
+            cmd.arg("--cache-dir").arg(fx.root.join("c-bad")).env_remove("RUST_LOG");
+            if daemon {
+                cmd.arg("--daemon");
+            }
+            let out = try_run(&mut cmd, Duration::from_secs(30), None)
+                .unwrap_or_else(|e| panic!("{what}: the mount should have failed at once: {e}"));
+            let mode = if daemon { "with --daemon" } else { "in the foreground" };
+            assert!(!out.ok(), "{what} {mode}: mount succeeded: {out}");
+            assert!(!mounted(mp), "{what} {mode}: something is mounted at {}", mp.display());
+            let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            if lines.len() != 1 || !lines[0].starts_with("autosync: ") {
+                failures.push(format!("{what} {mode}: stderr is not one `autosync: ...` line:\n{}", out.stderr));
+            }
+        }
+    }
+    // The mount whose state dir was reused is untouched.
+    assert_eq!(read(&fx.m("keep.txt")), b"the good mount keeps working\n");
+    m.flush();
+    assert_eq!(read(&fx.b("keep.txt")), b"the good mount keeps working\n");
+    m.unmount();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. rename and link semantics
+// ---------------------------------------------------------------------------------------------
+
+fn renameat2_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let from = CString::new(from.as_os_str().as_bytes()).unwrap();
+    let to = CString::new(to.as_os_str().as_bytes()).unwrap();
+    // SAFETY: two valid NUL-terminated paths, resolved against the cwd.
+    let r =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+#[test]
+fn rename_rmdir_noreplace_and_link_semantics() {
+    let fx = Fixture::new("rename");
+    let m = fx.mount();
+    let (a, b) = (fx.m("a.txt"), fx.m("b.txt"));
+    write_file(&a, b"old content of a\n");
+    write_file(&b, b"new content, from b\n");
+    m.flush();
+    assert_eq!(read(&fx.b("a.txt")), b"old content of a\n");
+
+    // rename(2) onto an existing file replaces it.
+    fs::rename(&b, &a).unwrap();
+    assert_eq!(read(&a), b"new content, from b\n");
+    assert_gone(&b);
+    m.flush();
+    assert_eq!(read(&fx.b("a.txt")), b"new content, from b\n");
+    assert_gone(&fx.b("b.txt"));
+
+    // rmdir of a non-empty folder: ENOTEMPTY, before and after its content is uploaded.
+    let d = fx.m("d");
+    write_file(&d.join("x"), b"x\n");
+    assert_eq!(errno_of(fs::remove_dir(&d)), Some(libc::ENOTEMPTY));
+    m.flush();
+    assert_eq!(errno_of(fs::remove_dir(&d)), Some(libc::ENOTEMPTY));
+    assert_eq!(read(&d.join("x")), b"x\n");
+
+    // RENAME_NOREPLACE onto an existing file: EEXIST, both files unchanged; same with mv -n.
+    let (c, e) = (fx.m("c.txt"), fx.m("e.txt"));
+    write_file(&c, b"c\n");
+    write_file(&e, b"e\n");
+    assert_eq!(errno_of(renameat2_noreplace(&c, &e)), Some(libc::EEXIST));
+    run(sh("mv", &[&"-n", &c, &e]));
+    assert_eq!((read(&c), read(&e)), (b"c\n".to_vec(), b"e\n".to_vec()));
+    // ...and onto a free name it renames.
+    renameat2_noreplace(&c, &fx.m("c2.txt")).unwrap();
+    assert_gone(&c);
+    assert_eq!(read(&fx.m("c2.txt")), b"c\n");
+
+    // Hard links are refused with EPERM; `ln` fails and creates nothing.
+    let h = fx.m("hard");
+    assert_eq!(errno_of(fs::hard_link(&a, &h)), Some(libc::EPERM));
+    let out = run(sh("ln", &[&a, &h]));
+    assert!(!out.ok(), "ln should fail: {out}");
+    assert_gone(&h);
+
+    m.flush();
+    assert_gone(&fx.b("c.txt"));
+    assert_eq!(read(&fx.b("c2.txt")), b"c\n");
+    assert_eq!(read(&fx.b("e.txt")), b"e\n");
+    assert_gone(&fx.b("hard"));
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// An executable written in the mount runs from it
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn executable_script_runs_from_the_mount() {
+    let fx = Fixture::new("perm");
+    let m = fx.mount();
+    let p = fx.m("x.sh");
+    write_file(&p, b"#!/bin/sh\necho hi\n");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o755);
+    let out = run_ok(&mut Command::new(&p));
+    assert_eq!(out.stdout, "hi\n");
+    m.unmount();
+}
