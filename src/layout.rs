@@ -40,6 +40,12 @@ pub fn invalid_name(name: &str) -> Option<&'static str> {
     }
 }
 
+/// object_store's local-folder store writes uploads to `NAME#N` first and refuses such
+/// names as keys.
+pub fn is_local_temp_name(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Hidden from listings: autosync's own markers and probes.
 pub fn is_reserved(name: &str) -> bool {
     name.starts_with(RESERVED_PREFIX)
@@ -166,6 +172,14 @@ mod tests {
         assert!(invalid_name("").is_some());
         assert!(invalid_name(&"x".repeat(256)).is_some());
         assert!(invalid_name("ok name+%#ü").is_none());
+    }
+
+    #[test]
+    fn local_temp_names_are_recognised() {
+        assert!(is_local_temp_name("x#1"));
+        assert!(!is_local_temp_name("x#"));
+        assert!(!is_local_temp_name("issue#12b"));
+        assert!(!is_local_temp_name("plain"));
     }
 
     #[test]

@@ -233,7 +233,13 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
             "the store does not enforce every conditional write; using compare-then-write where it does not"
         );
     }
-    let cfg = FsConfig { metadata_ttl: opts.metadata_ttl, upload_delay: opts.upload_delay, ..FsConfig::default() };
+    let cfg = FsConfig {
+        metadata_ttl: opts.metadata_ttl,
+        upload_delay: opts.upload_delay,
+        // The local store writes NAME#N first: that has to fit in 255 bytes too.
+        max_name_len: if matches!(source, Source::Local { .. }) { 250 } else { 255 },
+        ..FsConfig::default()
+    };
     let fs = Fs::open_state(store, source.prefix(), &state_dir, &cache_dir, cfg, caps)
         .map_err(|e| anyhow!("cannot open the mount state in {}: {e}", state_dir.display()))?;
 
@@ -246,6 +252,12 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let control = control::serve(Arc::clone(&fs), &socket, unmount_tx)?;
     if let Some(parent) = registry.parent() {
         std::fs::create_dir_all(parent)?;
+        // Entries of mounts that were killed point at sockets that are gone.
+        for e in std::fs::read_dir(parent)?.flatten() {
+            if std::fs::metadata(e.path()).is_err() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
     let _ = std::fs::remove_file(&registry);
     std::os::unix::fs::symlink(&socket, &registry)?;
@@ -306,7 +318,10 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         }
         if !unmounted_externally {
             if let Err(e) = unmounter.unmount() {
-                tracing::warn!("unmount: {e}");
+                // Busy (a program still has files open): detach, so the path is free and
+                // the kernel finishes the unmount when the last file closes.
+                tracing::warn!("unmount: {e}; detaching the mount instead");
+                let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
             let _ = tokio::time::timeout(Duration::from_secs(10), done_rx).await;
         }

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use object_store::RetryConfig;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::memory::InMemory;
-use object_store::{ClientOptions, RetryConfig};
 
 use crate::store::Store;
 use crate::store::local::LocalAttrStore;
@@ -133,17 +133,14 @@ impl Source {
         // Bounded retries so a dead endpoint fails a mount in seconds, not minutes; the
         // uploader has its own backoff loop on top for long outages.
         let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(20), ..Default::default() };
-        let client = ClientOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(120))
-            .with_allow_http(ep.allow_http);
         Ok(match self {
             Source::S3 { bucket, .. } => {
-                let mut b = AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_retry(retry)
-                    .with_client_options(client)
-                    .with_allow_http(ep.allow_http);
+                // Client options come from the environment (AWS_ALLOW_HTTP, proxies...);
+                // the flags only add to them.
+                let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
+                if ep.allow_http {
+                    b = b.with_allow_http(true);
+                }
                 if let Some(e) = &ep.endpoint {
                     b = b.with_endpoint(e);
                 }
@@ -156,16 +153,14 @@ impl Source {
                 GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry)
-                    .with_client_options(client)
                     .build()
                     .map_err(cfg)?,
             ),
             Source::Azure { container, .. } => {
-                let mut b = MicrosoftAzureBuilder::from_env()
-                    .with_container_name(container)
-                    .with_retry(retry)
-                    .with_client_options(client)
-                    .with_allow_http(ep.allow_http);
+                let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container).with_retry(retry);
+                if ep.allow_http {
+                    b = b.with_allow_http(true);
+                }
                 if let Some(e) = &ep.endpoint {
                     b = b.with_endpoint(e.clone());
                 }

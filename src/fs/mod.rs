@@ -48,6 +48,8 @@ pub struct FsConfig {
     /// Names conflict copies.
     pub host: String,
     pub multipart_threshold: u64,
+    /// Longest file name accepted (the local-folder store needs room for its temp suffix).
+    pub max_name_len: usize,
 }
 
 impl Default for FsConfig {
@@ -59,6 +61,7 @@ impl Default for FsConfig {
             gid: nix::unistd::getgid().as_raw(),
             host: hostname(),
             multipart_threshold: MULTIPART_THRESHOLD,
+            max_name_len: 255,
         }
     }
 }
@@ -158,6 +161,8 @@ pub struct Fs {
     upload_done: Notify,
     /// Number of pending journal ops, for flush waiters.
     pending: watch::Sender<usize>,
+    /// Wakes the uploader out of an error backoff when a flush is requested.
+    flush_kick: Notify,
     /// Flush requests: while non-zero the uploader ignores `upload_delay`.
     urgent: AtomicU64,
 }
@@ -171,9 +176,12 @@ pub fn obj_path(key: &str) -> FsResult<Path> {
     Path::parse(key).map_err(|_| FsError::Invalid("name cannot be stored as an object key"))
 }
 
-fn check_name(name: &str) -> FsResult<()> {
-    if name.len() > 255 {
+fn check_name(name: &str, max_len: usize) -> FsResult<()> {
+    if name.len() > max_len {
         return Err(FsError::NameTooLong);
+    }
+    if layout::is_local_temp_name(name) {
+        return Err(FsError::Invalid("names ending in #DIGITS are reserved by the local-folder store"));
     }
     if layout::invalid_name(name).is_some() || name.chars().any(|c| c.is_ascii_control()) {
         return Err(FsError::Invalid("name cannot be stored as an object key"));
@@ -489,6 +497,7 @@ impl Fs {
             counters: Mutex::new(Counters::default()),
             wake: Notify::new(),
             upload_done: Notify::new(),
+            flush_kick: Notify::new(),
             pending: tx,
             urgent: AtomicU64::new(0),
         }))
@@ -827,7 +836,16 @@ impl Fs {
             let mut inner = lock(&self.inner);
             let mut batch = Batch::default();
             for (ino, r) in results {
-                let Some(r) = r else { continue };
+                let Some(r) = r else {
+                    // A folder without our marker (another tool's bucket): keep the defaults
+                    // instead of asking again at every lookup.
+                    if let Ok(n) = inner.get_mut(ino)
+                        && n.kind == Kind::Dir
+                    {
+                        n.attrs_known = true;
+                    }
+                    continue;
+                };
                 let Ok(n) = inner.get_mut(ino) else { continue };
                 let current = n.kind == Kind::Dir
                     || n.remote.as_ref().is_some_and(|rem| etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref()));
@@ -947,6 +965,8 @@ impl Fs {
             }
             let file = if size == 0 { self.restage_empty(ino)? } else { self.ensure_staged(ino).await? };
             file.set_len(size)?;
+            file.sync_data()?;
+            self.staging.sync_dir()?;
         }
         let mut inner = lock(&self.inner);
         let mut batch = Batch::default();
@@ -990,7 +1010,7 @@ impl Fs {
 
     /// Checks for mkdir, create and symlink: the name is valid and free in the bucket too.
     async fn prepare_new(&self, parent: u64, name: &str) -> FsResult<()> {
-        check_name(name)?;
+        check_name(name, self.cfg.max_name_len)?;
         // Make sure the name is free in the bucket too, not only in what we have seen.
         let fresh = lock(&self.inner).get(parent)?.is_listed_fresh(self.cfg.metadata_ttl);
         if !fresh && let Err(e) = self.refresh_dir(parent).await {
@@ -1150,7 +1170,7 @@ impl Fs {
         newname: &str,
         noreplace: bool,
     ) -> FsResult<()> {
-        check_name(newname)?;
+        check_name(newname, self.cfg.max_name_len)?;
         let ino = self.resolve(parent, name).await?;
         let target = match self.resolve(newparent, newname).await {
             Ok(t) => Some(t),
@@ -1425,6 +1445,9 @@ impl Fs {
         if let Some(why) = &lock(&self.counters).read_only {
             return Err(FsError::ReadOnly(why.clone()));
         }
+        // The generation moves before and after the write, so an upload snapshot that
+        // overlaps it is always seen as stale.
+        lock(&self.inner).get_mut(ino)?.generation += 1;
         file.write_all_at(data, offset)?;
         {
             let mut inner = lock(&self.inner);
@@ -1466,6 +1489,8 @@ impl Fs {
         }
         if staged {
             self.staging.file(ino)?.sync_data()?;
+            // A staging file created since the last sync needs its directory entry too.
+            self.staging.sync_dir()?;
         }
         let mut inner = lock(&self.inner);
         let mut batch = Batch::default();
@@ -1579,6 +1604,7 @@ impl Fs {
     pub async fn flush_all(&self, timeout: Duration) -> usize {
         self.urgent.fetch_add(1, Ordering::SeqCst);
         self.wake.notify_one();
+        self.flush_kick.notify_one();
         let mut rx = self.pending.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|&n| n == 0)).await;
         self.urgent.fetch_sub(1, Ordering::SeqCst);

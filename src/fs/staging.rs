@@ -104,6 +104,11 @@ impl Staging {
         }
     }
 
+    /// Makes file creations and renames in the staging folder durable.
+    pub fn sync_dir(&self) -> std::io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+
     /// Bytes held in staging, for `status`.
     pub fn bytes(&self) -> u64 {
         std::fs::read_dir(&self.dir)

@@ -120,6 +120,7 @@ impl Fs {
                     let jitter = Duration::from_millis(rand::random::<u64>() % 250);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff + jitter) => {},
+                        _ = self.flush_kick.notified() => {},
                         _ = stop.changed() => {},
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -1,5 +1,5 @@
-//! Retries for transient failures of requests that are safe to repeat (reads, listings,
-//! deletes), with capped exponential backoff and jitter. Writes are not retried here: a
+//! Retries for transient failures of requests that are safe to repeat (reads, folder
+//! listings, copies), with capped exponential backoff and jitter. Writes are not retried here: a
 //! repeated conditional write is ambiguous, and the uploader settles that by reading back.
 
 use std::fmt;
