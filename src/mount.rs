@@ -223,7 +223,8 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let _ = std::fs::set_permissions(&cache_dir, std::fs::Permissions::from_mode(0o700));
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("autosync").build()?;
-    let store = crate::store::retry::RetryStore::wrap(source.build(&opts.endpoint)?, Default::default());
+    let (store, raw_lister) = source.build_with_lister(&opts.endpoint)?;
+    let store = crate::store::retry::RetryStore::wrap(store, Default::default());
     rt.block_on(check_bucket(&store, &source, &opts.endpoint))?;
     let caps = rt.block_on(probe_caps(&store, source.prefix()));
     if !caps.update || !caps.create {
@@ -243,6 +244,9 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let fs = Fs::open_state(store, source.prefix(), &state_dir, &cache_dir, cfg, caps)
         .map_err(|e| anyhow!("cannot open the mount state in {}: {e}", state_dir.display()))?;
 
+    if let Some(l) = raw_lister {
+        fs.set_raw_lister(l);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let uploader = rt.spawn(Arc::clone(&fs).run_uploader(stop_rx));
     let (unmount_tx, mut unmount_rx) = tokio::sync::mpsc::channel::<()>(1);

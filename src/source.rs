@@ -14,6 +14,7 @@ use object_store::memory::InMemory;
 
 use crate::store::Store;
 use crate::store::local::LocalAttrStore;
+use crate::store::s3list::{RawS3Lister, SharedLister};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -129,11 +130,16 @@ impl Source {
     }
 
     pub fn build(&self, ep: &Endpoint) -> Result<Store, SourceError> {
+        self.build_with_lister(ep).map(|(store, _)| store)
+    }
+
+    /// The store, and for S3 a raw lister for folders holding keys object_store refuses.
+    pub fn build_with_lister(&self, ep: &Endpoint) -> Result<(Store, Option<SharedLister>), SourceError> {
         let cfg = |e: object_store::Error| SourceError::Config(self.identity(), e.to_string());
         // Bounded retries so a dead endpoint fails a mount in seconds, not minutes; the
         // uploader has its own backoff loop on top for long outages.
         let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(20), ..Default::default() };
-        Ok(match self {
+        let store: Store = match self {
             Source::S3 { bucket, .. } => {
                 // Client options come from the environment (AWS_ALLOW_HTTP, proxies...);
                 // the flags only add to them.
@@ -147,7 +153,9 @@ impl Source {
                 if let Some(r) = &ep.region {
                     b = b.with_region(r);
                 }
-                Arc::new(b.build().map_err(cfg)?)
+                let s3 = b.clone().build().map_err(cfg)?;
+                let lister = RawS3Lister::new(&b, Arc::clone(s3.credentials())).map(Arc::new);
+                return Ok((Arc::new(s3), lister));
             }
             Source::Gcs { bucket, .. } => Arc::new(
                 GoogleCloudStorageBuilder::from_env()
@@ -168,7 +176,8 @@ impl Source {
             }
             Source::Local { root } => Arc::new(LocalAttrStore::new(root).map_err(cfg)?),
             Source::Memory => Arc::new(InMemory::new()),
-        })
+        };
+        Ok((store, None))
     }
 }
 

@@ -161,6 +161,8 @@ pub struct Fs {
     upload_done: Notify,
     /// Number of pending journal ops, for flush waiters.
     pending: watch::Sender<usize>,
+    /// S3 only: lists folders that hold keys object_store refuses to parse.
+    raw_lister: std::sync::OnceLock<crate::store::s3list::SharedLister>,
     /// Wakes the uploader out of an error backoff when a flush is requested.
     flush_kick: Notify,
     /// Flush requests: while non-zero the uploader ignores `upload_delay`.
@@ -498,6 +500,7 @@ impl Fs {
             wake: Notify::new(),
             upload_done: Notify::new(),
             flush_kick: Notify::new(),
+            raw_lister: std::sync::OnceLock::new(),
             pending: tx,
             urgent: AtomicU64::new(0),
         }))
@@ -548,6 +551,10 @@ impl Fs {
             let prefix = if key.is_empty() { None } else { Some(obj_path(&key)?) };
             let listing = match self.store.list_with_delimiter(prefix.as_ref()).await {
                 Ok(l) => l,
+                // A key object_store cannot parse fails its whole listing: list raw, skip it.
+                Err(object_store::Error::InvalidPath { .. }) if self.raw_lister.get().is_some() => {
+                    self.raw_listing(&key).await?
+                }
                 // A folder that exists only locally (pending upload) lists as empty.
                 Err(object_store::Error::NotFound { .. }) => object_store::ListResult {
                     common_prefixes: vec![],
@@ -707,6 +714,59 @@ impl Fs {
         }
         self.fetch_attrs(new_files).await;
         Ok(())
+    }
+
+    pub fn set_raw_lister(&self, lister: crate::store::s3list::SharedLister) {
+        let _ = self.raw_lister.set(lister);
+    }
+
+    /// The raw listing of a folder, without the keys that cannot be paths (one warning each).
+    async fn raw_listing(&self, key: &str) -> FsResult<object_store::ListResult> {
+        let Some(lister) = self.raw_lister.get() else { return Err(FsError::Unsupported("raw listing")) };
+        let prefix = if key.is_empty() { String::new() } else { format!("{key}/") };
+        let raw = lister
+            .list_dir(&prefix)
+            .await
+            .map_err(|e| FsError::Remote(object_store::Error::Generic { store: "S3", source: e.into() }))?;
+        let mut out =
+            object_store::ListResult { common_prefixes: vec![], objects: vec![], extensions: Default::default() };
+        let mut skipped = Vec::new();
+        for p in raw.prefixes {
+            let folder = p.strip_suffix('/').unwrap_or(&p);
+            // Path::parse would quietly drop a trailing slash: `a//` must not become `a`.
+            let clean = !folder.is_empty() && folder.split('/').all(|part| !part.is_empty());
+            match Path::parse(folder) {
+                Ok(path) if clean => out.common_prefixes.push(path),
+                _ => skipped.push(p),
+            }
+        }
+        for o in raw.objects {
+            match Path::parse(&o.key) {
+                Ok(location) if !o.key.ends_with('/') || o.key == prefix => {
+                    let last_modified = o
+                        .last_modified
+                        .as_deref()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        .map(|t| t.with_timezone(&chrono::Utc))
+                        .unwrap_or_else(chrono::Utc::now);
+                    out.objects.push(ObjectMeta {
+                        location,
+                        last_modified,
+                        size: o.size,
+                        e_tag: o.etag,
+                        version: None,
+                    });
+                }
+                _ => skipped.push(o.key),
+            }
+        }
+        let mut inner = lock(&self.inner);
+        for k in skipped {
+            if inner.warned.insert(k.clone()) {
+                tracing::warn!(key = %k, "skipping object whose key cannot be a file name");
+            }
+        }
+        Ok(out)
     }
 
     /// Lists everything under a folder (recursively, one paginated listing) and adds what

@@ -4,6 +4,7 @@
 pub mod faulty;
 pub mod local;
 pub mod retry;
+pub mod s3list;
 
 use std::sync::Arc;
 

@@ -1,0 +1,165 @@
+//! A raw S3 folder listing (ListObjectsV2, signed with object_store's SigV4 authorizer) for
+//! folders that hold keys object_store refuses to parse (`a//b`, `..`): it fails the whole
+//! listing on one such key, while a mount must skip the key and show the rest.
+
+use std::sync::Arc;
+
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer, AwsCredentialProvider};
+use object_store::client::HttpRequestBody;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawObject {
+    pub key: String,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RawListing {
+    pub prefixes: Vec<String>,
+    pub objects: Vec<RawObject>,
+}
+
+#[derive(Debug)]
+pub struct RawS3Lister {
+    http: reqwest::Client,
+    /// Bucket URL without a trailing slash, path-style or virtual-hosted.
+    base: String,
+    region: String,
+    credentials: AwsCredentialProvider,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListBucketResult {
+    #[serde(default)]
+    contents: Vec<Contents>,
+    #[serde(default)]
+    common_prefixes: Vec<CommonPrefix>,
+    next_continuation_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Contents {
+    key: String,
+    size: u64,
+    #[serde(rename = "ETag")]
+    e_tag: Option<String>,
+    last_modified: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CommonPrefix {
+    prefix: String,
+}
+
+fn parse(xml: &str) -> Result<(RawListing, Option<String>), String> {
+    let r: ListBucketResult = quick_xml::de::from_str(xml).map_err(|e| format!("unreadable listing: {e}"))?;
+    let listing = RawListing {
+        prefixes: r.common_prefixes.into_iter().map(|p| p.prefix).collect(),
+        objects: r
+            .contents
+            .into_iter()
+            .map(|c| RawObject { key: c.key, size: c.size, etag: c.e_tag, last_modified: c.last_modified })
+            .collect(),
+    };
+    Ok((listing, r.next_continuation_token))
+}
+
+impl RawS3Lister {
+    /// Built from the same settings as the store, so it reaches the same bucket.
+    pub fn new(builder: &AmazonS3Builder, credentials: AwsCredentialProvider) -> Option<Self> {
+        let bucket = builder.get_config_value(&AmazonS3ConfigKey::Bucket)?;
+        let region = builder.get_config_value(&AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
+        let base = match builder.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+            Some(ep) => {
+                let virtual_hosted = builder
+                    .get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
+                    .is_some_and(|v| v == "true");
+                if virtual_hosted {
+                    ep.trim_end_matches('/').to_string()
+                } else {
+                    format!("{}/{bucket}", ep.trim_end_matches('/'))
+                }
+            }
+            None => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+        };
+        Some(RawS3Lister { http: reqwest::Client::new(), base, region, credentials })
+    }
+
+    /// Lists one folder (`prefix` ends with `/`, or is empty for the bucket root).
+    pub async fn list_dir(&self, prefix: &str) -> Result<RawListing, String> {
+        let mut out = RawListing::default();
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = url::Url::parse(&format!("{}/", self.base)).map_err(|e| e.to_string())?;
+            {
+                let mut q = url.query_pairs_mut();
+                q.append_pair("list-type", "2");
+                q.append_pair("delimiter", "/");
+                q.append_pair("prefix", prefix);
+                if let Some(t) = &token {
+                    q.append_pair("continuation-token", t);
+                }
+            }
+            let mut req: http::Request<HttpRequestBody> = http::Request::builder()
+                .method("GET")
+                .uri(url.as_str())
+                .body(HttpRequestBody::from(Vec::new()))
+                .map_err(|e| e.to_string())?;
+            let credential = self.credentials.get_credential().await.map_err(|e| e.to_string())?;
+            AwsAuthorizer::new(&credential, "s3", &self.region)
+                .try_authorize(&mut req, None)
+                .map_err(|e| e.to_string())?;
+            let mut send = self.http.get(url.as_str());
+            for (name, value) in req.headers() {
+                send = send.header(name.as_str(), value.as_bytes());
+            }
+            let resp = send.send().await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let body = resp.text().await.map_err(|e| e.to_string())?;
+            if !status.is_success() {
+                return Err(format!("listing {prefix:?} answered {status}"));
+            }
+            let (page, next) = parse(&body)?;
+            out.prefixes.extend(page.prefixes);
+            out.objects.extend(page.objects);
+            match next {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
+            }
+        }
+    }
+}
+
+pub type SharedLister = Arc<RawS3Lister>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_keys_object_store_refuses() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Name>b</Name><Prefix>a/</Prefix><KeyCount>3</KeyCount><MaxKeys>1000</MaxKeys>
+  <Delimiter>/</Delimiter><IsTruncated>true</IsTruncated>
+  <Contents><Key>a/ok.txt</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>
+    <ETag>&quot;abc&quot;</ETag><Size>3</Size><StorageClass>STANDARD</StorageClass></Contents>
+  <CommonPrefixes><Prefix>a//</Prefix></CommonPrefixes>
+  <CommonPrefixes><Prefix>a/sub/</Prefix></CommonPrefixes>
+  <NextContinuationToken>tok</NextContinuationToken>
+</ListBucketResult>"#;
+        let (l, next) = parse(xml).unwrap();
+        assert_eq!(l.prefixes, vec!["a//".to_string(), "a/sub/".to_string()]);
+        assert_eq!(l.objects.len(), 1);
+        assert_eq!(l.objects[0].key, "a/ok.txt");
+        assert_eq!(l.objects[0].etag.as_deref(), Some("\"abc\""));
+        assert_eq!(l.objects[0].size, 3);
+        assert_eq!(next.as_deref(), Some("tok"));
+    }
+}
