@@ -475,9 +475,10 @@ impl Fs {
                 batch.inode(ino, n)?;
             }
         }
-        let now = Instant::now();
+        // Replayed changes wait the upload delay like new ones (a flush overrides it).
+        let ready = Instant::now() + cfg.upload_delay;
         for (seq, op) in loaded.ops {
-            inner.register(seq, op, now);
+            inner.register(seq, op, ready);
         }
         db.commit(&batch, true)?;
         let pending = inner.queue.len();
@@ -1024,7 +1025,18 @@ impl Fs {
                 return Err(FsError::IsDir);
             }
             let file = if size == 0 { self.restage_empty(ino)? } else { self.ensure_staged(ino).await? };
-            file.set_len(size)?;
+            // Counted like a write, so an upload snapshot never straddles it.
+            {
+                let mut inner = lock(&self.inner);
+                let n = inner.get_mut(ino)?;
+                n.generation += 1;
+                n.writing += 1;
+            }
+            let resized = file.set_len(size);
+            if let Ok(n) = lock(&self.inner).get_mut(ino) {
+                n.writing = n.writing.saturating_sub(1);
+            }
+            resized?;
             file.sync_data()?;
             self.staging.sync_dir()?;
         }
@@ -1505,13 +1517,20 @@ impl Fs {
         if let Some(why) = &lock(&self.counters).read_only {
             return Err(FsError::ReadOnly(why.clone()));
         }
-        // The generation moves before and after the write, so an upload snapshot that
-        // overlaps it is always seen as stale.
-        lock(&self.inner).get_mut(ino)?.generation += 1;
-        file.write_all_at(data, offset)?;
+        // The generation moves before and after the write, and `writing` counts it while
+        // its bytes go in, so an upload snapshot that overlaps it is always seen as stale.
         {
             let mut inner = lock(&self.inner);
             let n = inner.get_mut(ino)?;
+            n.generation += 1;
+            n.writing += 1;
+        }
+        let written = file.write_all_at(data, offset);
+        {
+            let mut inner = lock(&self.inner);
+            let n = inner.get_mut(ino)?;
+            n.writing = n.writing.saturating_sub(1);
+            written?;
             n.size = n.size.max(offset + data.len() as u64);
             n.mtime_ns = now_ns();
             n.ctime_ns = n.mtime_ns;

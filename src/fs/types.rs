@@ -58,6 +58,9 @@ pub struct Inode {
     pub generation: u64,
     #[serde(skip)]
     pub open: u32,
+    /// In-memory only: writes between their generation bump and the end of their pwrite.
+    #[serde(skip)]
+    pub writing: u32,
 }
 
 impl Inode {
@@ -84,6 +87,7 @@ impl Inode {
             listed_at: None,
             generation: 0,
             open: 0,
+            writing: 0,
         }
     }
 

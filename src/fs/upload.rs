@@ -342,30 +342,41 @@ impl Fs {
     /// Copies the staging file for upload without holding up writers; a copy that a write
     /// overlapped is thrown away and taken again, so a torn state is never uploaded.
     async fn snapshot(&self, seq: u64, ino: u64) -> FsResult<Option<(Content, u64)>> {
-        let generation = |fs: &Self| lock(&fs.inner).inodes.get(&ino).map(|n| n.generation);
-        for attempt in 0..5 {
-            let Some(before) = generation(self) else { return Ok(None) };
-            let name = format!("up-{seq}");
-            let copied = if attempt < 4 {
-                tokio::task::spawn_blocking(self.staging.snapshot_job(ino, &name))
-                    .await
-                    .map_err(|e| FsError::Io(std::io::Error::other(e)))?
-            } else {
-                // Still busy: copy under the lock this time.
-                let _inner = lock(&self.inner);
-                self.staging.snapshot(ino, &name)
-            };
+        let state = |fs: &Self| lock(&fs.inner).inodes.get(&ino).map(|n| (n.generation, n.writing));
+        let name = format!("up-{seq}");
+        for _ in 0..4 {
+            let Some(before) = state(self) else { return Ok(None) };
+            if before.1 > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let copied = tokio::task::spawn_blocking(self.staging.snapshot_job(ino, &name))
+                .await
+                .map_err(|e| FsError::Io(std::io::Error::other(e)))?;
             let (path, size, hash) = match copied {
                 Ok(c) => c,
-                Err(_) if generation(self).is_none() => return Ok(None),
+                Err(_) if state(self).is_none() => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
-            let content = Content::File { path, size, hash };
-            if generation(self) == Some(before) || attempt == 4 {
-                return Ok(Some((content, before)));
+            // No write started or was under way while we copied: the copy is one state.
+            if state(self) == Some(before) {
+                return Ok(Some((Content::File { path, size, hash }, before.0)));
             }
         }
-        Ok(None)
+        // Still busy: copy under the lock once no write is in its pwrite (a new one cannot
+        // start without the lock).
+        loop {
+            {
+                let inner = lock(&self.inner);
+                let Some(n) = inner.inodes.get(&ino) else { return Ok(None) };
+                if n.writing == 0 {
+                    let generation = n.generation;
+                    let (path, size, hash) = self.staging.snapshot(ino, &name)?;
+                    return Ok(Some((Content::File { path, size, hash }, generation)));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// A folder lives in the bucket as its marker (carrying its attributes); a moved folder
