@@ -970,6 +970,16 @@ impl Fs {
         Ok(target)
     }
 
+    /// Whether a folder's listing is recent enough to answer from (ENOTDIR for a file).
+    fn listing_fresh(&self, dir: u64) -> FsResult<bool> {
+        let inner = lock(&self.inner);
+        let n = inner.get(dir)?;
+        if n.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok(n.is_listed_fresh(self.cfg.metadata_ttl))
+    }
+
     pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
         if name.len() > 255 {
             return Err(FsError::NameTooLong);
@@ -977,14 +987,7 @@ impl Fs {
         if layout::is_reserved(name) {
             return Err(FsError::NotFound);
         }
-        let fresh = {
-            let inner = lock(&self.inner);
-            let p = inner.get(parent)?;
-            if p.kind != Kind::Dir {
-                return Err(FsError::NotDir);
-            }
-            p.is_listed_fresh(self.cfg.metadata_ttl)
-        };
+        let fresh = self.listing_fresh(parent)?;
         // Past the TTL, ask the bucket again: names and versions may have changed there.
         if !fresh && let Err(e) = self.refresh_dir(parent).await {
             // Unreachable bucket: answer from what we know, fail only what we don't.
@@ -1084,7 +1087,7 @@ impl Fs {
     async fn prepare_new(&self, parent: u64, name: &str) -> FsResult<()> {
         check_name(name, self.cfg.max_name_len)?;
         // Make sure the name is free in the bucket too, not only in what we have seen.
-        let fresh = lock(&self.inner).get(parent)?.is_listed_fresh(self.cfg.metadata_ttl);
+        let fresh = self.listing_fresh(parent)?;
         if !fresh && let Err(e) = self.refresh_dir(parent).await {
             // Offline: go ahead; the upload is conditional and settles a clash later.
             tracing::debug!("creating {name} without checking the bucket: {e}");
@@ -1602,14 +1605,7 @@ impl Fs {
     // ---- folders --------------------------------------------------------------------
 
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let fresh = {
-            let inner = lock(&self.inner);
-            let n = inner.get(ino)?;
-            if n.kind != Kind::Dir {
-                return Err(FsError::NotDir);
-            }
-            n.is_listed_fresh(self.cfg.metadata_ttl)
-        };
+        let fresh = self.listing_fresh(ino)?;
         if !fresh && let Err(e) = self.refresh_dir(ino).await {
             if !lock(&self.inner).get(ino)?.listed {
                 return Err(e);

@@ -109,6 +109,16 @@ impl Inode {
         self.listed_at.is_some_and(|t| t.elapsed() < ttl)
     }
 
+    /// The attributes as they travel on the object (mtime in whole seconds, as s3fs).
+    pub fn posix_attrs(&self) -> crate::layout::PosixAttrs {
+        crate::layout::PosixAttrs {
+            mode: Some(self.file_mode()),
+            uid: Some(self.uid),
+            gid: Some(self.gid),
+            mtime: Some(self.mtime_ns.div_euclid(1_000_000_000)),
+        }
+    }
+
     pub fn file_mode(&self) -> u32 {
         let t = match self.kind {
             Kind::File => crate::layout::S_IFREG,

@@ -282,12 +282,7 @@ impl Fs {
                 }
             }
         }
-        let attrs = PosixAttrs {
-            mode: Some(node.file_mode()),
-            uid: Some(node.uid),
-            gid: Some(node.gid),
-            mtime: Some(node.mtime_ns.div_euclid(1_000_000_000)),
-        };
+        let attrs = node.posix_attrs();
 
         if node.kind == Kind::Dir {
             return self.sync_dir(seq, node, &key).await;
@@ -389,12 +384,7 @@ impl Fs {
                 node = Inode { generation: node.generation, ..n.clone() };
             }
         }
-        let attrs = PosixAttrs {
-            mode: Some(node.file_mode()),
-            uid: Some(node.uid),
-            gid: Some(node.gid),
-            mtime: Some(node.mtime_ns.div_euclid(1_000_000_000)),
-        };
+        let attrs = node.posix_attrs();
         let marker = obj_path(&layout::marker_key(key))?;
         lock(&self.inner).in_flight.insert(key.to_string());
         let opts = PutOptions { attributes: attrs.to_attributes(None), ..Default::default() };
@@ -650,12 +640,7 @@ impl Fs {
         };
         let mut copy_name = layout::conflict_name(name, &self.cfg.host, &stamp);
         let mut attempt = 1;
-        let attrs = PosixAttrs {
-            mode: Some(node.file_mode()),
-            uid: Some(node.uid),
-            gid: Some(node.gid),
-            mtime: Some(node.mtime_ns.div_euclid(1_000_000_000)),
-        };
+        let attrs = node.posix_attrs();
         let put = loop {
             let copy_key = if dir_key.is_empty() { copy_name.clone() } else { format!("{dir_key}/{copy_name}") };
             lock(&self.inner).in_flight.insert(copy_key.clone());
