@@ -1,0 +1,1075 @@
+//! Real S3 tests: the built `autosync` binary mounts buckets of moto's S3 server (which, like
+//! AWS S3, enforces `If-Match`/`If-None-Match` on PUT), and a second S3 client (object_store,
+//! plus raw HTTP requests for what object_store cannot send) looks at the bucket from outside.
+//!
+//! moto's server is required: it is found at `$AUTOSYNC_MOTO_SERVER`, then at
+//! `.ci/venv/bin/moto_server`, then on `PATH`. Without it every test fails with a one-line
+//! message saying how to install it (`.ci/run` does). Each test starts its own moto server on a
+//! free loopback port and kills it in `Drop`, even when the test fails.
+//!
+//! Every test has its own temp dir holding the mount point, the state and cache dirs, the
+//! daemon's log (`daemon.log`) and moto's log. A failing test keeps it and prints where it is.
+//! Nothing waits by sleeping: conditions are polled with a deadline.
+//!
+//! Set `AUTOSYNC_TEST_LOG` (e.g. `debug`) to change the daemons' `RUST_LOG` (default `info`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjPath;
+use object_store::{Attribute, ObjectStore, ObjectStoreExt, PutPayload};
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_autosync");
+const INSTALL: &str = "install it with `python3 -m venv .ci/venv && .ci/venv/bin/pip install 'moto[server]'` \
+                       (or run `bash .ci/run`), or set AUTOSYNC_MOTO_SERVER to a moto_server";
+/// Credentials for the moto servers that do not enforce authentication.
+const KEY_ID: &str = "testing";
+const SECRET: &str = "testing";
+const REGION: &str = "us-east-1";
+const UPLOAD_DELAY: &str = "0.2";
+const SHUTDOWN_GRACE: &str = "10";
+/// How long a single command may take before the test gives up on it.
+const CMD_TIMEOUT: Duration = Duration::from_secs(120);
+/// 2021-03-04 05:06:07 UTC.
+const STAMP: i64 = 1_614_834_367;
+
+// ---------------------------------------------------------------------------------------------
+// Running commands with a deadline
+// ---------------------------------------------------------------------------------------------
+
+struct Out {
+    what: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn ok(&self) -> bool {
+        self.status.success()
+    }
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.what, self.status, self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`. Its stderr goes to `stderr_log`
+/// (appended) when given, so that a daemon it leaves behind keeps logging there; `Out.stderr`
+/// then holds what was appended while the command ran.
+fn try_run(cmd: &mut Command, timeout: Duration, stderr_log: Option<&Path>) -> Result<Out, String> {
+    let what = format!("{cmd:?}");
+    let mut out = tempfile::tempfile().map_err(|e| e.to_string())?;
+    let (mut err, start) = match stderr_log {
+        Some(p) => {
+            let f = OpenOptions::new().create(true).append(true).open(p).map_err(|e| e.to_string())?;
+            let len = f.metadata().map_err(|e| e.to_string())?.len();
+            (OpenOptions::new().read(true).open(p).map_err(|e| e.to_string())?, (f, len))
+        }
+        None => {
+            let f = tempfile::tempfile().map_err(|e| e.to_string())?;
+            (f.try_clone().map_err(|e| e.to_string())?, (f, 0))
+        }
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(|e| e.to_string())?)
+        .stderr(start.0.try_clone().map_err(|e| e.to_string())?);
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what} did not finish within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stdout = Vec::new();
+    out.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    out.read_to_end(&mut stdout).map_err(|e| e.to_string())?;
+    let mut stderr = Vec::new();
+    err.seek(SeekFrom::Start(start.1)).map_err(|e| e.to_string())?;
+    err.read_to_end(&mut stderr).map_err(|e| e.to_string())?;
+    Ok(Out {
+        what,
+        status,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
+}
+
+fn run(cmd: &mut Command) -> Out {
+    try_run(cmd, CMD_TIMEOUT, None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `cmd` and fails the test unless it exits 0.
+fn run_ok(cmd: &mut Command) -> Out {
+    let out = run(cmd);
+    assert!(out.ok(), "command failed: {out}");
+    out
+}
+
+/// Polls `f` until it gives a value, failing the test after `timeout`.
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The environment of an `autosync` child: no `AWS_*` variable of this machine (the machine
+/// sets `AWS_CA_BUNDLE`, and an `AWS_ENDPOINT*` would override `--endpoint`), only the
+/// credentials and region given.
+fn s3_env(cmd: &mut Command, key_id: &str, secret: &str) {
+    for (k, _) in std::env::vars_os() {
+        if k.as_bytes().starts_with(b"AWS_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("AWS_ACCESS_KEY_ID", key_id).env("AWS_SECRET_ACCESS_KEY", secret).env("AWS_REGION", REGION);
+}
+
+// ---------------------------------------------------------------------------------------------
+// moto's server
+// ---------------------------------------------------------------------------------------------
+
+fn is_executable(p: &Path) -> bool {
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `$AUTOSYNC_MOTO_SERVER`, else `.ci/venv/bin/moto_server`, else `moto_server` on `PATH`.
+fn moto_server_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("AUTOSYNC_MOTO_SERVER") {
+        let p = PathBuf::from(p);
+        assert!(is_executable(&p), "AUTOSYNC_MOTO_SERVER={} is not an executable file: {INSTALL}", p.display());
+        return p;
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/venv/bin/moto_server");
+    if is_executable(&venv) {
+        return venv;
+    }
+    let on_path = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|d| d.join("moto_server")).find(|p| is_executable(p)));
+    on_path.unwrap_or_else(|| {
+        panic!("moto_server not found (not in AUTOSYNC_MOTO_SERVER, .ci/venv/bin or PATH): {INSTALL}")
+    })
+}
+
+/// A loopback port nothing listens on (at the time of the call).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// One plain HTTP/1.1 request to a loopback port; returns the status and the body.
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status =
+        text.strip_prefix("HTTP/1.").and_then(|r| r.get(2..5)).and_then(|c| c.parse().ok()).ok_or_else(|| {
+            std::io::Error::other(format!("not an HTTP response: {:?}", &text[..text.len().min(200)]))
+        })?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A moto server on a free loopback port, killed when dropped.
+struct Moto {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Moto {
+    fn start(log: PathBuf) -> Moto {
+        let exe = moto_server_path();
+        // Another process may take the free port before moto binds it: then try another.
+        for _ in 0..3 {
+            let port = free_port();
+            let f = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+            let child = Command::new(&exe)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .env_remove("INITIAL_NO_AUTH_ACTION_COUNT")
+                .stdin(Stdio::null())
+                .stdout(f.try_clone().unwrap())
+                .stderr(f)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}; {INSTALL}", exe.display()));
+            let mut moto = Moto { child, port, log: log.clone() };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if moto.child.try_wait().ok().flatten().is_some() {
+                    break; // exited (port taken?): try another port
+                }
+                if let Ok((200, body)) = http(port, "GET", "/", &[], b"")
+                    && body.contains("ListAllMyBucketsResult")
+                {
+                    return moto;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "moto_server did not answer on 127.0.0.1:{port} within 30 s; its log:\n{}",
+                    tail(&log, 20)
+                );
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        panic!("moto_server ({}) exited at start three times; its log:\n{}", exe.display(), tail(&log, 30));
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A raw request that must answer 200.
+    fn ok(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> String {
+        match http(self.port, method, path, headers, body) {
+            Ok((200, body)) => body,
+            Ok((status, body)) => {
+                panic!("{method} {path} answered {status}: {body}\nmoto log:\n{}", tail(&self.log, 20))
+            }
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    }
+
+    /// `PUT /bucket`: unsigned, which moto accepts unless authentication is enforced.
+    fn create_bucket(&self, bucket: &str) {
+        self.ok("PUT", &format!("/{bucket}"), &[], b"");
+    }
+
+    /// `PUT /bucket/key` with the key exactly as given (object_store refuses keys like `a//b`).
+    fn put_raw(&self, bucket: &str, key: &str, body: &[u8]) {
+        self.ok("PUT", &format!("/{bucket}/{key}"), &[("Content-Type", "application/octet-stream")], body);
+    }
+
+    /// An IAM action, unsigned: moto routes it by the service named in the credential scope.
+    fn iam(&self, params: &[(&str, &str)]) -> String {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(params)
+            .append_pair("Version", "2010-05-08")
+            .finish();
+        let auth =
+            "AWS4-HMAC-SHA256 Credential=setup/20240101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0";
+        self.ok(
+            "POST",
+            "/",
+            &[("Authorization", auth), ("Content-Type", "application/x-www-form-urlencoded")],
+            body.as_bytes(),
+        )
+    }
+
+    /// Creates an IAM user allowed everything and returns its access key pair.
+    fn iam_user(&self, name: &str) -> (String, String) {
+        self.iam(&[("Action", "CreateUser"), ("UserName", name)]);
+        let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#;
+        self.iam(&[("Action", "PutUserPolicy"), ("UserName", name), ("PolicyName", "all"), ("PolicyDocument", policy)]);
+        let xml = self.iam(&[("Action", "CreateAccessKey"), ("UserName", name)]);
+        let field = |tag: &str| {
+            xml.split_once(&format!("<{tag}>"))
+                .and_then(|(_, r)| r.split_once(&format!("</{tag}>")))
+                .map(|(v, _)| v.to_string())
+                .unwrap_or_else(|| panic!("no {tag} in the CreateAccessKey answer: {xml}"))
+        };
+        (field("AccessKeyId"), field("SecretAccessKey"))
+    }
+
+    /// From now on every request must be signed with the credentials of an IAM user.
+    fn enforce_auth(&self) {
+        self.ok("POST", "/moto-api/reset-auth", &[("Content-Type", "text/plain")], b"0");
+        let (status, _) = http(self.port, "GET", "/", &[], b"").expect("GET /");
+        assert_ne!(status, 200, "moto still answers unsigned requests after reset-auth");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The other S3 client
+// ---------------------------------------------------------------------------------------------
+
+fn obj(key: &str) -> ObjPath {
+    ObjPath::parse(key).unwrap_or_else(|e| panic!("object_store cannot hold key {key:?}: {e}"))
+}
+
+/// One object as another S3 client sees it.
+struct Object {
+    data: Vec<u8>,
+    meta: BTreeMap<String, String>,
+    etag: String,
+}
+
+/// Another S3 client on a bucket: object_store with its own runtime.
+struct Other {
+    rt: tokio::runtime::Runtime,
+    store: AmazonS3,
+}
+
+impl Other {
+    fn new(moto: &Moto, bucket: &str) -> Other {
+        Other::with_keys(moto, bucket, KEY_ID, SECRET)
+    }
+
+    fn with_keys(moto: &Moto, bucket: &str, key_id: &str, secret: &str) -> Other {
+        let store = AmazonS3Builder::new()
+            .with_endpoint(moto.endpoint())
+            .with_allow_http(true)
+            .with_bucket_name(bucket)
+            .with_region(REGION)
+            .with_access_key_id(key_id)
+            .with_secret_access_key(secret)
+            .build()
+            .expect("object_store client");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        Other { rt, store }
+    }
+
+    /// Puts `data` at `key`; returns the new ETag.
+    fn put(&self, key: &str, data: &[u8]) -> String {
+        let r = self.rt.block_on(self.store.put(&obj(key), PutPayload::from(data.to_vec())));
+        r.unwrap_or_else(|e| panic!("other client: put {key:?}: {e}")).e_tag.unwrap_or_default()
+    }
+
+    fn get(&self, key: &str) -> Object {
+        let r = self.rt.block_on(async {
+            let g = self.store.get(&obj(key)).await?;
+            let meta = g
+                .attributes
+                .iter()
+                .filter_map(|(k, v)| match k {
+                    Attribute::Metadata(name) => Some((name.to_ascii_lowercase(), v.as_ref().to_string())),
+                    _ => None,
+                })
+                .collect();
+            let etag = g.meta.e_tag.clone().unwrap_or_default();
+            let data = g.bytes().await?.to_vec();
+            Ok::<_, object_store::Error>(Object { data, meta, etag })
+        });
+        r.unwrap_or_else(|e| panic!("other client: get {key:?}: {e}"))
+    }
+
+    fn delete(&self, key: &str) {
+        let r = self.rt.block_on(self.store.delete(&obj(key)));
+        r.unwrap_or_else(|e| panic!("other client: delete {key:?}: {e}"));
+    }
+
+    /// Every key in the bucket.
+    fn keys(&self) -> BTreeSet<String> {
+        let r = self.rt.block_on(self.store.list(None).map_ok(|m| m.location.to_string()).try_collect());
+        r.unwrap_or_else(|e| panic!("other client: list: {e}"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mounts, processes and the mount table
+// ---------------------------------------------------------------------------------------------
+
+/// Is something mounted exactly at `p` (an absolute, canonical path)?
+fn mounted(p: &Path) -> bool {
+    let want = p.to_string_lossy().replace(' ', "\\040");
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str())))
+        .unwrap_or(false)
+}
+
+/// Running (not zombie) `autosync mount` daemons with `needle` as one of their arguments.
+fn daemon_pids(needle: &Path) -> Vec<u32> {
+    let needle = needle.as_os_str().as_bytes();
+    let mut pids = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else { return pids };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"autosync"))
+            && args.contains(&&b"mount"[..])
+            && args.contains(&needle)
+            && !args.contains(&&b"--daemon"[..]);
+        if is_daemon && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The process exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn sigkill(pid: u32) {
+    // SAFETY: plain kill(2) on a pid this test started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+fn log_level() -> String {
+    std::env::var("AUTOSYNC_TEST_LOG").unwrap_or_else(|_| "info".into())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// One test's temp dir: mount point, state and cache dirs, the daemon's and moto's logs.
+struct Fixture {
+    tmp: Option<TempDir>,
+    root: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Self {
+        let tmp = tempfile::Builder::new().prefix(&format!("autosync-s3-{name}-")).tempdir().expect("tempdir");
+        let root = tmp.path().canonicalize().expect("canonical temp dir");
+        let mnt = root.join("mnt");
+        fs::create_dir(&mnt).expect("mkdir mnt");
+        Fixture { log: root.join("daemon.log"), mnt, root, tmp: Some(tmp) }
+    }
+
+    /// A moto server logging to `NAME.log` in this fixture.
+    fn moto(&self, name: &str) -> Moto {
+        Moto::start(self.root.join(format!("{name}.log")))
+    }
+
+    /// Mounts `source` of `moto` at `mnt`, with state dir `state-TAG` and cache dir `cache-TAG`.
+    fn mount(&self, moto: &Moto, source: &str, metadata_ttl: &str, tag: &str) -> Mount {
+        Mount::start(self, &moto.endpoint(), source, metadata_ttl, tag, (KEY_ID, SECRET))
+    }
+
+    /// A path inside the mount.
+    fn m(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Last line of defence: nothing of this test stays mounted or running.
+        if mounted(&self.mnt) {
+            let _ = try_run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(10), None);
+        }
+        for pid in daemon_pids(&self.mnt) {
+            sigkill(pid);
+        }
+        if std::thread::panicking()
+            && let Some(tmp) = self.tmp.take()
+        {
+            let kept = tmp.keep();
+            eprintln!("test failed: keeping {} (daemon log: {})", kept.display(), self.log.display());
+            eprintln!("--- last lines of the daemon log ---\n{}", tail(&self.log, 40));
+            for e in fs::read_dir(&kept).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") && p != self.log {
+                    eprintln!("--- last lines of {} ---\n{}", p.display(), tail(&p, 15));
+                }
+            }
+        }
+    }
+}
+
+/// A live mount, started with `--daemon`. Dropping it unmounts, whatever happened.
+struct Mount {
+    mnt: PathBuf,
+    state: PathBuf,
+    pid: u32,
+    live: bool,
+}
+
+impl Mount {
+    fn start(fx: &Fixture, endpoint: &str, source: &str, ttl: &str, tag: &str, creds: (&str, &str)) -> Mount {
+        let state = fx.root.join(format!("state-{tag}"));
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .arg(source)
+            .arg(&fx.mnt)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--cache-dir")
+            .arg(fx.root.join(format!("cache-{tag}")))
+            .args(["--endpoint", endpoint, "--allow-http", "--daemon"])
+            .args(["--upload-delay", UPLOAD_DELAY, "--metadata-ttl", ttl, "--shutdown-grace", SHUTDOWN_GRACE])
+            .env("RUST_LOG", log_level())
+            .env("NO_COLOR", "1");
+        s3_env(&mut cmd, creds.0, creds.1);
+        let out = try_run(&mut cmd, Duration::from_secs(60), Some(&fx.log)).unwrap_or_else(|e| panic!("{e}"));
+        // Whatever happened, make sure a daemon that did start is taken down on failure.
+        let pid = daemon_pids(&state).first().copied();
+        let mut m = Mount { mnt: fx.mnt.clone(), state: state.clone(), pid: pid.unwrap_or(0), live: true };
+        assert!(out.ok(), "mount failed: {out}\n--- daemon log ---\n{}", tail(&fx.log, 40));
+        assert!(mounted(&fx.mnt), "`mount --daemon` returned but {} is not in the mount table", fx.mnt.display());
+        if m.pid == 0 {
+            m.pid = wait_for("the daemon's pid", Duration::from_secs(10), || daemon_pids(&state).first().copied());
+        }
+        m
+    }
+
+    fn cli(&self, sub: &str) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg(sub).arg(&self.mnt).arg("--state-dir").arg(&self.state).env_remove("AWS_CA_BUNDLE");
+        c
+    }
+
+    /// `autosync flush`: returns once every change is in the bucket.
+    fn flush(&self) {
+        let out = run(self.cli("flush").args(["--timeout", "60"]));
+        assert!(out.ok(), "flush failed: {out}");
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = run_ok(self.cli("status").arg("--json"));
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
+    }
+
+    /// `autosync unmount`, then waits for the daemon to exit (it releases the state dir).
+    fn unmount(mut self) {
+        let out = run(&mut self.cli("unmount"));
+        assert!(out.ok(), "unmount failed: {out}");
+        assert!(!mounted(&self.mnt), "`autosync unmount` returned but {} is still mounted", self.mnt.display());
+        self.live = false;
+        let pid = self.pid;
+        wait_for("the daemon to exit after unmount", Duration::from_secs(30), || (!alive(pid)).then_some(()));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if !self.live {
+            return;
+        }
+        let _ = try_run(&mut self.cli("unmount"), Duration::from_secs(30), None);
+        if mounted(&self.mnt) {
+            let _ = try_run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(10), None);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.pid != 0 && alive(self.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.pid != 0 && alive(self.pid) {
+            sigkill(self.pid);
+        }
+    }
+}
+
+/// Takes down anything a command that should have failed mounted at `mnt` after all.
+struct StrayGuard(PathBuf);
+
+impl Drop for StrayGuard {
+    fn drop(&mut self) {
+        let pids = daemon_pids(&self.0);
+        if mounted(&self.0) {
+            let _ = try_run(Command::new("umount").arg("-l").arg(&self.0), Duration::from_secs(10), None);
+        }
+        for pid in pids {
+            sigkill(pid);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data helpers
+// ---------------------------------------------------------------------------------------------
+
+/// splitmix64: deterministic, fast pseudo-random data.
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        v.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+fn write_file(path: &Path, data: &[u8]) {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", p.display()));
+    }
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    f.sync_all().unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Names in a folder of the mount, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn is_marker(key: &str) -> bool {
+    key.rsplit('/').next() == Some(".autosync-folder")
+}
+
+/// A clean run logs no warning or error: each one is a failed request or a conflict.
+fn assert_no_warnings(fx: &Fixture) {
+    let log = fs::read_to_string(&fx.log).unwrap_or_default();
+    let bad: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+    assert!(bad.is_empty(), "the daemon logged warnings or errors:\n{}", bad.join("\n"));
+}
+
+/// This machine's hostname as conflict copies spell it (SEMANTICS.md: every character other
+/// than ASCII letters, digits and `-` becomes `_`).
+fn conflict_host() -> String {
+    let h = nix::unistd::gethostname().expect("gethostname").to_string_lossy().into_owned();
+    h.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+}
+
+fn utc_stamp() -> String {
+    chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Round trip under a prefix: content, attributes as user metadata, conditional writes
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn round_trip_under_a_prefix() {
+    let fx = Fixture::new("roundtrip");
+    let moto = fx.moto("moto");
+    moto.create_bucket("round");
+    let other = Other::new(&moto, "round");
+    let m = fx.mount(&moto, "s3://round/some/prefix", "1", "a");
+
+    let data = random_bytes(1, 200_000);
+    write_file(&fx.m("hello.txt"), b"hello from the mount\n");
+    write_file(&fx.m("nested/deeper/data.bin"), &data);
+    write_file(&fx.m("empty"), b"");
+    fs::create_dir(fx.m("emptydir")).unwrap();
+    std::os::unix::fs::symlink("nested/deeper/data.bin", fx.m("link")).unwrap();
+    run_ok(Command::new("chmod").arg("640").arg(fx.m("hello.txt")));
+    run_ok(Command::new("chmod").arg("750").arg(fx.m("nested")));
+    run_ok(Command::new("chown").arg("1234:5678").arg(fx.m("hello.txt")));
+    for p in ["hello.txt", "nested"] {
+        run_ok(Command::new("touch").args(["-d", "2021-03-04 05:06:07"]).arg(fx.m(p)).env("TZ", "UTC"));
+    }
+    m.flush();
+
+    // Every key is under the prefix; the files are exactly these, plus folder markers.
+    let keys = other.keys();
+    assert!(keys.iter().all(|k| k.starts_with("some/prefix/")), "keys outside the prefix: {keys:?}");
+    let files: BTreeSet<&str> =
+        keys.iter().filter(|k| !is_marker(k)).map(|k| k.strip_prefix("some/prefix/").unwrap()).collect();
+    let want: BTreeSet<&str> = ["empty", "hello.txt", "link", "nested/deeper/data.bin"].into();
+    assert_eq!(files, want, "files in the bucket (all keys: {keys:?})");
+    assert!(keys.contains("some/prefix/emptydir/.autosync-folder"), "no marker for the empty folder: {keys:?}");
+
+    // Content and attributes match what the mount shows, for every file.
+    for rel in &want {
+        let o = other.get(&format!("some/prefix/{rel}"));
+        let md = fs::symlink_metadata(fx.m(rel)).unwrap();
+        let content = if md.file_type().is_symlink() {
+            fs::read_link(fx.m(rel)).unwrap().as_os_str().as_bytes().to_vec()
+        } else {
+            read(&fx.m(rel))
+        };
+        assert!(o.data == content, "{rel}: the object's content differs from the file in the mount");
+        let got = (o.meta.get("mode"), o.meta.get("uid"), o.meta.get("gid"), o.meta.get("mtime"));
+        let (mode, uid, gid, mtime) =
+            (md.mode().to_string(), md.uid().to_string(), md.gid().to_string(), md.mtime().to_string());
+        assert_eq!(got, (Some(&mode), Some(&uid), Some(&gid), Some(&mtime)), "{rel}: metadata {:?}", o.meta);
+        assert_eq!(o.meta.get("autosync-hash"), Some(&blake3::hash(&content).to_hex().to_string()), "{rel}");
+    }
+    // ...and they are the values that were set.
+    let hello = other.get("some/prefix/hello.txt");
+    assert_eq!(hello.data, b"hello from the mount\n");
+    assert_eq!(hello.meta["mode"], (libc::S_IFREG | 0o640).to_string());
+    assert_eq!((hello.meta["uid"].as_str(), hello.meta["gid"].as_str()), ("1234", "5678"));
+    assert_eq!(hello.meta["mtime"], STAMP.to_string());
+    let link = other.get("some/prefix/link");
+    assert_eq!(link.data, b"nested/deeper/data.bin");
+    assert_eq!(link.meta["mode"], (libc::S_IFLNK | 0o777).to_string(), "a symlink's mode has the S_IFLNK bits");
+    let marker = other.get("some/prefix/nested/.autosync-folder");
+    assert_eq!(marker.meta.get("mode"), Some(&(libc::S_IFDIR | 0o750).to_string()), "folder marker: {:?}", marker.meta);
+    assert_eq!(marker.meta.get("mtime"), Some(&STAMP.to_string()), "folder marker: {:?}", marker.meta);
+
+    // moto enforces both kinds of conditional write, and the probe found that out.
+    let st = m.status_json();
+    assert_eq!(st["conditional_create"], true, "status: {st}");
+    assert_eq!(st["conditional_update"], true, "status: {st}");
+    assert_eq!((st["pending_ops"].as_u64(), st["conflicts"].as_u64()), (Some(0), Some(0)), "status: {st}");
+    m.unmount();
+
+    // A fresh mount (another machine: new state and cache) shows the same tree and attributes.
+    let m = fx.mount(&moto, "s3://round/some/prefix", "1", "b");
+    assert_eq!(read(&fx.m("hello.txt")), b"hello from the mount\n");
+    assert!(read(&fx.m("nested/deeper/data.bin")) == data, "data.bin differs in a fresh mount");
+    assert_eq!(read(&fx.m("empty")), b"");
+    assert_eq!(fs::read_link(fx.m("link")).unwrap(), Path::new("nested/deeper/data.bin"));
+    assert_eq!(names(&fx.m("emptydir")), Vec::<String>::new());
+    let md = fs::metadata(fx.m("hello.txt")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid(), md.gid(), md.mtime()), (0o640, 1234, 5678, STAMP), "hello.txt");
+    let md = fs::metadata(fx.m("nested")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.mtime()), (0o750, STAMP), "nested/");
+    m.unmount();
+    assert_no_warnings(&fx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Objects written by another client, with awkward key characters, show up in the mount
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn objects_from_another_client_appear_with_their_names() {
+    let fx = Fixture::new("names");
+    let moto = fx.moto("moto");
+    moto.create_bucket("names");
+    let other = Other::new(&moto, "names");
+    let m = fx.mount(&moto, "s3://names", "0.5", "a");
+    // The empty root is listed (and that listing cached) before the objects exist.
+    assert_eq!(names(&fx.mnt), Vec::<String>::new());
+
+    let objects: Vec<(&str, Vec<u8>)> = [
+        "with space.txt",
+        "ünïcödé ñame.txt",
+        "a+b=c.txt",
+        "100%.txt",
+        "50%25 literal.txt",
+        "a%2Fb.txt",
+        "issue#12.txt",
+        "q?x&y=z.txt",
+        "folder with space/x+y%z#w ü.txt",
+    ]
+    .iter()
+    .map(|&k| (k, format!("content of {k}\n").into_bytes()))
+    .collect();
+    for (k, data) in &objects {
+        other.put(k, data);
+    }
+
+    let top: BTreeSet<String> = objects.iter().map(|(k, _)| k.split('/').next().unwrap().to_string()).collect();
+    let top: Vec<String> = top.into_iter().collect();
+    wait_for("the other client's objects to appear in the mount", Duration::from_secs(20), || {
+        (names(&fx.mnt) == top).then_some(())
+    });
+    assert_eq!(names(&fx.m("folder with space")), vec!["x+y%z#w ü.txt".to_string()]);
+    for (k, data) in &objects {
+        assert_eq!(&read(&fx.m(k)), data, "{k} in the mount");
+        assert_eq!(fs::metadata(fx.m(k)).unwrap().len(), data.len() as u64, "size of {k}");
+    }
+
+    // Their later changes show too: a replaced object (new size) and a deleted one.
+    let replaced = b"replaced by the other client, with a different size\n";
+    other.put("a+b=c.txt", replaced);
+    other.delete("100%.txt");
+    // (Polled by `stat`: reading the file before the mount re-lists its folder would read
+    // the version it knows, which answers ESTALE now that it is gone.)
+    wait_for("the replaced object's new size in the mount", Duration::from_secs(20), || {
+        (fs::metadata(fx.m("a+b=c.txt")).ok()?.len() == replaced.len() as u64).then_some(())
+    });
+    assert_eq!(read(&fx.m("a+b=c.txt")), replaced);
+    wait_for("the deleted object to leave the mount", Duration::from_secs(20), || {
+        (!names(&fx.mnt).iter().any(|n| n == "100%.txt")).then_some(())
+    });
+    let objects: Vec<(&str, Vec<u8>)> = objects
+        .into_iter()
+        .filter(|(k, _)| *k != "100%.txt")
+        .map(|(k, d)| if k == "a+b=c.txt" { (k, replaced.to_vec()) } else { (k, d) })
+        .collect();
+
+    // The other way round: names written in the mount are the keys, byte for byte.
+    let mine = ["from mount + % # ü.txt", "sub dir/50%25 b+c.txt"];
+    for k in mine {
+        write_file(&fx.m(k), format!("mine: {k}\n").as_bytes());
+    }
+    m.flush();
+    for k in mine {
+        assert_eq!(other.get(k).data, format!("mine: {k}\n").into_bytes(), "key {k:?} as read by the other client");
+    }
+    let keys: BTreeSet<String> = other.keys().into_iter().filter(|k| !is_marker(k)).collect();
+    let want: BTreeSet<String> = objects.iter().map(|(k, _)| k.to_string()).chain(mine.map(String::from)).collect();
+    assert_eq!(keys, want, "keys in the bucket");
+    m.unmount();
+    assert_no_warnings(&fx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Keys that cannot be file names are skipped with a warning; the rest lists fine
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn keys_that_cannot_be_paths_are_skipped() {
+    let fx = Fixture::new("badkeys");
+    let moto = fx.moto("moto");
+    moto.create_bucket("odd");
+    moto.put_raw("odd", "bad//x", b"empty component\n");
+    moto.put_raw("odd", "bad/ok", b"ok\n");
+    moto.put_raw("odd", "dir/../y", b"dot-dot\n");
+    moto.put_raw("odd", "dir/fine.txt", b"fine\n");
+    let m = fx.mount(&moto, "s3://odd", "1", "a");
+
+    let ls = |rel: &str| {
+        let out = run(Command::new("ls").arg(fx.m(rel)));
+        assert!(out.ok() && out.stderr.is_empty(), "ls {rel}: {out}");
+        out.stdout
+    };
+    assert_eq!(ls(""), "bad\ndir\n");
+    assert_eq!(ls("bad"), "ok\n");
+    assert_eq!(ls("dir"), "fine.txt\n");
+    assert_eq!(read(&fx.m("bad/ok")), b"ok\n");
+    assert_eq!(read(&fx.m("dir/fine.txt")), b"fine\n");
+
+    // One warning names each skipped key.
+    let log = fs::read_to_string(&fx.log).unwrap();
+    let warned =
+        |key: &str| log.lines().any(|l| l.contains("WARN") && l.contains("cannot be a file name") && l.contains(key));
+    assert!(warned("bad//"), "no warning about `bad//x` in the daemon log:\n{log}");
+    assert!(warned("dir/../"), "no warning about `dir/../y` in the daemon log:\n{log}");
+
+    // The folder stays usable: a new file in it goes up, and the odd objects are untouched.
+    write_file(&fx.m("bad/new.txt"), b"new\n");
+    m.flush();
+    assert_eq!(ls("bad"), "new.txt\nok\n");
+    let other = Other::new(&moto, "odd");
+    assert_eq!(other.get("bad/new.txt").data, b"new\n");
+    let listing = moto.ok("GET", "/odd?list-type=2&prefix=bad/", &[], b"");
+    assert!(listing.contains("<Key>bad//x</Key>"), "bad//x is gone from the bucket: {listing}");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A conflict: the bucket keeps the other client's edit, ours becomes a conflict copy
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn concurrent_edit_becomes_a_conflict_copy() {
+    let fx = Fixture::new("conflict");
+    let moto = fx.moto("moto");
+    moto.create_bucket("conf");
+    let other = Other::new(&moto, "conf");
+    // A long metadata TTL: the mount does not notice the other client's write before its own.
+    let m = fx.mount(&moto, "s3://conf/team", "600", "a");
+    let f = fx.m("f.txt");
+    write_file(&f, b"ours, first version\n");
+    m.flush();
+    assert_eq!(other.get("team/f.txt").data, b"ours, first version\n");
+
+    let theirs = b"theirs: written by another client\n";
+    let their_etag = other.put("team/f.txt", theirs);
+    let before = utc_stamp();
+    let ours = b"ours, second version, longer than the first\n";
+    {
+        let mut h = OpenOptions::new().write(true).open(&f).unwrap();
+        h.write_all(ours).unwrap();
+    }
+    m.flush();
+    let after = utc_stamp();
+
+    // The bucket keeps their version at the path...
+    let at_path = other.get("team/f.txt");
+    assert_eq!(at_path.data, theirs, "the other client's edit was overwritten");
+    assert_eq!(at_path.etag, their_etag);
+    // ...and ours is next to it as f.conflict-HOST-YYYYMMDD-HHMMSS.txt.
+    let prefix = format!("team/f.conflict-{}-", conflict_host());
+    let keys = other.keys();
+    let copies: Vec<&String> = keys.iter().filter(|k| k.starts_with(&prefix)).collect();
+    assert_eq!(copies.len(), 1, "expected one conflict copy `{prefix}YYYYMMDD-HHMMSS.txt`; keys: {keys:?}");
+    let stamp = copies[0].strip_prefix(&prefix).unwrap().strip_suffix(".txt").unwrap_or_else(|| {
+        panic!("conflict copy {} does not keep the .txt extension", copies[0]);
+    });
+    let well_formed = stamp.len() == 15
+        && stamp.bytes().enumerate().all(|(i, b)| if i == 8 { b == b'-' } else { b.is_ascii_digit() });
+    assert!(well_formed, "stamp {stamp:?} of {} is not YYYYMMDD-HHMMSS", copies[0]);
+    assert!(before.as_str() <= stamp && stamp <= after.as_str(), "stamp {stamp} not within [{before}, {after}] UTC");
+    assert_eq!(other.get(copies[0]).data, ours, "the conflict copy does not hold our version");
+    assert_eq!(keys.iter().filter(|k| !is_marker(k)).count(), 2, "keys: {keys:?}");
+
+    // status counts it.
+    let out = run_ok(&mut m.cli("status"));
+    let line = out.stdout.lines().find(|l| l.starts_with("conflicts:")).unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(line.split_once(':').unwrap().1.trim(), "1", "status: {out}");
+    assert_eq!(m.status_json()["conflicts"], 1);
+    let log = fs::read_to_string(&fx.log).unwrap();
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("conflict")), "no conflict warning in:\n{log}");
+
+    // In the mount: their version at the path, ours as the conflict copy.
+    let copy_name = copies[0].strip_prefix("team/").unwrap().to_string();
+    let mut want_names = vec!["f.txt".to_string(), copy_name.clone()];
+    want_names.sort();
+    let want = (want_names, Some(theirs.to_vec()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = (names(&fx.mnt), fs::read(&f).ok());
+        if seen == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 10 s the mount shows {:?} with f.txt = {:?}; expected {:?} with f.txt = {:?}",
+            seen.0,
+            seen.1.as_deref().map(String::from_utf8_lossy),
+            want.0,
+            String::from_utf8_lossy(theirs)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(read(&fx.m(&copy_name)), ours);
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Bad setups: one line on stderr, a non-zero exit, nothing mounted
+// ---------------------------------------------------------------------------------------------
+
+/// A mount that must fail: the `--endpoint`, the source, the credentials, and a part of the
+/// one line it must print.
+struct BadSetup<'a> {
+    what: &'a str,
+    endpoint: String,
+    source: &'a str,
+    creds: (&'a str, &'a str),
+    says: &'a str,
+}
+
+#[test]
+fn bad_setups_fail_with_one_line_and_mount_nothing() {
+    let fx = Fixture::new("bad");
+    let moto = fx.moto("moto");
+    moto.create_bucket("exists");
+    // A second server that enforces authentication: one IAM user is allowed everything.
+    let guarded = fx.moto("moto-auth");
+    let (key_id, secret) = guarded.iam_user("alice");
+    guarded.create_bucket("guarded");
+    guarded.enforce_auth();
+    let closed = free_port();
+
+    let case = |what, endpoint, source, creds, says| BadSetup { what, endpoint, source, creds, says };
+    let cases = [
+        case("missing bucket", moto.endpoint(), "s3://nosuchbucket/p", (KEY_ID, SECRET), "does not exist"),
+        case(
+            "unreachable endpoint",
+            format!("http://127.0.0.1:{closed}"),
+            "s3://exists",
+            (KEY_ID, SECRET),
+            "cannot reach",
+        ),
+        case("unknown access key", guarded.endpoint(), "s3://guarded", (KEY_ID, SECRET), "refused the credentials"),
+        case(
+            "wrong secret",
+            guarded.endpoint(),
+            "s3://guarded",
+            (&key_id, "not-the-secret"),
+            "refused the credentials",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (i, BadSetup { what, endpoint, source, creds, says }) in cases.iter().enumerate() {
+        for daemon in [false, true] {
+            let mp = fx.root.join(format!("mp{i}-{daemon}"));
+            fs::create_dir(&mp).unwrap();
+            let _guard = StrayGuard(mp.clone());
+            let mut cmd = Command::new(BIN);
+            cmd.arg("mount").arg(source).arg(&mp);
+            cmd.arg("--state-dir").arg(fx.root.join(format!("s{i}-{daemon}")));
+            cmd.arg("--cache-dir").arg(fx.root.join(format!("c{i}-{daemon}")));
+            cmd.args(["--endpoint", endpoint, "--allow-http"]).env_remove("RUST_LOG");
+            s3_env(&mut cmd, creds.0, creds.1);
+            if daemon {
+                cmd.arg("--daemon");
+            }
+            let mode = if daemon { "with --daemon" } else { "in the foreground" };
+            let out = try_run(&mut cmd, Duration::from_secs(60), None)
+                .unwrap_or_else(|e| panic!("{what} {mode}: the mount should have failed: {e}"));
+            assert!(!out.ok(), "{what} {mode}: mount succeeded: {out}");
+            assert!(!mounted(&mp), "{what} {mode}: something is mounted at {}", mp.display());
+            let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            if lines.len() != 1 || !lines[0].starts_with("autosync: ") || !lines[0].contains(says) {
+                failures
+                    .push(format!("{what} {mode}: stderr is not one `autosync: ...{says}...` line:\n{}", out.stderr));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // The same guarded bucket mounts with the IAM user's credentials, and takes writes.
+    let m = Mount::start(&fx, &guarded.endpoint(), "s3://guarded", "1", "ok", (&key_id, &secret));
+    write_file(&fx.m("signed.txt"), b"written with valid credentials\n");
+    m.flush();
+    assert_eq!(
+        Other::with_keys(&guarded, "guarded", &key_id, &secret).get("signed.txt").data,
+        b"written with valid credentials\n"
+    );
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A 40 MiB file goes up as a multipart upload
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn forty_mib_file_goes_up_multipart() {
+    let fx = Fixture::new("big");
+    let moto = fx.moto("moto");
+    moto.create_bucket("big");
+    let other = Other::new(&moto, "big");
+    let m = fx.mount(&moto, "s3://big/data", "1", "a");
+    let data = random_bytes(6, 40 << 20);
+    let want = blake3::hash(&data);
+    write_file(&fx.m("big.bin"), &data);
+    m.flush();
+
+    let o = other.get("data/big.bin");
+    assert_eq!(o.data.len(), data.len(), "size of the object");
+    assert_eq!(blake3::hash(&o.data), want, "the object differs from what was written");
+    // S3 gives a multipart object the ETag `"HASH-PARTS"`: 40 MiB in 16 MiB parts is 3 parts.
+    assert!(o.etag.trim_matches('"').ends_with("-3"), "ETag {} is not that of a 3-part upload", o.etag);
+    assert_eq!(o.meta.get("mode"), Some(&fs::metadata(fx.m("big.bin")).unwrap().mode().to_string()), "{:?}", o.meta);
+    m.unmount();
+    assert_no_warnings(&fx);
+}
