@@ -53,6 +53,8 @@ fn log_error(what: &str, e: &FsError) {
         FsError::NotFound | FsError::Exists | FsError::NotEmpty | FsError::NotDir | FsError::IsDir => {
             tracing::debug!("{what}: {e}")
         }
+        // Someone else replaced the object under an open file: worth a word, not an alarm.
+        FsError::Stale(_) => tracing::warn!("{what}: {e}"),
         _ => tracing::error!("{what}: {e}"),
     }
 }

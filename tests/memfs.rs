@@ -730,3 +730,17 @@ async fn model_regressions() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopening_after_a_remote_change_reads_the_new_version() {
+    let h = Harness::memory().await;
+    h.write("f", b"old").await.unwrap();
+    h.flush().await;
+    let ino = h.resolve("f").await.unwrap();
+    h.remote_put("f", b"newer!").await;
+    // No listing in between: the open itself checks the version (close-to-open).
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"newer!");
+    h.fs().release(fh).await.unwrap();
+    assert_eq!(h.fs().getattr(ino).await.unwrap().size, 6);
+}

@@ -1382,10 +1382,48 @@ impl Fs {
         if n.kind == Kind::Dir {
             return Err(FsError::IsDir);
         }
-        if !n.attrs_known {
+        self.revalidate(ino).await;
+        if !lock(&self.inner).get(ino)?.attrs_known {
             self.fetch_attrs(vec![ino]).await;
         }
         Ok((self.new_handle(ino), false))
+    }
+
+    /// Close-to-open: once the folder's listing is older than the TTL, an unchanged local
+    /// copy is checked against the bucket (one HEAD) and follows a newer remote version.
+    /// A file with local changes keeps them; the upload settles any clash.
+    async fn revalidate(&self, ino: u64) {
+        let remote = {
+            let inner = lock(&self.inner);
+            let Ok(n) = inner.get(ino) else { return };
+            let fresh = inner.get(n.parent).is_ok_and(|p| p.is_listed_fresh(self.cfg.metadata_ttl));
+            match &n.remote {
+                Some(r) if !fresh && inner.is_settled(ino) => r.clone(),
+                _ => return,
+            }
+        };
+        let Ok(path) = obj_path(&remote.key) else { return };
+        let Ok(meta) = self.store.head(&path).await else { return };
+        if etag_same(remote.etag.as_deref(), meta.e_tag.as_deref()) {
+            return;
+        }
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        if !inner.is_settled(ino) || inner.get(ino).ok().and_then(|n| n.remote.as_ref()) != Some(&remote) {
+            return;
+        }
+        if let Ok(n) = inner.get_mut(ino) {
+            n.size = meta.size;
+            n.mtime_ns = to_ns(SystemTime::from(meta.last_modified));
+            n.attrs_known = false;
+            if n.staged {
+                n.staged = false;
+                self.staging.remove(ino);
+            }
+        }
+        inner.set_remote(ino, Some(remote_of(&meta)));
+        let _ = inner.persist(ino, &mut batch);
+        let _ = self.commit(&inner, batch, false);
     }
 
     fn handle_ino(&self, fh: u64) -> FsResult<u64> {
