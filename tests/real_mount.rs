@@ -9,106 +9,34 @@
 //!
 //! Set `AUTOSYNC_TEST_LOG` (e.g. `debug`) to change the daemons' `RUST_LOG` (default `info`).
 
-use std::borrow::BorrowMut;
+mod common;
+
 use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::{self, OpenOptions};
+use std::ops::Deref;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use tempfile::TempDir;
+use common::{
+    BIN, Mount, MountSpec, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, try_run,
+    wait_for, write_file,
+};
 
-const BIN: &str = env!("CARGO_BIN_EXE_autosync");
-/// Short delays so that uploads and re-listings happen within the tests' time.
-const UPLOAD_DELAY: &str = "0.2";
+/// Short re-listing delay so that re-listings happen within the tests' time.
 const METADATA_TTL: &str = "1";
-const SHUTDOWN_GRACE: &str = "20";
-/// How long a single command may take before the test gives up on it.
-const CMD_TIMEOUT: Duration = Duration::from_secs(120);
 
-// ---------------------------------------------------------------------------------------------
-// Running commands with a deadline
-// ---------------------------------------------------------------------------------------------
-
-struct Out {
-    what: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(&self) -> bool {
-        self.status.success()
-    }
-}
-
-impl std::fmt::Display for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} -> {}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.what, self.status, self.stdout, self.stderr)
-    }
-}
-
-/// Runs `cmd` to completion, killing it after `timeout`. Its stderr goes to `stderr_log`
-/// (appended) when given, so that a daemon it leaves behind keeps logging there; `Out.stderr`
-/// then holds what was appended while the command ran.
-fn try_run(cmd: &mut Command, timeout: Duration, stderr_log: Option<&Path>) -> Result<Out, String> {
-    let what = format!("{cmd:?}");
-    let mut out = tempfile::tempfile().map_err(|e| e.to_string())?;
-    let (mut err, start) = match stderr_log {
-        Some(p) => {
-            let f = OpenOptions::new().create(true).append(true).open(p).map_err(|e| e.to_string())?;
-            let len = f.metadata().map_err(|e| e.to_string())?.len();
-            (OpenOptions::new().read(true).open(p).map_err(|e| e.to_string())?, (f, len))
-        }
-        None => {
-            let f = tempfile::tempfile().map_err(|e| e.to_string())?;
-            (f.try_clone().map_err(|e| e.to_string())?, (f, 0))
-        }
-    };
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone().map_err(|e| e.to_string())?)
-        .stderr(start.0.try_clone().map_err(|e| e.to_string())?);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{what} did not finish within {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut stdout = Vec::new();
-    out.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-    out.read_to_end(&mut stdout).map_err(|e| e.to_string())?;
-    let mut stderr = Vec::new();
-    err.seek(SeekFrom::Start(start.1)).map_err(|e| e.to_string())?;
-    err.read_to_end(&mut stderr).map_err(|e| e.to_string())?;
-    Ok(Out {
-        what,
-        status,
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    })
-}
-
-fn run(mut cmd: impl BorrowMut<Command>) -> Out {
-    try_run(cmd.borrow_mut(), CMD_TIMEOUT, None).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Runs `cmd` and fails the test unless it exits 0.
-fn run_ok(cmd: impl BorrowMut<Command>) -> Out {
-    let out = run(cmd);
-    assert!(out.ok(), "command failed: {out}");
-    out
-}
+static TIER: Tier = Tier {
+    temp_prefix: "autosync-",
+    shutdown_grace: "20",
+    flush_timeout: "90",
+    drop_unmount_timeout: Duration::from_secs(60),
+    drop_exit_timeout: Duration::from_secs(30),
+    cli_env_remove: &[],
+    show_other_logs: false,
+};
 
 fn sh(prog: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
     let mut c = Command::new(prog);
@@ -118,111 +46,36 @@ fn sh(prog: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
     c
 }
 
-/// Polls `f` until it gives a value, failing the test after `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Mounts, processes and the mount table
-// ---------------------------------------------------------------------------------------------
-
-/// Is something mounted exactly at `p` (an absolute, canonical path)?
-fn mounted(p: &Path) -> bool {
-    let want = p.to_string_lossy().replace(' ', "\\040");
-    fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str())))
-        .unwrap_or(false)
-}
-
-/// Running (not zombie) `autosync mount` daemons with `needle` as one of their arguments.
-fn daemon_pids(needle: &Path) -> Vec<u32> {
-    let needle = needle.as_os_str().as_bytes();
-    let mut pids = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else { return pids };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"autosync"))
-            && args.contains(&&b"mount"[..])
-            && args.contains(&needle)
-            && !args.contains(&&b"--daemon"[..]);
-        if is_daemon && alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// The process exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn sigkill(pid: u32) {
-    // SAFETY: plain kill(2) on a pid this test started.
-    unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGKILL);
-    }
-}
-
-fn log_level() -> String {
-    std::env::var("AUTOSYNC_TEST_LOG").unwrap_or_else(|_| "info".into())
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// One test's temp dir: bucket folder, mount point, state and cache dirs, daemon log.
 struct Fixture {
-    tmp: Option<TempDir>,
-    root: PathBuf,
+    dir: TestDir,
     bucket: PathBuf,
-    mnt: PathBuf,
     state: PathBuf,
     cache: PathBuf,
-    log: PathBuf,
 }
 
 impl Fixture {
     fn new(name: &str) -> Self {
-        let tmp = tempfile::Builder::new().prefix(&format!("autosync-{name}-")).tempdir().expect("tempdir");
-        let root = tmp.path().canonicalize().expect("canonical temp dir");
-        let mnt = root.join("mnt");
-        fs::create_dir(&mnt).expect("mkdir mnt");
-        Fixture {
-            bucket: root.join("bucket"),
-            state: root.join("state"),
-            cache: root.join("cache"),
-            log: root.join("daemon.log"),
-            mnt,
-            root,
-            tmp: Some(tmp),
-        }
+        let dir = TestDir::new(&TIER, name);
+        Fixture { bucket: dir.root.join("bucket"), state: dir.root.join("state"), cache: dir.root.join("cache"), dir }
     }
 
     /// Mounts the bucket at `mnt` with this fixture's state and cache dirs.
     fn mount(&self) -> Mount {
-        Mount::start(self, &self.state, &self.cache, UPLOAD_DELAY)
+        self.mount_with(&self.state, &self.cache, UPLOAD_DELAY)
     }
 
-    /// A path inside the mount.
-    fn m(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
+    /// Mounts the bucket at `mnt` with the given state and cache dirs and upload delay.
+    fn mount_with(&self, state: &Path, cache: &Path, upload_delay: &str) -> Mount {
+        let spec = MountSpec {
+            source: self.bucket.as_os_str(),
+            state,
+            cache,
+            opts: &[],
+            upload_delay,
+            metadata_ttl: METADATA_TTL,
+        };
+        Mount::start(&self.dir, &spec, |_| {})
     }
 
     /// A path inside the bucket folder.
@@ -231,166 +84,22 @@ impl Fixture {
     }
 }
 
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // Last line of defence (e.g. a test failing right after killing a daemon): nothing of
-        // this test stays mounted or running.
-        if mounted(&self.mnt) {
-            let _ = try_run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(10), None);
-        }
-        for pid in daemon_pids(&self.mnt) {
-            sigkill(pid);
-        }
-        if std::thread::panicking()
-            && let Some(tmp) = self.tmp.take()
-        {
-            let kept = tmp.keep();
-            eprintln!("test failed: keeping {} (daemon log: {})", kept.display(), self.log.display());
-            eprintln!("--- last lines of the daemon log ---\n{}", tail(&self.log, 40));
-        }
-    }
-}
+impl Deref for Fixture {
+    type Target = TestDir;
 
-/// A live mount, started with `--daemon`. Dropping it unmounts, whatever happened.
-struct Mount {
-    mnt: PathBuf,
-    state: PathBuf,
-    pid: u32,
-    live: bool,
+    fn deref(&self) -> &TestDir {
+        &self.dir
+    }
 }
 
 impl Mount {
-    fn start(fx: &Fixture, state: &Path, cache: &Path, upload_delay: &str) -> Mount {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("mount")
-            .arg(&fx.bucket)
-            .arg(&fx.mnt)
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg("--daemon")
-            .args(["--upload-delay", upload_delay, "--metadata-ttl", METADATA_TTL])
-            .args(["--shutdown-grace", SHUTDOWN_GRACE])
-            .env("RUST_LOG", log_level());
-        let out = try_run(&mut cmd, Duration::from_secs(60), Some(&fx.log)).unwrap_or_else(|e| panic!("{e}"));
-        // Whatever happened, make sure a daemon that did start is taken down on failure.
-        let pid = daemon_pids(state).first().copied();
-        let mut m = Mount { mnt: fx.mnt.clone(), state: state.to_path_buf(), pid: pid.unwrap_or(0), live: true };
-        assert!(out.ok(), "mount failed: {out}\n--- daemon log ---\n{}", tail(&fx.log, 40));
-        assert!(mounted(&fx.mnt), "`mount --daemon` returned but {} is not in the mount table", fx.mnt.display());
-        if m.pid == 0 {
-            m.pid = wait_for("the daemon's pid", Duration::from_secs(10), || daemon_pids(state).first().copied());
-        }
-        m
-    }
-
-    fn cli(&self, sub: &str) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg(sub).arg(&self.mnt).arg("--state-dir").arg(&self.state);
-        c
-    }
-
-    /// `autosync flush`: returns once every change is in the bucket.
-    fn flush(&self) {
-        let out = run(self.cli("flush").args(["--timeout", "90"]));
-        assert!(out.ok(), "flush failed: {out}");
-    }
-
-    /// `autosync unmount`, then waits for the daemon to exit (it releases the state dir).
-    fn unmount(mut self) {
-        let out = run(&mut self.cli("unmount"));
-        assert!(out.ok(), "unmount failed: {out}");
-        assert!(!mounted(&self.mnt), "`autosync unmount` returned but {} is still mounted", self.mnt.display());
-        self.live = false;
-        let pid = self.pid;
-        wait_for("the daemon to exit after unmount", Duration::from_secs(30), || (!alive(pid)).then_some(()));
-    }
-
     /// SIGKILLs the daemon, leaving its dead mount behind.
     fn kill9(mut self) {
         self.live = false;
         let pid = self.pid;
-        sigkill(pid);
-        wait_for("the killed daemon to die", Duration::from_secs(10), || (!alive(pid)).then_some(()));
+        common::sigkill(pid);
+        wait_for("the killed daemon to die", Duration::from_secs(10), || (!common::alive(pid)).then_some(()));
     }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if !self.live {
-            return;
-        }
-        let _ = try_run(&mut self.cli("unmount"), Duration::from_secs(60), None);
-        if mounted(&self.mnt) {
-            let _ = try_run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(10), None);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.pid != 0 && alive(self.pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if self.pid != 0 && alive(self.pid) {
-            sigkill(self.pid);
-        }
-    }
-}
-
-/// Takes down anything a command that should have failed mounted at `mnt` after all.
-struct StrayGuard(PathBuf);
-
-impl Drop for StrayGuard {
-    fn drop(&mut self) {
-        let pids = daemon_pids(&self.0);
-        if mounted(&self.0) {
-            let _ = try_run(Command::new("umount").arg("-l").arg(&self.0), Duration::from_secs(10), None);
-        }
-        for pid in pids {
-            sigkill(pid);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Data helpers
-// ---------------------------------------------------------------------------------------------
-
-/// splitmix64: deterministic, fast pseudo-random data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
-
-fn write_file(path: &Path, data: &[u8]) {
-    if let Some(p) = path.parent() {
-        fs::create_dir_all(p).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", p.display()));
-    }
-    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    f.write_all(data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-    f.sync_all().unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
 fn hash_file(path: &Path) -> blake3::Hash {
@@ -500,7 +209,7 @@ fn cp_tree_then_diff_mount_and_bucket() {
     m.unmount();
 
     // A mount with fresh state and cache (another machine) sees the same tree.
-    let m = Mount::start(&fx, &fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    let m = fx.mount_with(&fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
     let out = run(sh("diff", &[&"-r", &"--no-dereference", &src, &in_mount]));
     assert!(out.ok() && out.stdout.is_empty(), "source and a fresh mount of the bucket differ: {out}");
     m.unmount();
@@ -649,7 +358,7 @@ fn random_writes_into_a_64_mib_file() {
     m.unmount();
 
     // Read back from the bucket alone (fresh state and cache).
-    let m = Mount::start(&fx, &fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    let m = fx.mount_with(&fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
     assert_eq!(hash_file(&path), want, "the file differs in a fresh mount of the bucket");
     m.unmount();
 }
@@ -713,9 +422,6 @@ fn rename_a_folder_of_1000_files() {
 // 6. chmod, chown, touch -d survive a remount
 // ---------------------------------------------------------------------------------------------
 
-/// 2021-03-04 05:06:07 UTC.
-const STAMP: i64 = 1_614_834_367;
-
 fn check_attrs(path: &Path, perm: u32, when: &str) {
     let md = fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
     let got = (md.mode() & 0o7777, md.uid(), md.gid(), md.mtime());
@@ -758,7 +464,7 @@ fn chmod_chown_touch_survive_remount() {
     m.unmount();
 
     // From the bucket alone (fresh state and cache, as on another machine).
-    let m = Mount::start(&fx, &fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    let m = fx.mount_with(&fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
     check_attrs(&f, 0o640, "in a fresh mount of the bucket");
     check_attrs(&d, 0o750, "in a fresh mount of the bucket");
     m.unmount();
@@ -772,7 +478,7 @@ fn chmod_chown_touch_survive_remount() {
 fn sigkill_then_remount_replays_the_journal() {
     let fx = Fixture::new("crash");
     // A long upload delay: at the kill, the files are only in the local journal.
-    let m = Mount::start(&fx, &fx.state, &fx.cache, "600");
+    let m = fx.mount_with(&fx.state, &fx.cache, "600");
     let big: Vec<u8> = Rng(7).bytes(300_000);
     write_file(&fx.m("crash.bin"), &big);
     write_file(&fx.m("sub/inner.txt"), b"written just before the crash\n");

@@ -13,128 +13,45 @@
 //!
 //! Set `AUTOSYNC_TEST_LOG` (e.g. `debug`) to change the daemons' `RUST_LOG` (default `info`).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::ops::Deref;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{
+    BIN, Mount, MountSpec, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, tail,
+    try_run, wait_for, write_file,
+};
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
 use object_store::{Attribute, ObjectStore, ObjectStoreExt, PutPayload};
-use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_autosync");
 const INSTALL: &str = "install it with `python3 -m venv .ci/venv && .ci/venv/bin/pip install 'moto[server]'` \
                        (or run `bash .ci/run`), or set AUTOSYNC_MOTO_SERVER to a moto_server";
 /// Credentials for the moto servers that do not enforce authentication.
 const KEY_ID: &str = "testing";
 const SECRET: &str = "testing";
 const REGION: &str = "us-east-1";
-const UPLOAD_DELAY: &str = "0.2";
-const SHUTDOWN_GRACE: &str = "10";
-/// How long a single command may take before the test gives up on it.
-const CMD_TIMEOUT: Duration = Duration::from_secs(120);
-/// 2021-03-04 05:06:07 UTC.
-const STAMP: i64 = 1_614_834_367;
 
-// ---------------------------------------------------------------------------------------------
-// Running commands with a deadline
-// ---------------------------------------------------------------------------------------------
-
-struct Out {
-    what: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(&self) -> bool {
-        self.status.success()
-    }
-}
-
-impl std::fmt::Display for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} -> {}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.what, self.status, self.stdout, self.stderr)
-    }
-}
-
-/// Runs `cmd` to completion, killing it after `timeout`. Its stderr goes to `stderr_log`
-/// (appended) when given, so that a daemon it leaves behind keeps logging there; `Out.stderr`
-/// then holds what was appended while the command ran.
-fn try_run(cmd: &mut Command, timeout: Duration, stderr_log: Option<&Path>) -> Result<Out, String> {
-    let what = format!("{cmd:?}");
-    let mut out = tempfile::tempfile().map_err(|e| e.to_string())?;
-    let (mut err, start) = match stderr_log {
-        Some(p) => {
-            let f = OpenOptions::new().create(true).append(true).open(p).map_err(|e| e.to_string())?;
-            let len = f.metadata().map_err(|e| e.to_string())?.len();
-            (OpenOptions::new().read(true).open(p).map_err(|e| e.to_string())?, (f, len))
-        }
-        None => {
-            let f = tempfile::tempfile().map_err(|e| e.to_string())?;
-            (f.try_clone().map_err(|e| e.to_string())?, (f, 0))
-        }
-    };
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone().map_err(|e| e.to_string())?)
-        .stderr(start.0.try_clone().map_err(|e| e.to_string())?);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{what} did not finish within {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut stdout = Vec::new();
-    out.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-    out.read_to_end(&mut stdout).map_err(|e| e.to_string())?;
-    let mut stderr = Vec::new();
-    err.seek(SeekFrom::Start(start.1)).map_err(|e| e.to_string())?;
-    err.read_to_end(&mut stderr).map_err(|e| e.to_string())?;
-    Ok(Out {
-        what,
-        status,
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    })
-}
-
-fn run(cmd: &mut Command) -> Out {
-    try_run(cmd, CMD_TIMEOUT, None).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Runs `cmd` and fails the test unless it exits 0.
-fn run_ok(cmd: &mut Command) -> Out {
-    let out = run(cmd);
-    assert!(out.ok(), "command failed: {out}");
-    out
-}
-
-/// Polls `f` until it gives a value, failing the test after `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+static TIER: Tier = Tier {
+    temp_prefix: "autosync-s3-",
+    shutdown_grace: "10",
+    flush_timeout: "60",
+    drop_unmount_timeout: Duration::from_secs(30),
+    drop_exit_timeout: Duration::from_secs(20),
+    cli_env_remove: &["AWS_CA_BUNDLE"],
+    show_other_logs: true,
+};
 
 /// The environment of an `autosync` child: no `AWS_*` variable of this machine (the machine
 /// sets `AWS_CA_BUNDLE`, and an `AWS_ENDPOINT*` would override `--endpoint`), only the
@@ -401,74 +318,14 @@ impl Other {
 // Mounts, processes and the mount table
 // ---------------------------------------------------------------------------------------------
 
-/// Is something mounted exactly at `p` (an absolute, canonical path)?
-fn mounted(p: &Path) -> bool {
-    let want = p.to_string_lossy().replace(' ', "\\040");
-    fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str())))
-        .unwrap_or(false)
-}
-
-/// Running (not zombie) `autosync mount` daemons with `needle` as one of their arguments.
-fn daemon_pids(needle: &Path) -> Vec<u32> {
-    let needle = needle.as_os_str().as_bytes();
-    let mut pids = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else { return pids };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"autosync"))
-            && args.contains(&&b"mount"[..])
-            && args.contains(&needle)
-            && !args.contains(&&b"--daemon"[..]);
-        if is_daemon && alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// The process exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn sigkill(pid: u32) {
-    // SAFETY: plain kill(2) on a pid this test started.
-    unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGKILL);
-    }
-}
-
-fn log_level() -> String {
-    std::env::var("AUTOSYNC_TEST_LOG").unwrap_or_else(|_| "info".into())
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// One test's temp dir: mount point, state and cache dirs, the daemon's and moto's logs.
 struct Fixture {
-    tmp: Option<TempDir>,
-    root: PathBuf,
-    mnt: PathBuf,
-    log: PathBuf,
+    dir: TestDir,
 }
 
 impl Fixture {
     fn new(name: &str) -> Self {
-        let tmp = tempfile::Builder::new().prefix(&format!("autosync-s3-{name}-")).tempdir().expect("tempdir");
-        let root = tmp.path().canonicalize().expect("canonical temp dir");
-        let mnt = root.join("mnt");
-        fs::create_dir(&mnt).expect("mkdir mnt");
-        Fixture { log: root.join("daemon.log"), mnt, root, tmp: Some(tmp) }
+        Fixture { dir: TestDir::new(&TIER, name) }
     }
 
     /// A moto server logging to `NAME.log` in this fixture.
@@ -478,169 +335,44 @@ impl Fixture {
 
     /// Mounts `source` of `moto` at `mnt`, with state dir `state-TAG` and cache dir `cache-TAG`.
     fn mount(&self, moto: &Moto, source: &str, metadata_ttl: &str, tag: &str) -> Mount {
-        Mount::start(self, &moto.endpoint(), source, metadata_ttl, tag, (KEY_ID, SECRET))
+        self.mount_with(&moto.endpoint(), source, metadata_ttl, tag, (KEY_ID, SECRET))
     }
 
-    /// A path inside the mount.
-    fn m(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // Last line of defence: nothing of this test stays mounted or running.
-        if mounted(&self.mnt) {
-            let _ = try_run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(10), None);
-        }
-        for pid in daemon_pids(&self.mnt) {
-            sigkill(pid);
-        }
-        if std::thread::panicking()
-            && let Some(tmp) = self.tmp.take()
-        {
-            let kept = tmp.keep();
-            eprintln!("test failed: keeping {} (daemon log: {})", kept.display(), self.log.display());
-            eprintln!("--- last lines of the daemon log ---\n{}", tail(&self.log, 40));
-            for e in fs::read_dir(&kept).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "log") && p != self.log {
-                    eprintln!("--- last lines of {} ---\n{}", p.display(), tail(&p, 15));
-                }
-            }
-        }
+    /// Mounts `source` of the S3 server at `endpoint` with the credentials `creds`.
+    fn mount_with(&self, endpoint: &str, source: &str, ttl: &str, tag: &str, creds: (&str, &str)) -> Mount {
+        let spec = MountSpec {
+            source: OsStr::new(source),
+            state: &self.root.join(format!("state-{tag}")),
+            cache: &self.root.join(format!("cache-{tag}")),
+            opts: &["--endpoint", endpoint, "--allow-http"],
+            upload_delay: UPLOAD_DELAY,
+            metadata_ttl: ttl,
+        };
+        Mount::start(&self.dir, &spec, |cmd| {
+            cmd.env("NO_COLOR", "1");
+            s3_env(cmd, creds.0, creds.1);
+        })
     }
 }
 
-/// A live mount, started with `--daemon`. Dropping it unmounts, whatever happened.
-struct Mount {
-    mnt: PathBuf,
-    state: PathBuf,
-    pid: u32,
-    live: bool,
+impl Deref for Fixture {
+    type Target = TestDir;
+
+    fn deref(&self) -> &TestDir {
+        &self.dir
+    }
 }
 
 impl Mount {
-    fn start(fx: &Fixture, endpoint: &str, source: &str, ttl: &str, tag: &str, creds: (&str, &str)) -> Mount {
-        let state = fx.root.join(format!("state-{tag}"));
-        let mut cmd = Command::new(BIN);
-        cmd.arg("mount")
-            .arg(source)
-            .arg(&fx.mnt)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--cache-dir")
-            .arg(fx.root.join(format!("cache-{tag}")))
-            .args(["--endpoint", endpoint, "--allow-http", "--daemon"])
-            .args(["--upload-delay", UPLOAD_DELAY, "--metadata-ttl", ttl, "--shutdown-grace", SHUTDOWN_GRACE])
-            .env("RUST_LOG", log_level())
-            .env("NO_COLOR", "1");
-        s3_env(&mut cmd, creds.0, creds.1);
-        let out = try_run(&mut cmd, Duration::from_secs(60), Some(&fx.log)).unwrap_or_else(|e| panic!("{e}"));
-        // Whatever happened, make sure a daemon that did start is taken down on failure.
-        let pid = daemon_pids(&state).first().copied();
-        let mut m = Mount { mnt: fx.mnt.clone(), state: state.clone(), pid: pid.unwrap_or(0), live: true };
-        assert!(out.ok(), "mount failed: {out}\n--- daemon log ---\n{}", tail(&fx.log, 40));
-        assert!(mounted(&fx.mnt), "`mount --daemon` returned but {} is not in the mount table", fx.mnt.display());
-        if m.pid == 0 {
-            m.pid = wait_for("the daemon's pid", Duration::from_secs(10), || daemon_pids(&state).first().copied());
-        }
-        m
-    }
-
-    fn cli(&self, sub: &str) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg(sub).arg(&self.mnt).arg("--state-dir").arg(&self.state).env_remove("AWS_CA_BUNDLE");
-        c
-    }
-
-    /// `autosync flush`: returns once every change is in the bucket.
-    fn flush(&self) {
-        let out = run(self.cli("flush").args(["--timeout", "60"]));
-        assert!(out.ok(), "flush failed: {out}");
-    }
-
     fn status_json(&self) -> serde_json::Value {
         let out = run_ok(self.cli("status").arg("--json"));
         serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
-    }
-
-    /// `autosync unmount`, then waits for the daemon to exit (it releases the state dir).
-    fn unmount(mut self) {
-        let out = run(&mut self.cli("unmount"));
-        assert!(out.ok(), "unmount failed: {out}");
-        assert!(!mounted(&self.mnt), "`autosync unmount` returned but {} is still mounted", self.mnt.display());
-        self.live = false;
-        let pid = self.pid;
-        wait_for("the daemon to exit after unmount", Duration::from_secs(30), || (!alive(pid)).then_some(()));
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if !self.live {
-            return;
-        }
-        let _ = try_run(&mut self.cli("unmount"), Duration::from_secs(30), None);
-        if mounted(&self.mnt) {
-            let _ = try_run(Command::new("umount").arg("-l").arg(&self.mnt), Duration::from_secs(10), None);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.pid != 0 && alive(self.pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if self.pid != 0 && alive(self.pid) {
-            sigkill(self.pid);
-        }
-    }
-}
-
-/// Takes down anything a command that should have failed mounted at `mnt` after all.
-struct StrayGuard(PathBuf);
-
-impl Drop for StrayGuard {
-    fn drop(&mut self) {
-        let pids = daemon_pids(&self.0);
-        if mounted(&self.0) {
-            let _ = try_run(Command::new("umount").arg("-l").arg(&self.0), Duration::from_secs(10), None);
-        }
-        for pid in pids {
-            sigkill(pid);
-        }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Data helpers
 // ---------------------------------------------------------------------------------------------
-
-/// splitmix64: deterministic, fast pseudo-random data.
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        v.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-fn write_file(path: &Path, data: &[u8]) {
-    if let Some(p) = path.parent() {
-        fs::create_dir_all(p).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", p.display()));
-    }
-    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    f.write_all(data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-    f.sync_all().unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
 
 /// Names in a folder of the mount, sorted.
 fn names(dir: &Path) -> Vec<String> {
@@ -687,7 +419,7 @@ fn round_trip_under_a_prefix() {
     let other = Other::new(&moto, "round");
     let m = fx.mount(&moto, "s3://round/some/prefix", "1", "a");
 
-    let data = random_bytes(1, 200_000);
+    let data = Rng(1).bytes(200_000);
     write_file(&fx.m("hello.txt"), b"hello from the mount\n");
     write_file(&fx.m("nested/deeper/data.bin"), &data);
     write_file(&fx.m("empty"), b"");
@@ -1038,7 +770,7 @@ fn bad_setups_fail_with_one_line_and_mount_nothing() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // The same guarded bucket mounts with the IAM user's credentials, and takes writes.
-    let m = Mount::start(&fx, &guarded.endpoint(), "s3://guarded", "1", "ok", (&key_id, &secret));
+    let m = fx.mount_with(&guarded.endpoint(), "s3://guarded", "1", "ok", (&key_id, &secret));
     write_file(&fx.m("signed.txt"), b"written with valid credentials\n");
     m.flush();
     assert_eq!(
@@ -1059,7 +791,7 @@ fn forty_mib_file_goes_up_multipart() {
     moto.create_bucket("big");
     let other = Other::new(&moto, "big");
     let m = fx.mount(&moto, "s3://big/data", "1", "a");
-    let data = random_bytes(6, 40 << 20);
+    let data = Rng(6).bytes(40 << 20);
     let want = blake3::hash(&data);
     write_file(&fx.m("big.bin"), &data);
     m.flush();
