@@ -223,7 +223,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let _ = std::fs::set_permissions(&cache_dir, std::fs::Permissions::from_mode(0o700));
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("autosync").build()?;
-    let (store, raw_lister) = source.build_with_lister(&opts.endpoint)?;
+    let (store, raw_lister) = source.build(&opts.endpoint)?;
     let store = crate::store::retry::RetryStore::wrap(store, Default::default());
     rt.block_on(check_bucket(&store, &source, &opts.endpoint))?;
     let caps = rt.block_on(probe_caps(&store, source.prefix()));

@@ -109,10 +109,6 @@ impl Source {
         }
     }
 
-    pub fn is_remote(&self) -> bool {
-        matches!(self, Source::S3 { .. } | Source::Gcs { .. } | Source::Azure { .. })
-    }
-
     /// Makes local paths absolute, creating the folder when it is missing.
     pub fn prepare(self) -> Result<Self, SourceError> {
         match self {
@@ -129,12 +125,8 @@ impl Source {
         }
     }
 
-    pub fn build(&self, ep: &Endpoint) -> Result<Store, SourceError> {
-        self.build_with_lister(ep).map(|(store, _)| store)
-    }
-
     /// The store, and for S3 a raw lister for folders holding keys object_store refuses.
-    pub fn build_with_lister(&self, ep: &Endpoint) -> Result<(Store, Option<SharedLister>), SourceError> {
+    pub fn build(&self, ep: &Endpoint) -> Result<(Store, Option<SharedLister>), SourceError> {
         let cfg = |e: object_store::Error| SourceError::Config(self.identity(), e.to_string());
         // Bounded retries so a dead endpoint fails a mount in seconds, not minutes; the
         // uploader has its own backoff loop on top for long outages.

@@ -507,14 +507,6 @@ impl Fs {
         }))
     }
 
-    pub fn caps(&self) -> Caps {
-        self.caps
-    }
-
-    pub fn config(&self) -> &FsConfig {
-        &self.cfg
-    }
-
     fn commit(&self, inner: &Inner, batch: Batch, durable: bool) -> FsResult<()> {
         if let Some(why) = &lock(&self.counters).read_only {
             return Err(FsError::ReadOnly(why.clone()));
@@ -1729,10 +1721,6 @@ impl Fs {
     pub fn sync_journal(&self) -> FsResult<()> {
         let inner = lock(&self.inner);
         self.commit(&inner, Batch::default(), true)
-    }
-
-    pub fn pending(&self) -> usize {
-        lock(&self.inner).queue.len()
     }
 }
 

@@ -14,13 +14,6 @@ use tokio::io::AsyncReadExt;
 
 use super::*;
 
-/// How an upload of one op ended.
-enum Outcome {
-    Done,
-    /// The bucket changed underneath: resolved by a conflict copy.
-    Conflict,
-}
-
 /// What a conditional put found.
 enum PutError {
     /// The object at the key is not the version we based our change on.
@@ -167,7 +160,7 @@ impl Fs {
         self.commit(&inner, batch, true)
     }
 
-    async fn process(&self, seq: u64, op: &Op) -> FsResult<Outcome> {
+    async fn process(&self, seq: u64, op: &Op) -> FsResult<()> {
         tracing::debug!(seq, ?op, "uploading");
         match op {
             Op::Sync { ino } => self.sync_inode(seq, *ino).await,
@@ -194,17 +187,17 @@ impl Fs {
                 }
                 if !batch.is_empty() {
                     self.finish(seq, batch)?;
-                    return Ok(Outcome::Done);
+                    return Ok(());
                 }
                 let marker = Remote { key: layout::marker_key(from), etag: None, version: None, size: 0 };
                 self.delete_checked(&marker).await?;
                 self.finish(seq, Batch::default())?;
-                Ok(Outcome::Done)
+                Ok(())
             }
             Op::Delete { remote } => {
                 self.delete_checked(remote).await?;
                 self.finish(seq, Batch::default())?;
-                Ok(Outcome::Done)
+                Ok(())
             }
         }
     }
@@ -237,19 +230,19 @@ impl Fs {
         }
     }
 
-    async fn sync_inode(&self, seq: u64, ino: u64) -> FsResult<Outcome> {
+    async fn sync_inode(&self, seq: u64, ino: u64) -> FsResult<()> {
         // Plan under the lock: where the inode lives now, what it is based on, a snapshot.
         let plan = {
             let mut inner = lock(&self.inner);
             let Some(n) = inner.inodes.get(&ino).cloned() else {
                 drop(inner);
                 self.finish(seq, Batch::default())?;
-                return Ok(Outcome::Done);
+                return Ok(());
             };
             if n.parent == 0 || ino == ROOT_INO {
                 drop(inner);
                 self.finish(seq, Batch::default())?;
-                return Ok(Outcome::Done);
+                return Ok(());
             }
             // Changes from here on queue a fresh op; this one covers the state snapshotted now.
             if inner.queued_sync.get(&ino) == Some(&seq) {
@@ -278,7 +271,7 @@ impl Fs {
                 None => {
                     // Deleted while we copied it.
                     self.finish(seq, Batch::default())?;
-                    return Ok(Outcome::Done);
+                    return Ok(());
                 }
             }
         }
@@ -305,7 +298,7 @@ impl Fs {
                 }
                 drop(inner);
                 self.finish(seq, batch)?;
-                return Ok(Outcome::Done);
+                return Ok(());
             }
         }
         let moved_from = node.remote.as_ref().filter(|r| r.key != key).cloned();
@@ -376,7 +369,7 @@ impl Fs {
 
     /// A folder lives in the bucket as its marker (carrying its attributes); a moved folder
     /// writes the marker at its new key (`FolderMoved` retires the old one).
-    async fn sync_dir(&self, seq: u64, mut node: Inode, key: &str) -> FsResult<Outcome> {
+    async fn sync_dir(&self, seq: u64, mut node: Inode, key: &str) -> FsResult<()> {
         if !node.attrs_known && node.remote.is_some() {
             // Keep the attributes the old marker carries.
             self.fetch_attrs(vec![node.ino]).await;
@@ -408,7 +401,7 @@ impl Fs {
             }
         }
         self.finish(seq, batch)?;
-        Ok(Outcome::Done)
+        Ok(())
     }
 
     async fn download_snapshot(&self, seq: u64, src: &Remote) -> FsResult<Content> {
@@ -430,7 +423,7 @@ impl Fs {
     }
 
     /// A rename of an unchanged file: server-side copy, then delete of the old key.
-    async fn move_object(&self, seq: u64, node: &Inode, key: &str, src: &Remote) -> FsResult<Outcome> {
+    async fn move_object(&self, seq: u64, node: &Inode, key: &str, src: &Remote) -> FsResult<()> {
         let dest = obj_path(key)?;
         match self.store.head(&dest).await {
             Err(object_store::Error::NotFound { .. }) => {}
@@ -465,7 +458,7 @@ impl Fs {
             inner.upload_epoch += 1;
         }
         self.finish(seq, batch)?;
-        Ok(Outcome::Done)
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -478,7 +471,7 @@ impl Fs {
         moved_from: Option<Remote>,
         content: Content,
         attrs: PosixAttrs,
-    ) -> FsResult<Outcome> {
+    ) -> FsResult<()> {
         lock(&self.inner).in_flight.insert(key.to_string());
         tracing::debug!(key, ?base, ?moved_from, "put");
         let result = self.conditional_put(key, base.as_ref(), &content, attrs).await;
@@ -524,7 +517,7 @@ impl Fs {
             inner.upload_epoch += 1;
         }
         self.finish(seq, batch)?;
-        Ok(Outcome::Done)
+        Ok(())
     }
 
     /// Writes `content` at `key` only if the object there is still `base` (or absent when
@@ -632,7 +625,7 @@ impl Fs {
         key: &str,
         moved_from: Option<Remote>,
         content: Content,
-    ) -> FsResult<Outcome> {
+    ) -> FsResult<()> {
         let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
         let (dir_key, name) = match key.rfind('/') {
             Some(i) => (&key[..i], &key[i + 1..]),
@@ -693,6 +686,6 @@ impl Fs {
             inner.upload_epoch += 1;
         }
         self.finish(seq, batch)?;
-        Ok(Outcome::Conflict)
+        Ok(())
     }
 }
