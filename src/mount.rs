@@ -125,17 +125,23 @@ async fn check_bucket(store: &Store, source: &Source, ep: &Endpoint) -> anyhow::
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => bail!(
             "{id} refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the GCS/Azure credentials)"
         ),
+        // Transport failures first: their text carries timings and ids where a bare "403"
+        // can appear by chance.
+        _ if text.contains("error sending request")
+            || text.contains("onnect")
+            || text.contains("dns")
+            || text.contains("timed out") =>
+        {
+            bail!("cannot reach {id} at {endpoint}: check --endpoint, --allow-http and that the server runs")
+        }
         _ if text.contains("InvalidAccessKeyId")
             || text.contains("SignatureDoesNotMatch")
             || text.contains("AccessDenied")
-            || text.contains("403") =>
+            || text.contains("403 Forbidden") =>
         {
             bail!(
                 "{id} refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the GCS/Azure credentials)"
             )
-        }
-        _ if text.contains("error sending request") || text.contains("connect") || text.contains("dns") => {
-            bail!("cannot reach {id} at {endpoint}: check --endpoint, --allow-http and that the server runs")
         }
         _ => bail!("cannot list {id}: {}", first_line(&text)),
     }
