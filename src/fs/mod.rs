@@ -304,6 +304,10 @@ impl Inner {
     }
 
     fn is_hidden(&self, key: &str) -> bool {
+        // Called for every listed key: skip the per-ancestor lookups when nothing is pending.
+        if self.hidden.is_empty() {
+            return false;
+        }
         if self.hidden.contains_key(key) {
             return true;
         }
@@ -1546,10 +1550,11 @@ impl Fs {
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let ino = self.handle_ino(fh)?;
-        let file = self.ensure_staged(ino).await?;
+        // Refuse before downloading anything into staging.
         if let Some(why) = &lock(&self.counters).read_only {
             return Err(FsError::ReadOnly(why.clone()));
         }
+        let file = self.ensure_staged(ino).await?;
         // The generation moves before and after the write, and `writing` counts it while
         // its bytes go in, so an upload snapshot that overlaps it is always seen as stale.
         {
