@@ -1,8 +1,11 @@
-//! Real-mount integration tests: the built `autosync` binary mounts a local bucket folder
-//! through FUSE and ordinary programs (cp, diff, git, sqlite3, mv, chmod...) work in it.
+//! Real-mount integration tests: the built `autosync` binary mounts a bucket through FUSE and
+//! ordinary programs (cp, diff, git, sqlite3, mv, chmod...) work in it. Every test runs once
+//! against each backend ([`Backend`]: a local folder, moto's S3 server, Garage), as
+//! `local::NAME`, `moto::NAME`, `garage::NAME`; a second client (object_store) checks the
+//! bucket from outside.
 //!
-//! Every test has its own temp dir holding the bucket folder, the mount point, the state and
-//! cache dirs and the daemon's log (`daemon.log`). A failing test keeps its temp dir and prints
+//! Every test has its own temp dir holding the server's data and log (or the bucket folder),
+//! the mount point, the state and cache dirs and the daemon's log (`daemon.log`). A failing test keeps its temp dir and prints
 //! where it is. Mounts are always taken down, even by a failing test: `Mount`'s `Drop` runs
 //! `autosync unmount`, falls back to `umount -l`, and kills the daemon it started as a last
 //! resort. Nothing waits by sleeping: conditions are polled with a deadline.
@@ -20,9 +23,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::servers::{Backend, Other, Server};
 use common::{
-    BIN, Mount, MountSpec, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, try_run,
-    wait_for, write_file,
+    BIN, Mount, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, try_run, wait_for,
+    write_file,
 };
 
 /// Short re-listing delay so that re-listings happen within the tests' time.
@@ -34,8 +38,8 @@ static TIER: Tier = Tier {
     flush_timeout: "90",
     drop_unmount_timeout: Duration::from_secs(60),
     drop_exit_timeout: Duration::from_secs(30),
-    cli_env_remove: &[],
-    show_other_logs: false,
+    cli_env_remove: &["AWS_CA_BUNDLE"],
+    show_other_logs: true,
 };
 
 fn sh(prog: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
@@ -46,18 +50,31 @@ fn sh(prog: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
     c
 }
 
-/// One test's temp dir: bucket folder, mount point, state and cache dirs, daemon log.
+/// One test's temp dir (mount point, state and cache dirs, daemon log), its server with one
+/// bucket, and another client of that bucket.
 struct Fixture {
     dir: TestDir,
-    bucket: PathBuf,
+    server: Server,
+    /// The other client, looking at the bucket from outside.
+    bucket: Other,
+    source: String,
     state: PathBuf,
     cache: PathBuf,
 }
 
 impl Fixture {
-    fn new(name: &str) -> Self {
-        let dir = TestDir::new(&TIER, name);
-        Fixture { bucket: dir.root.join("bucket"), state: dir.root.join("state"), cache: dir.root.join("cache"), dir }
+    fn new(name: &str, backend: Backend) -> Self {
+        let dir = TestDir::new(&TIER, &format!("{name}-{}", backend.name()));
+        let server = Server::start(backend, &dir.root, "server");
+        server.create_bucket("bkt");
+        Fixture {
+            bucket: server.client("bkt"),
+            source: server.source("bkt", ""),
+            server,
+            state: dir.root.join("state"),
+            cache: dir.root.join("cache"),
+            dir,
+        }
     }
 
     /// Mounts the bucket at `mnt` with this fixture's state and cache dirs.
@@ -67,20 +84,16 @@ impl Fixture {
 
     /// Mounts the bucket at `mnt` with the given state and cache dirs and upload delay.
     fn mount_with(&self, state: &Path, cache: &Path, upload_delay: &str) -> Mount {
-        let spec = MountSpec {
-            source: self.bucket.as_os_str(),
-            state,
-            cache,
-            opts: &[],
-            upload_delay,
-            metadata_ttl: METADATA_TTL,
-        };
-        Mount::start(&self.dir, &spec, |_| {})
+        let creds = self.server.creds();
+        self.server.mount(&self.dir, &self.source, (state, cache), (upload_delay, METADATA_TTL), creds)
     }
 
-    /// A path inside the bucket folder.
-    fn b(&self, rel: &str) -> PathBuf {
-        self.bucket.join(rel)
+    /// The bucket folder, for a local-folder backend.
+    fn local_bucket(&self) -> Option<PathBuf> {
+        match &self.server {
+            Server::Local(root) => Some(root.join("bkt")),
+            _ => None,
+        }
     }
 }
 
@@ -137,9 +150,14 @@ fn walk(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Files in the bucket folder that are autosync's own (folder markers, probes).
-fn is_reserved(rel: &Path) -> bool {
-    rel.file_name().is_some_and(|n| n.as_bytes().starts_with(b".autosync-"))
+/// Keys that are autosync's own (folder markers, probes).
+fn is_reserved(key: &str) -> bool {
+    key.rsplit('/').next().is_some_and(|n| n.starts_with(".autosync-"))
+}
+
+/// The keys under the folder `prefix`, without autosync's own.
+fn user_keys(bucket: &Other, prefix: &str) -> Vec<String> {
+    bucket.keys_under(prefix).into_iter().filter(|k| !is_reserved(k)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,9 +185,8 @@ fn make_tree(root: &Path) {
     std::os::unix::fs::symlink("../../d", root.join("a/b/link-to-dir")).unwrap();
 }
 
-#[test]
-fn cp_tree_then_diff_mount_and_bucket() {
-    let fx = Fixture::new("cp");
+fn cp_tree_then_diff_mount_and_bucket(backend: Backend) {
+    let fx = Fixture::new("cp", backend);
     let src = fx.root.join("src");
     make_tree(&src);
     let m = fx.mount();
@@ -181,31 +198,29 @@ fn cp_tree_then_diff_mount_and_bucket() {
     assert_eq!(fs::read_link(in_mount.join("link-to-file")).unwrap(), Path::new("a/file-001.txt"));
 
     m.flush();
-    // Every regular file is in the bucket folder at the same relative path, same bytes.
-    let in_bucket = fx.b("src");
+    // Every regular file and symlink is an object at the same relative path, same bytes, and
+    // every folder holds some key.
+    let keys = fx.bucket.keys_under("src");
     let src_entries = walk(&src);
     for rel in &src_entries {
         let s = src.join(rel);
-        let b = in_bucket.join(rel);
+        let key = format!("src/{}", rel.display());
         let md = fs::symlink_metadata(&s).unwrap();
         if md.is_file() {
-            assert!(b.is_file(), "{} missing from the bucket folder", b.display());
-            assert!(read(&s) == read(&b), "{} differs from {}", b.display(), s.display());
+            assert!(keys.contains(&key), "{key} missing from the bucket");
+            assert!(read(&s) == fx.bucket.data(&key), "object {key} differs from {}", s.display());
         } else if md.is_dir() {
-            assert!(b.is_dir(), "folder {} missing from the bucket folder", b.display());
+            assert!(keys.iter().any(|k| k.starts_with(&format!("{key}/"))), "no key under folder {key} in the bucket");
+        } else {
+            assert_eq!(fx.bucket.data(&key), fs::read_link(&s).unwrap().as_os_str().as_bytes(), "symlink {key}");
         }
     }
     // ...and nothing else, apart from autosync's folder markers.
-    for rel in walk(&in_bucket) {
-        if is_reserved(&rel) {
-            continue;
-        }
-        assert!(src_entries.contains(&rel), "unexpected {} in the bucket folder", in_bucket.join(&rel).display());
+    for key in &keys {
+        let rel = key.strip_prefix("src/").unwrap();
+        assert!(is_reserved(key) || src_entries.contains(&PathBuf::from(rel)), "unexpected {key} in the bucket");
     }
-    assert!(
-        fx.b("src/e/empty-dir/.autosync-folder").is_file(),
-        "the empty folder has no .autosync-folder marker in the bucket"
-    );
+    assert!(keys.contains("src/e/empty-dir/.autosync-folder"), "the empty folder has no .autosync-folder marker");
     m.unmount();
 
     // A mount with fresh state and cache (another machine) sees the same tree.
@@ -235,9 +250,8 @@ fn git(fx: &Fixture, dir: &Path) -> Command {
     c
 }
 
-#[test]
-fn git_clone_status_log_commit() {
-    let fx = Fixture::new("git");
+fn git_clone_status_log_commit(backend: Backend) {
+    let fx = Fixture::new("git", backend);
     let origin = fx.root.join("origin");
     fs::create_dir(&origin).unwrap();
     run_ok(git(&fx, &origin).args(["init", "-q", "-b", "main"]));
@@ -289,9 +303,8 @@ fn sqlite(db: &Path, sql: &str) -> String {
     run_ok(Command::new("sqlite3").arg(db).arg(sql)).stdout.trim_end().to_string()
 }
 
-#[test]
-fn sqlite_database_in_the_mount() {
-    let fx = Fixture::new("sqlite");
+fn sqlite_database_in_the_mount(backend: Backend) {
+    let fx = Fixture::new("sqlite", backend);
     let m = fx.mount();
     let db = fx.m("app.db");
     let mut sql = String::from("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER NOT NULL, s TEXT);\nBEGIN;\n");
@@ -307,7 +320,8 @@ fn sqlite_database_in_the_mount() {
 
     m.flush();
     // The bucket holds a plain, valid database file.
-    let in_bucket = fx.b("app.db");
+    let in_bucket = fx.root.join("from-bucket.db");
+    fs::write(&in_bucket, fx.bucket.data("app.db")).unwrap();
     assert_eq!(sqlite(&in_bucket, &format!("PRAGMA query_only=1; {query}")), expected);
     m.unmount();
 
@@ -321,9 +335,8 @@ fn sqlite_database_in_the_mount() {
 // 4. random writes into a 64 MiB file
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn random_writes_into_a_64_mib_file() {
-    let fx = Fixture::new("pwrite");
+fn random_writes_into_a_64_mib_file(backend: Backend) {
+    let fx = Fixture::new("pwrite", backend);
     let m = fx.mount();
     let path = fx.m("big.bin");
     let mut rng = Rng(4);
@@ -349,8 +362,9 @@ fn random_writes_into_a_64_mib_file() {
     assert_eq!(hash_file(&path), want, "the mount file differs from the expected buffer");
 
     m.flush();
-    assert_eq!(fs::metadata(fx.b("big.bin")).unwrap().len(), expected.len() as u64);
-    assert_eq!(hash_file(&fx.b("big.bin")), want, "the bucket file differs from the expected buffer");
+    let object = fx.bucket.data("big.bin");
+    assert_eq!(object.len(), expected.len());
+    assert_eq!(blake3::hash(&object), want, "the object differs from the expected buffer");
     m.unmount();
 
     let m = fx.mount();
@@ -367,14 +381,29 @@ fn random_writes_into_a_64_mib_file() {
 // 5. renaming a folder of 1,000 files
 // ---------------------------------------------------------------------------------------------
 
-/// Checks the 1,000 files (and `sub/nested.txt`) of `dir`; in the bucket folder, autosync's
-/// own marker files are left out of the listing.
-fn check_renamed_dir(dir: &Path, in_bucket: bool) {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !(in_bucket && n.starts_with(".autosync-")))
-        .collect();
+/// The names of the 1,000 files (and `sub/nested.txt`) of the folder, and their content.
+fn renamed_dir_want() -> Vec<(String, Vec<u8>)> {
+    let mut want: Vec<(String, Vec<u8>)> =
+        (0..1000).map(|i| (format!("f{i:04}"), format!("content of file {i}\n").into_bytes())).collect();
+    want.push(("sub/nested.txt".into(), b"nested\n".to_vec()));
+    want
+}
+
+/// Checks the objects of the folder `prefix` in the bucket.
+fn check_renamed_dir_in_bucket(bucket: &Other, prefix: &str) {
+    let want = renamed_dir_want();
+    let keys = user_keys(bucket, prefix);
+    let want_keys: Vec<String> = want.iter().map(|(n, _)| format!("{prefix}/{n}")).collect();
+    assert_eq!(keys, want_keys, "keys under {prefix}/");
+    for (name, data) in want {
+        assert_eq!(bucket.data(&format!("{prefix}/{name}")), data, "{prefix}/{name}");
+    }
+}
+
+/// Checks the 1,000 files (and `sub/nested.txt`) of `dir` in the mount.
+fn check_renamed_dir(dir: &Path) {
+    let mut names: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     let mut want: Vec<String> = (0..1000).map(|i| format!("f{i:04}")).collect();
     want.push("sub".into());
@@ -387,9 +416,8 @@ fn check_renamed_dir(dir: &Path, in_bucket: bool) {
     assert_eq!(read(&dir.join("sub/nested.txt")), b"nested\n");
 }
 
-#[test]
-fn rename_a_folder_of_1000_files() {
-    let fx = Fixture::new("mvdir");
+fn rename_a_folder_of_1000_files(backend: Backend) {
+    let fx = Fixture::new("mvdir", backend);
     let m = fx.mount();
     let dir = fx.m("dir");
     fs::create_dir(&dir).unwrap();
@@ -399,22 +427,21 @@ fn rename_a_folder_of_1000_files() {
     write_file(&dir.join("sub/nested.txt"), b"nested\n");
     // Get the files into the bucket first, so the rename moves objects there.
     m.flush();
-    assert_eq!(walk(&fx.b("dir")).into_iter().filter(|p| !is_reserved(p)).count(), 1002);
+    assert_eq!(user_keys(&fx.bucket, "dir").len(), 1001);
 
     run_ok(sh("mv", &[&dir, &fx.m("dir2")]));
     assert_gone(&dir);
-    check_renamed_dir(&fx.m("dir2"), false);
+    check_renamed_dir(&fx.m("dir2"));
 
     m.flush();
-    assert_gone(&fx.b("dir"));
-    let in_bucket: Vec<PathBuf> = walk(&fx.b("dir2")).into_iter().filter(|p| !is_reserved(p)).collect();
-    assert_eq!(in_bucket.len(), 1002, "dir2 in the bucket: {in_bucket:?}");
-    check_renamed_dir(&fx.b("dir2"), true);
+    let left = fx.bucket.keys_under("dir");
+    assert!(left.is_empty(), "keys left under dir/ after the rename: {left:?}");
+    check_renamed_dir_in_bucket(&fx.bucket, "dir2");
     m.unmount();
 
     let m = fx.mount();
     assert_gone(&dir);
-    check_renamed_dir(&fx.m("dir2"), false);
+    check_renamed_dir(&fx.m("dir2"));
     m.unmount();
 }
 
@@ -428,9 +455,8 @@ fn check_attrs(path: &Path, perm: u32, when: &str) {
     assert_eq!(got, (perm, 1234, 5678, STAMP), "{} (mode, uid, gid, mtime) {when}", path.display());
 }
 
-#[test]
-fn chmod_chown_touch_survive_remount() {
-    let fx = Fixture::new("attrs");
+fn chmod_chown_touch_survive_remount(backend: Backend) {
+    let fx = Fixture::new("attrs", backend);
     let m = fx.mount();
     let (d, f) = (fx.m("d"), fx.m("d/f.txt"));
     fs::create_dir(&d).unwrap();
@@ -445,17 +471,26 @@ fn chmod_chown_touch_survive_remount() {
     check_attrs(&d, 0o750, "in the mount");
 
     m.flush();
-    // The backing file carries them too, and so does its metadata xattr.
-    let bf = fx.b("d/f.txt");
-    let md = fs::metadata(&bf).unwrap();
-    assert_eq!((md.uid(), md.gid(), md.mtime()), (1234, 5678, STAMP), "backing file {}", bf.display());
-    assert_eq!(md.mode() & 0o777, 0o640, "backing file mode");
-    let meta = xattr::get(&bf, "user.autosync.meta").unwrap().expect("user.autosync.meta xattr on the backing file");
-    let meta: serde_json::Value = serde_json::from_slice(&meta).unwrap();
-    assert_eq!(meta["mode"], (libc::S_IFREG | 0o640).to_string(), "xattr: {meta}");
-    assert_eq!(meta["uid"], "1234", "xattr: {meta}");
-    assert_eq!(meta["gid"], "5678", "xattr: {meta}");
-    assert_eq!(meta["mtime"], STAMP.to_string(), "xattr: {meta}");
+    // The objects carry them as user metadata (s3fs's names): the file's, and the folder's on
+    // its marker.
+    let want = |mode: u32| {
+        [("mode", mode.to_string()), ("uid", "1234".into()), ("gid", "5678".into()), ("mtime", STAMP.to_string())]
+    };
+    for (key, mode) in [("d/f.txt", libc::S_IFREG | 0o640), ("d/.autosync-folder", libc::S_IFDIR | 0o750)] {
+        let meta = fx.bucket.get(key).meta;
+        for (name, value) in want(mode) {
+            assert_eq!(meta.get(name), Some(&value), "metadata `{name}` of {key}: {meta:?}");
+        }
+    }
+    // In a local folder, the backing file carries them too (and the metadata xattr, which the
+    // other client read above).
+    if let Some(root) = fx.local_bucket() {
+        let bf = root.join("d/f.txt");
+        let md = fs::metadata(&bf).unwrap();
+        assert_eq!((md.uid(), md.gid(), md.mtime()), (1234, 5678, STAMP), "backing file {}", bf.display());
+        assert_eq!(md.mode() & 0o777, 0o640, "backing file mode");
+        assert!(xattr::get(&bf, "user.autosync.meta").unwrap().is_some(), "no metadata xattr on {}", bf.display());
+    }
     m.unmount();
 
     let m = fx.mount();
@@ -474,16 +509,15 @@ fn chmod_chown_touch_survive_remount() {
 // 7. crash: SIGKILL the daemon, remount with the same state, the journal is replayed
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn sigkill_then_remount_replays_the_journal() {
-    let fx = Fixture::new("crash");
+fn sigkill_then_remount_replays_the_journal(backend: Backend) {
+    let fx = Fixture::new("crash", backend);
     // A long upload delay: at the kill, the files are only in the local journal.
     let m = fx.mount_with(&fx.state, &fx.cache, "600");
     let big: Vec<u8> = Rng(7).bytes(300_000);
     write_file(&fx.m("crash.bin"), &big);
     write_file(&fx.m("sub/inner.txt"), b"written just before the crash\n");
-    assert_gone(&fx.b("crash.bin"));
-    assert_gone(&fx.b("sub/inner.txt"));
+    fx.bucket.assert_gone("crash.bin");
+    fx.bucket.assert_gone("sub/inner.txt");
 
     // Someone looks at the mount (`ls -ld`) just before the crash: the kernel may keep
     // answering stat of the mount point from its attribute cache for a while afterwards.
@@ -495,8 +529,8 @@ fn sigkill_then_remount_replays_the_journal() {
     // mount up by itself.
     let m = fx.mount();
     m.flush();
-    assert!(read(&fx.b("crash.bin")) == big, "crash.bin in the bucket differs");
-    assert_eq!(read(&fx.b("sub/inner.txt")), b"written just before the crash\n");
+    assert!(fx.bucket.data("crash.bin") == big, "crash.bin in the bucket differs");
+    assert_eq!(fx.bucket.data("sub/inner.txt"), b"written just before the crash\n");
     assert!(read(&fx.m("crash.bin")) == big, "crash.bin in the mount differs");
     assert_eq!(read(&fx.m("sub/inner.txt")), b"written just before the crash\n");
     m.unmount();
@@ -506,9 +540,8 @@ fn sigkill_then_remount_replays_the_journal() {
 // 8. bad input: one-line messages, nothing mounted
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn bad_input_fails_with_one_line_and_mounts_nothing() {
-    let fx = Fixture::new("bad");
+fn bad_input_fails_with_one_line_and_mounts_nothing(backend: Backend) {
+    let fx = Fixture::new("bad", backend);
     let m = fx.mount();
     write_file(&fx.m("keep.txt"), b"the good mount keeps working\n");
 
@@ -548,7 +581,7 @@ fn bad_input_fails_with_one_line_and_mounts_nothing() {
     // The mount whose state dir was reused is untouched.
     assert_eq!(read(&fx.m("keep.txt")), b"the good mount keeps working\n");
     m.flush();
-    assert_eq!(read(&fx.b("keep.txt")), b"the good mount keeps working\n");
+    assert_eq!(fx.bucket.data("keep.txt"), b"the good mount keeps working\n");
     m.unmount();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -566,23 +599,22 @@ fn renameat2_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
-#[test]
-fn rename_rmdir_noreplace_and_link_semantics() {
-    let fx = Fixture::new("rename");
+fn rename_rmdir_noreplace_and_link_semantics(backend: Backend) {
+    let fx = Fixture::new("rename", backend);
     let m = fx.mount();
     let (a, b) = (fx.m("a.txt"), fx.m("b.txt"));
     write_file(&a, b"old content of a\n");
     write_file(&b, b"new content, from b\n");
     m.flush();
-    assert_eq!(read(&fx.b("a.txt")), b"old content of a\n");
+    assert_eq!(fx.bucket.data("a.txt"), b"old content of a\n");
 
     // rename(2) onto an existing file replaces it.
     fs::rename(&b, &a).unwrap();
     assert_eq!(read(&a), b"new content, from b\n");
     assert_gone(&b);
     m.flush();
-    assert_eq!(read(&fx.b("a.txt")), b"new content, from b\n");
-    assert_gone(&fx.b("b.txt"));
+    assert_eq!(fx.bucket.data("a.txt"), b"new content, from b\n");
+    fx.bucket.assert_gone("b.txt");
 
     // rmdir of a non-empty folder: ENOTEMPTY, before and after its content is uploaded.
     let d = fx.m("d");
@@ -612,10 +644,10 @@ fn rename_rmdir_noreplace_and_link_semantics() {
     assert_gone(&h);
 
     m.flush();
-    assert_gone(&fx.b("c.txt"));
-    assert_eq!(read(&fx.b("c2.txt")), b"c\n");
-    assert_eq!(read(&fx.b("e.txt")), b"e\n");
-    assert_gone(&fx.b("hard"));
+    fx.bucket.assert_gone("c.txt");
+    assert_eq!(fx.bucket.data("c2.txt"), b"c\n");
+    assert_eq!(fx.bucket.data("e.txt"), b"e\n");
+    fx.bucket.assert_gone("hard");
     m.unmount();
 }
 
@@ -623,9 +655,8 @@ fn rename_rmdir_noreplace_and_link_semantics() {
 // An executable written in the mount runs from it
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn executable_script_runs_from_the_mount() {
-    let fx = Fixture::new("perm");
+fn executable_script_runs_from_the_mount(backend: Backend) {
+    let fx = Fixture::new("perm", backend);
     let m = fx.mount();
     let p = fx.m("x.sh");
     write_file(&p, b"#!/bin/sh\necho hi\n");
@@ -635,3 +666,37 @@ fn executable_script_runs_from_the_mount() {
     assert_eq!(out.stdout, "hi\n");
     m.unmount();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Every test against every backend
+// ---------------------------------------------------------------------------------------------
+
+/// For each test function `f(Backend)`, the tests `local::f`, `moto::f` and `garage::f`.
+macro_rules! against_every_backend {
+    ($($test:ident),* $(,)?) => {
+        against_every_backend!(@mod local, Local, $($test),*);
+        against_every_backend!(@mod moto, Moto, $($test),*);
+        against_every_backend!(@mod garage, Garage, $($test),*);
+    };
+    (@mod $module:ident, $backend:ident, $($test:ident),*) => {
+        mod $module {
+            $(#[test]
+            fn $test() {
+                super::$test(super::Backend::$backend)
+            })*
+        }
+    };
+}
+
+against_every_backend!(
+    cp_tree_then_diff_mount_and_bucket,
+    git_clone_status_log_commit,
+    sqlite_database_in_the_mount,
+    random_writes_into_a_64_mib_file,
+    rename_a_folder_of_1000_files,
+    chmod_chown_touch_survive_remount,
+    sigkill_then_remount_replays_the_journal,
+    bad_input_fails_with_one_line_and_mounts_nothing,
+    rename_rmdir_noreplace_and_link_semantics,
+    executable_script_runs_from_the_mount,
+);

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod servers;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_autosync");
 /// Short delay so that uploads happen within the tests' time.
 pub const UPLOAD_DELAY: &str = "0.2";
