@@ -1,8 +1,9 @@
 //! Real-mount integration tests: the built `autosync` binary mounts a bucket through FUSE and
 //! ordinary programs (cp, diff, git, sqlite3, mv, chmod...) work in it. Every test runs once
-//! against each backend ([`Backend`]: a local folder, moto's S3 server, Garage), as
-//! `local::NAME`, `moto::NAME`, `garage::NAME`; a second client (object_store) checks the
-//! bucket from outside.
+//! against each backend ([`Backend`]: a local folder, moto's S3 server, Garage as a single node
+//! and as a 3-node cluster with replication factor 3), as `local::NAME`, `moto::NAME`,
+//! `garage::NAME`, `garage3::NAME`; a second client (object_store) checks the bucket from
+//! outside.
 //!
 //! Every test has its own temp dir holding the server's data and log (or the bucket folder),
 //! the mount point, the state and cache dirs and the daemon's log (`daemon.log`). A failing test keeps its temp dir and prints
@@ -671,13 +672,14 @@ fn executable_script_runs_from_the_mount(backend: Backend) {
 // Every test against every backend
 // ---------------------------------------------------------------------------------------------
 
-/// For each test function `f(Backend)`, the tests `local::f`, `moto::f`, `garage::f`, `azurite::f`
-/// and `gcs::f`.
+/// For each test function `f(Backend)`, the tests `local::f`, `moto::f`, `garage::f`, `garage3::f`,
+/// `azurite::f` and `gcs::f`.
 macro_rules! against_every_backend {
     ($($test:ident),* $(,)?) => {
         against_every_backend!(@mod local, Local, $($test),*);
         against_every_backend!(@mod moto, Moto, $($test),*);
         against_every_backend!(@mod garage, Garage, $($test),*);
+        against_every_backend!(@mod garage3, Garage3, $($test),*);
     };
     (@mod $module:ident, $backend:ident, $($test:ident),*) => {
         mod $module {

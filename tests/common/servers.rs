@@ -1,5 +1,6 @@
 //! The servers the real-mount and S3 tiers run against ([`Backend`]), and a second client of
-//! their buckets ([`Other`]): a plain local folder, moto's S3 server, Garage.
+//! their buckets ([`Other`]): a plain local folder, moto's S3 server, Garage as a single node
+//! and as a 3-node cluster.
 //!
 //! Each test starts its own server on free loopback ports, and `Drop` kills it, even when the
 //! test fails. A server that is not installed fails its tests with one line saying how to
@@ -24,7 +25,7 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::path::Path as ObjPath;
 use object_store::{Attribute, ObjectStore, ObjectStoreExt, PutPayload};
 
-use super::{Mount, MountSpec, Out, Rng, TestDir, tail, try_run, wait_for};
+use super::{Mount, MountSpec, Out, Rng, TestDir, alive, sigkill, tail, try_run, wait_for};
 
 const INSTALL_MOTO: &str = "install it with `python3 -m venv .ci/venv && .ci/venv/bin/pip install 'moto[server]'` \
                             (or run `bash .ci/run`), or set AUTOSYNC_MOTO_SERVER to a moto_server";
@@ -67,7 +68,10 @@ pub enum Backend {
     /// A plain local folder (`file://`), no server.
     Local,
     Moto,
+    /// Garage as a single node.
     Garage,
+    /// Garage as a 3-node cluster with replication factor 3; autosync talks to the first node.
+    Garage3,
     /// Azurite, Microsoft's Azure Blob Storage emulator (`az://`).
     Azurite,
     /// fake-gcs-server, a Google Cloud Storage emulator (`gs://`).
@@ -80,6 +84,7 @@ impl Backend {
             Backend::Local => "local",
             Backend::Moto => "moto",
             Backend::Garage => "garage",
+            Backend::Garage3 => "garage3",
             Backend::Azurite => "azurite",
             Backend::Gcs => "gcs",
         }
@@ -88,7 +93,7 @@ impl Backend {
     /// The region the server signs for (Garage refuses requests signed for another).
     pub fn region(self) -> &'static str {
         match self {
-            Backend::Garage => "garage",
+            Backend::Garage | Backend::Garage3 => "garage",
             _ => "us-east-1",
         }
     }
@@ -98,7 +103,7 @@ impl Backend {
     pub fn conditional_writes(self) -> (bool, bool) {
         match self {
             Backend::Moto => (true, true),
-            Backend::Garage => (false, false),
+            Backend::Garage | Backend::Garage3 => (false, false),
             Backend::Local | Backend::Azurite | Backend::Gcs => (true, true),
         }
     }
@@ -137,7 +142,8 @@ impl Server {
                 Server::Local(root)
             }
             Backend::Moto => Server::Moto(Moto::start(log)),
-            Backend::Garage => Server::Garage(Garage::start(log)),
+            Backend::Garage => Server::Garage(Garage::start(log, 1)),
+            Backend::Garage3 => Server::Garage(Garage::start(log, 3)),
             Backend::Azurite => {
                 let data = dir.join(format!("{name}.d"));
                 Server::Azurite(Emulator::start("Azurite", &azurite_path(), &log, |port| {
@@ -171,7 +177,7 @@ impl Server {
         match self {
             Server::Local(_) => Backend::Local,
             Server::Moto(_) => Backend::Moto,
-            Server::Garage(_) => Backend::Garage,
+            Server::Garage(g) => g.backend(),
             Server::Azurite(_) => Backend::Azurite,
             Server::Gcs(_) => Backend::Gcs,
         }
@@ -536,127 +542,99 @@ impl Drop for Moto {
     }
 }
 
-/// A single-node Garage cluster on free loopback ports, with one access key allowed on every
-/// bucket made by [`Garage::create_bucket`]. Its metadata and data live next to its log; it is
-/// killed when dropped.
+/// A Garage cluster of one or more nodes on free loopback ports, with one access key allowed on
+/// every bucket made by [`Garage::create_bucket`]. Each node has its own zone, and every object
+/// is stored on every node (the replication factor is the number of nodes), so with three nodes
+/// writes need two of them (a quorum). Every node serves the S3 API; `s3_port` is the first
+/// node's, which the other clients and the CLI talk to. Every node is killed when dropped.
 pub struct Garage {
+    nodes: Vec<GarageNode>,
+    pub s3_port: u16,
+    pub key_id: String,
+    pub secret: String,
+}
+
+/// One `garage server` process. Its metadata and data live next to its log; it is killed when
+/// dropped.
+pub struct GarageNode {
     child: Child,
     exe: PathBuf,
     config: PathBuf,
     log: PathBuf,
     pub s3_port: u16,
-    pub key_id: String,
-    pub secret: String,
+    pub rpc_port: u16,
 }
 
 /// Name of the one access key of a [`Garage`].
 const GARAGE_KEY: &str = "autosync-test";
 
 impl Garage {
-    pub fn start(log: PathBuf) -> Garage {
+    /// Starts a cluster of `nodes` nodes. A single node logs to `log`; node N of several (from
+    /// 1) logs to `STEM-N.log` next to it.
+    pub fn start(log: PathBuf, nodes: usize) -> Garage {
+        assert!(nodes >= 1, "a Garage cluster needs a node");
         let exe = garage_path();
-        let dir = log.with_extension("d");
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        let config = dir.join("garage.toml");
         let secret: String = Rng(free_port() as u64).bytes(32).iter().map(|b| format!("{b:02x}")).collect();
-        // Another process may take a free port before Garage binds it: then try others.
-        for _ in 0..3 {
-            let s3_port = free_port();
-            let rpc_port =
-                wait_for("a second free port", Duration::from_secs(5), || Some(free_port()).filter(|&p| p != s3_port));
-            let toml = format!(
-                r#"metadata_dir = "{dir}/meta"
-data_dir = "{dir}/data"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:{rpc_port}"
-rpc_public_addr = "127.0.0.1:{rpc_port}"
-rpc_secret = "{secret}"
-
-[s3_api]
-s3_region = "{region}"
-api_bind_addr = "127.0.0.1:{s3_port}"
-root_domain = ".s3.garage.localhost"
-"#,
-                dir = dir.display(),
-                region = Backend::Garage.region(),
-            );
-            fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-            let f = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
-            let child = Command::new(&exe)
-                .arg("-c")
-                .arg(&config)
-                .arg("server")
-                .env("RUST_LOG", "garage=info")
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(f.try_clone().unwrap())
-                .stderr(f)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}; {INSTALL_GARAGE}", exe.display()));
-            let mut g = Garage {
-                child,
-                exe: exe.clone(),
-                config: config.clone(),
-                log: log.clone(),
-                s3_port,
-                key_id: String::new(),
-                secret: String::new(),
-            };
-            // Up once its CLI reaches it over RPC.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let up = loop {
-                if g.child.try_wait().ok().flatten().is_some() {
-                    break false; // exited (port taken?): try other ports
-                }
-                if g.try_cli(&["status"]).is_ok_and(|o| o.ok()) {
-                    break true;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "garage did not answer its CLI within 30 s; its log:\n{}",
-                    tail(&log, 20)
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            if !up {
-                continue;
-            }
-            // One node holding every partition, then one key.
-            let node = g.cli(&["node", "id", "-q"]).stdout;
-            let node = node.trim().split('@').next().unwrap_or_default().to_string();
-            g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
-            g.cli(&["layout", "apply", "--version", "1"]);
-            let out = g.cli(&["key", "create", GARAGE_KEY]);
-            let field = |name: &str| {
-                out.stdout
-                    .lines()
-                    .find_map(|l| {
-                        l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_string())
-                    })
-                    .unwrap_or_else(|| panic!("no `{name}:` in the output of `garage key create`: {out}"))
-            };
-            (g.key_id, g.secret) = (field("Key ID"), field("Secret key"));
-            // The S3 API answers (any HTTP status: the request is unsigned).
-            wait_for("Garage's S3 API to answer", Duration::from_secs(30), || {
-                http(s3_port, "GET", "/", &[], b"").ok().map(|_| ())
-            });
-            return g;
+        let logs: Vec<PathBuf> = if nodes == 1 {
+            vec![log]
+        } else {
+            let stem = log.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            (1..=nodes).map(|i| log.with_file_name(format!("{stem}-{i}.log"))).collect()
+        };
+        let mut g = Garage { nodes: Vec::new(), s3_port: 0, key_id: String::new(), secret: String::new() };
+        // One at a time, each owned by `g` as soon as it is up: a failure kills those started.
+        for log in logs {
+            let node = GarageNode::start(&exe, log, &secret, nodes);
+            g.nodes.push(node);
         }
-        panic!("garage ({}) exited at start three times; its log:\n{}", exe.display(), tail(&log, 30));
+        g.s3_port = g.nodes[0].s3_port;
+
+        // The first node connects to the others (they learn of each other from it).
+        let ids: Vec<String> = g.nodes.iter().map(|n| n.cli(&["node", "id", "-q"]).stdout.trim().to_string()).collect();
+        for id in &ids[1..] {
+            g.cli(&["node", "connect", id]);
+        }
+        // One zone per node, then one key.
+        for (i, id) in ids.iter().enumerate() {
+            let id = id.split('@').next().unwrap_or_default();
+            g.cli(&["layout", "assign", "-z", &format!("dc{}", i + 1), "-c", "1G", id]);
+        }
+        g.cli(&["layout", "apply", "--version", "1"]);
+        for n in &g.nodes {
+            wait_for("every node to have the layout", Duration::from_secs(30), || {
+                let out = n.try_cli(&["layout", "show"]).ok().filter(Out::ok)?;
+                out.stdout.contains("Current cluster layout version: 1").then_some(())
+            });
+        }
+        let out = g.cli(&["key", "create", GARAGE_KEY]);
+        let field = |name: &str| {
+            out.stdout
+                .lines()
+                .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_string()))
+                .unwrap_or_else(|| panic!("no `{name}:` in the output of `garage key create`: {out}"))
+        };
+        (g.key_id, g.secret) = (field("Key ID"), field("Secret key"));
+        // Every node's S3 API answers (any HTTP status: the request is unsigned).
+        for n in &g.nodes {
+            wait_for("Garage's S3 API to answer", Duration::from_secs(30), || {
+                http(n.s3_port, "GET", "/", &[], b"").ok().map(|_| ())
+            });
+        }
+        g
     }
 
-    pub fn try_cli(&self, args: &[&str]) -> Result<Out, String> {
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("-c").arg(&self.config).args(args).env("RUST_LOG", "warn");
-        try_run(&mut cmd, Duration::from_secs(30), None)
+    /// Which backend this is: a single node or a cluster.
+    pub fn backend(&self) -> Backend {
+        if self.nodes.len() == 1 { Backend::Garage } else { Backend::Garage3 }
     }
 
-    /// `garage -c CONFIG ARGS...`, which must succeed.
+    pub fn nodes(&self) -> &[GarageNode] {
+        &self.nodes
+    }
+
+    /// `garage -c CONFIG ARGS...` against the first node, which must succeed.
     pub fn cli(&self, args: &[&str]) -> Out {
-        let out = self.try_cli(args).unwrap_or_else(|e| panic!("{e}"));
-        assert!(out.ok(), "garage {}: {out}\ngarage log:\n{}", args.join(" "), tail(&self.log, 20));
-        out
+        self.nodes[0].cli(args)
     }
 
     /// A bucket that the key can read, write and administer.
@@ -693,12 +671,107 @@ else:
             .env("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required");
         let what = format!("boto3 {} (with {})", args.join(" "), python.display());
         let out = try_run(&mut cmd, Duration::from_secs(60), None).unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert!(out.ok(), "{what}: {out}\ngarage log:\n{}", tail(&self.log, 20));
+        assert!(out.ok(), "{what}: {out}\ngarage log:\n{}", tail(&self.nodes[0].log, 20));
         out
     }
 }
 
-impl Drop for Garage {
+impl GarageNode {
+    /// Starts one node of a cluster of `nodes` whose RPC secret is `secret`, and waits until its
+    /// CLI reaches it.
+    fn start(exe: &Path, log: PathBuf, secret: &str, nodes: usize) -> GarageNode {
+        let dir = log.with_extension("d");
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let config = dir.join("garage.toml");
+        // Another process may take a free port before Garage binds it: then try others.
+        for _ in 0..3 {
+            let s3_port = free_port();
+            let rpc_port =
+                wait_for("a second free port", Duration::from_secs(5), || Some(free_port()).filter(|&p| p != s3_port));
+            let toml = format!(
+                r#"metadata_dir = "{dir}/meta"
+data_dir = "{dir}/data"
+db_engine = "sqlite"
+replication_factor = {nodes}
+rpc_bind_addr = "127.0.0.1:{rpc_port}"
+rpc_public_addr = "127.0.0.1:{rpc_port}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "{region}"
+api_bind_addr = "127.0.0.1:{s3_port}"
+root_domain = ".s3.garage.localhost"
+"#,
+                dir = dir.display(),
+                region = Backend::Garage.region(),
+            );
+            fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+            let f = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+            let child = Command::new(exe)
+                .arg("-c")
+                .arg(&config)
+                .arg("server")
+                .env("RUST_LOG", "garage=info")
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(f.try_clone().unwrap())
+                .stderr(f)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}; {INSTALL_GARAGE}", exe.display()));
+            let mut n = GarageNode {
+                child,
+                exe: exe.to_path_buf(),
+                config: config.clone(),
+                log: log.clone(),
+                s3_port,
+                rpc_port,
+            };
+            // Up once its CLI reaches it over RPC.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if n.child.try_wait().ok().flatten().is_some() {
+                    break; // exited (port taken?): try other ports
+                }
+                if n.try_cli(&["status"]).is_ok_and(|o| o.ok()) {
+                    return n;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "garage did not answer its CLI within 30 s; its log:\n{}",
+                    tail(&log, 20)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("garage ({}) exited at start three times; its log:\n{}", exe.display(), tail(&log, 30));
+    }
+
+    pub fn try_cli(&self, args: &[&str]) -> Result<Out, String> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("-c").arg(&self.config).args(args).env("RUST_LOG", "warn");
+        try_run(&mut cmd, Duration::from_secs(30), None)
+    }
+
+    /// `garage -c CONFIG ARGS...` against this node, which must succeed.
+    pub fn cli(&self, args: &[&str]) -> Out {
+        let out = self.try_cli(args).unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.ok(), "garage {}: {out}\ngarage log:\n{}", args.join(" "), tail(&self.log, 20));
+        out
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs the node, as a crash or a power cut would, and waits until it is gone.
+    pub fn kill(&self) {
+        let pid = self.pid();
+        sigkill(pid);
+        wait_for("the killed Garage node to die", Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    }
+}
+
+impl Drop for GarageNode {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
