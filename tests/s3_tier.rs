@@ -9,6 +9,9 @@
 //!   autosync falls back to compare-then-write there. It is found at `$AUTOSYNC_GARAGE`, then at
 //!   `~/.cargo/bin/garage`, then on `PATH`.
 //!
+//! One more test, `garage3_a_node_dies_in_the_middle_of_a_workload`, runs against Garage as a
+//! 3-node cluster with replication factor 3 and kills one node in the middle of a workload.
+//!
 //! Without a server, its tests fail with a one-line message saying how to install it (`.ci/run`
 //! installs both). Each test starts its own server on free loopback ports and kills it in
 //! `Drop`, even when the test fails. Raw requests to Garage (which checks every signature) go
@@ -22,7 +25,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::ops::Deref;
@@ -30,6 +33,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::servers::{Backend, KEY_ID, Moto, SECRET, Server, s3_env};
@@ -549,6 +553,226 @@ fn forty_mib_file_goes_up_multipart(backend: Backend) {
     assert_eq!(o.meta.get("mode"), Some(&fs::metadata(fx.m("big.bin")).unwrap().mode().to_string()), "{:?}", o.meta);
     m.unmount();
     assert_no_warnings(&fx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A node of a 3-node Garage cluster dies in the middle of a workload
+// ---------------------------------------------------------------------------------------------
+
+/// Size of the `i`th file of a workload: from empty to a few MiB.
+fn varied_size(i: usize) -> usize {
+    const SIZES: [usize; 10] = [0, 1, 100, 4096, 65_536, 100_000, 1 << 20, 3 << 20, 5_000, 300_000];
+    SIZES[i % SIZES.len()]
+}
+
+/// How the steps of a workload thread that ran after the kill went.
+#[derive(Debug, Default)]
+struct AfterKill {
+    steps: usize,
+    slowest: Duration,
+}
+
+impl AfterKill {
+    fn record(&mut self, killed: &AtomicBool, started: Instant) {
+        if killed.load(Ordering::SeqCst) {
+            self.steps += 1;
+            self.slowest = self.slowest.max(started.elapsed());
+        }
+    }
+}
+
+/// The longest a step of the workload may take once the node is dead: writes land in the
+/// cache, reads of an object take one GET, and Garage answers with two nodes of three.
+const STEP_LIMIT: Duration = Duration::from_secs(10);
+
+/// One node of three, not the one autosync talks to, is SIGKILLed while uploads are queued and
+/// in flight (normally in the middle of a 36 MiB multipart upload) and while the mount writes,
+/// overwrites, renames and deletes files and reads objects it has never read. With replication
+/// factor 3 a write needs two nodes of three, so the workload goes on; the flush, the checks
+/// from other clients and a fresh mount all run with the node still dead.
+#[test]
+fn garage3_a_node_dies_in_the_middle_of_a_workload() {
+    const SEEDS: usize = 60;
+    const STEPS: usize = 90;
+    // The writer and the reader each wait at this point of their work until the node is dead,
+    // so that most of the workload runs on the degraded cluster however fast the machine is.
+    const WRITER_KILL_AT: usize = 30;
+    const READER_KILL_AT: usize = SEEDS / 3;
+
+    let fx = Fixture::new("node-failure", Backend::Garage3);
+    let server = fx.server("garage");
+    let Server::Garage(cluster) = &server else { unreachable!("Garage3 is a Garage cluster") };
+    assert_eq!(cluster.nodes().len(), 3, "a 3-node cluster");
+    let (autosync_node, victim, survivor) = (&cluster.nodes()[0], &cluster.nodes()[2], &cluster.nodes()[1]);
+    assert_eq!(server.endpoint(), autosync_node.endpoint(), "autosync talks to the first node");
+    let victim_id = victim.id();
+    server.create_bucket("quorum");
+    let other = server.client("quorum");
+
+    // Objects written by another client, which the mount has never read: reading one is a GET.
+    let mut rng = Rng(71);
+    let seeds: Vec<(String, Vec<u8>)> =
+        (0..SEEDS).map(|j| (format!("seed/{j:03}.bin"), rng.bytes(varied_size(j + 3)))).collect();
+    for (k, data) in &seeds {
+        other.put(k, data);
+    }
+    let seed_names: Vec<String> = seeds.iter().map(|(k, _)| k.strip_prefix("seed/").unwrap().to_string()).collect();
+
+    let m = fx.mount(&server, "s3://quorum", "1", "a");
+    let killed = AtomicBool::new(false);
+    let (writer_at, reader_at) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let wait_for_kill =
+        || wait_for("the node to be killed", Duration::from_secs(120), || killed.load(Ordering::SeqCst).then_some(()));
+    let started = Instant::now();
+    let (want, writes_after, reads_after, (pending_at_kill, multipart_cut), kill_time) = std::thread::scope(|s| {
+        // Writes new files of varied sizes (a 36 MiB one, a multipart upload, just before the
+        // kill), overwrites, renames and deletes some, reads some back.
+        let writer = s.spawn(|| {
+            let mut rng = Rng(72);
+            let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            let mut after = AfterKill::default();
+            for i in 0..STEPS {
+                if i == WRITER_KILL_AT {
+                    wait_for_kill();
+                }
+                let t = Instant::now();
+                let (key, data) = if i == WRITER_KILL_AT - 1 {
+                    ("new/big.bin".to_string(), rng.bytes(36 << 20))
+                } else {
+                    (format!("new/{i:03}.bin"), rng.bytes(varied_size(i)))
+                };
+                write_file(&fx.m(&key), &data);
+                want.insert(key, data);
+                let earlier = |back: usize| format!("new/{:03}.bin", i - back);
+                if i % 6 == 5 && want.contains_key(&earlier(3)) {
+                    let data = rng.bytes(varied_size(i + 4));
+                    write_file(&fx.m(&earlier(3)), &data);
+                    want.insert(earlier(3), data);
+                }
+                if i % 9 == 8 && want.remove(&earlier(5)).is_some() {
+                    fs::remove_file(fx.m(&earlier(5))).unwrap_or_else(|e| panic!("rm {}: {e}", earlier(5)));
+                }
+                if i % 15 == 14
+                    && let Some(data) = want.remove(&earlier(2))
+                {
+                    let to = format!("moved/{:03}.bin", i - 2);
+                    fs::create_dir_all(fx.m("moved")).unwrap();
+                    fs::rename(fx.m(&earlier(2)), fx.m(&to)).unwrap_or_else(|e| panic!("mv {}: {e}", earlier(2)));
+                    want.insert(to, data);
+                }
+                if i % 10 == 9
+                    && let Some(data) = want.get(&earlier(7))
+                {
+                    assert!(read(&fx.m(&earlier(7))) == *data, "{} reads back wrong", earlier(7));
+                }
+                after.record(&killed, t);
+                writer_at.store(i + 1, Ordering::SeqCst);
+            }
+            (want, after)
+        });
+        // Reads the other client's objects one by one, and lists their folder now and then.
+        let reader = s.spawn(|| {
+            let mut after = AfterKill::default();
+            for (j, (k, data)) in seeds.iter().enumerate() {
+                if j == READER_KILL_AT {
+                    wait_for_kill();
+                }
+                let t = Instant::now();
+                assert!(read(&fx.m(k)) == *data, "{k}: the content read in the mount differs from the object");
+                if j % 10 == 0 {
+                    assert_eq!(names(&fx.m("seed")), seed_names, "the listing of seed/");
+                }
+                after.record(&killed, t);
+                reader_at.store(j + 1, Ordering::SeqCst);
+            }
+            after
+        });
+
+        // The kill comes once both threads are there and the multipart upload of big.bin has
+        // begun, as the log of the node autosync talks to shows.
+        let garage_log = || fs::read_to_string(&autosync_node.log).unwrap_or_default();
+        wait_for("the workload to reach the kill point", Duration::from_secs(120), || {
+            let there = writer_at.load(Ordering::SeqCst) >= WRITER_KILL_AT
+                && reader_at.load(Ordering::SeqCst) >= READER_KILL_AT
+                && garage_log().contains("POST /quorum/new/big.bin?uploads");
+            (there || writer.is_finished() || reader.is_finished()).then_some(())
+        });
+        let pending = m.status_json()["pending_ops"].as_u64();
+        victim.kill();
+        let kill_time = started.elapsed();
+        killed.store(true, Ordering::SeqCst);
+        // (Reported, not asserted: a fast machine may finish the upload before the kill.)
+        let multipart_cut = !garage_log().contains("POST /quorum/new/big.bin?uploadId=");
+        let (want, writes_after) = writer.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        let reads_after = reader.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        (want, writes_after, reads_after, (pending, multipart_cut), kill_time)
+    });
+    let workload_time = started.elapsed();
+    // The kill came in the middle: uploads were queued, and the rest of the work came after.
+    assert!(pending_at_kill.is_some_and(|n| n > 0), "no upload was pending when the node died: {pending_at_kill:?}");
+    assert_eq!(writes_after.steps, STEPS - WRITER_KILL_AT, "writer steps after the kill");
+    assert_eq!(reads_after.steps, SEEDS - READER_KILL_AT, "reader steps after the kill");
+    for (what, a) in [("write", &writes_after), ("read", &reads_after)] {
+        assert!(a.slowest < STEP_LIMIT, "a {what} step took {:?} with a node dead", a.slowest);
+    }
+    // Garage itself sees the node as failed.
+    let status = cluster.cli(&["status"]).stdout;
+    assert!(
+        status.split_once("FAILED NODES").is_some_and(|(_, failed)| failed.contains(&victim_id[..16])),
+        "`garage status` does not list {victim_id} as failed:\n{status}"
+    );
+
+    // Everything goes up with the node still dead.
+    let t = Instant::now();
+    m.flush();
+    let flush_time = t.elapsed();
+    let st = m.status_json();
+    assert_eq!((st["pending_ops"].as_u64(), st["conflicts"].as_u64()), (Some(0), Some(0)), "status: {st}");
+
+    // Nothing is missing and every object holds the right content, seen through the node
+    // autosync talks to and through the other live node.
+    let mut all = want.clone();
+    all.extend(seeds.iter().cloned());
+    let (key_id, secret) = server.creds();
+    let via_survivor = server.client_at(&survivor.endpoint(), "quorum", key_id, secret);
+    for (who, client) in [("first node", &other), ("second node", &via_survivor)] {
+        let keys: BTreeSet<String> = client.keys().into_iter().filter(|k| !is_marker(k)).collect();
+        assert_eq!(keys, all.keys().cloned().collect::<BTreeSet<_>>(), "keys in the bucket through the {who}");
+    }
+    for (k, data) in &all {
+        assert!(via_survivor.data(k) == *data, "{k}: the object's content is wrong");
+    }
+    m.unmount();
+
+    // A fresh mount (new state and cache dirs) sees all of it.
+    let m = fx.mount(&server, "s3://quorum", "1", "b");
+    for dir in ["new", "moved", "seed"] {
+        let want_names: Vec<String> =
+            all.keys().filter_map(|k| k.strip_prefix(&format!("{dir}/")).map(String::from)).collect();
+        assert_eq!(names(&fx.m(dir)), want_names, "{dir}/ in a fresh mount");
+    }
+    for (k, data) in &all {
+        assert!(read(&fx.m(k)) == *data, "{k} differs in a fresh mount");
+    }
+    m.unmount();
+
+    // What the outage looked like from autosync's side (shown with --nocapture): nothing. No
+    // request failed and none was retried (object_store logs its retries at INFO, "backing
+    // off"): Garage answered every one with the two live nodes.
+    let log = fs::read_to_string(&fx.log).unwrap_or_default();
+    let noticed: Vec<&str> =
+        log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("backing off")).collect();
+    eprintln!(
+        "node failure: killed after {kill_time:?} with {pending_at_kill:?} ops pending (multipart upload cut: \
+         {multipart_cut}); workload {workload_time:?}; after the kill {} writer steps (slowest {:?}) and {} reads \
+         (slowest {:?}); flush {flush_time:?}; {} failed or retried requests in the daemon log",
+        writes_after.steps,
+        writes_after.slowest,
+        reads_after.steps,
+        reads_after.slowest,
+        noticed.len(),
+    );
+    assert!(noticed.is_empty(), "the daemon saw failed or retried requests:\n{}", noticed.join("\n"));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -309,17 +309,7 @@ impl Server {
             Server::Local(root) => {
                 Arc::new(autosync::store::local::LocalAttrStore::new(&root.join(bucket)).expect("a local folder store"))
             }
-            Server::Moto(_) | Server::Garage(_) => Arc::new(
-                AmazonS3Builder::new()
-                    .with_endpoint(self.endpoint())
-                    .with_allow_http(true)
-                    .with_bucket_name(bucket)
-                    .with_region(self.region())
-                    .with_access_key_id(key_id)
-                    .with_secret_access_key(secret)
-                    .build()
-                    .expect("object_store client"),
-            ),
+            Server::Moto(_) | Server::Garage(_) => return self.client_at(&self.endpoint(), bucket, key_id, secret),
             Server::Azurite(_) => Arc::new(
                 MicrosoftAzureBuilder::new()
                     .with_account(AZURITE_ACCOUNT)
@@ -339,8 +329,23 @@ impl Server {
                     .expect("object_store GCS client"),
             ),
         };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-        Other { rt, store }
+        Other::new(store)
+    }
+
+    /// Another client of `bucket` that talks to the S3 endpoint `endpoint` (e.g. another node
+    /// of a Garage cluster), with the credentials given.
+    pub fn client_at(&self, endpoint: &str, bucket: &str, key_id: &str, secret: &str) -> Other {
+        Other::new(Arc::new(
+            AmazonS3Builder::new()
+                .with_endpoint(endpoint)
+                .with_allow_http(true)
+                .with_bucket_name(bucket)
+                .with_region(self.region())
+                .with_access_key_id(key_id)
+                .with_secret_access_key(secret)
+                .build()
+                .expect("object_store client"),
+        ))
     }
 }
 
@@ -560,7 +565,7 @@ pub struct GarageNode {
     child: Child,
     exe: PathBuf,
     config: PathBuf,
-    log: PathBuf,
+    pub log: PathBuf,
     pub s3_port: u16,
     pub rpc_port: u16,
 }
@@ -759,6 +764,17 @@ root_domain = ".s3.garage.localhost"
         out
     }
 
+    /// This node's ID in hex (`garage status` shows its first 16 digits).
+    pub fn id(&self) -> String {
+        let out = self.cli(&["node", "id", "-q"]).stdout;
+        out.trim().split('@').next().unwrap_or_default().to_string()
+    }
+
+    /// This node's S3 endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -930,6 +946,11 @@ pub struct Other {
 }
 
 impl Other {
+    fn new(store: Arc<dyn ObjectStore>) -> Other {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        Other { rt, store }
+    }
+
     /// Puts `data` at `key`; returns the new ETag.
     pub fn put(&self, key: &str, data: &[u8]) -> String {
         let r = self.rt.block_on(self.store.put(&obj(key), PutPayload::from(data.to_vec())));
