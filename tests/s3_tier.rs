@@ -9,8 +9,9 @@
 //!   autosync falls back to compare-then-write there. It is found at `$AUTOSYNC_GARAGE`, then at
 //!   `~/.cargo/bin/garage`, then on `PATH`.
 //!
-//! One more test, `garage3_a_node_dies_in_the_middle_of_a_workload`, runs against Garage as a
-//! 3-node cluster with replication factor 3 and kills one node in the middle of a workload.
+//! Two more tests run against Garage as a 3-node cluster with replication factor 3: one kills a
+//! node autosync does not talk to in the middle of a workload, the other kills the node it talks
+//! to and starts it again.
 //!
 //! Without a server, its tests fail with a one-line message saying how to install it (`.ci/run`
 //! installs both). Each test starts its own server on free loopback ports and kills it in
@@ -38,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use common::servers::{Backend, KEY_ID, Moto, SECRET, Server, s3_env};
 use common::{
-    BIN, Mount, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, try_run, wait_for,
-    write_file,
+    BIN, Mount, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, tail, try_run,
+    wait_for, write_file,
 };
 
 static TIER: Tier = Tier {
@@ -773,6 +774,82 @@ fn garage3_a_node_dies_in_the_middle_of_a_workload() {
         noticed.len(),
     );
     assert!(noticed.is_empty(), "the daemon saw failed or retried requests:\n{}", noticed.join("\n"));
+}
+
+/// The node autosync talks to is SIGKILLed, then started again. Meanwhile the mount takes
+/// writes and serves the files written here; reading other files fails with EIO after the
+/// store's retries; the upload fails, is retried with backoff, and `status` says why. Once the
+/// node is back, a flush puts everything in the bucket.
+#[test]
+fn garage3_the_node_autosync_talks_to_dies_and_comes_back() {
+    let fx = Fixture::new("endpoint-failure", Backend::Garage3);
+    let mut server = fx.server("garage");
+    server.create_bucket("quorum");
+    let other = server.client("quorum");
+    let seeds: Vec<Vec<u8>> = (0..3).map(|j| Rng(80 + j).bytes(100_000)).collect();
+    for (j, data) in seeds.iter().enumerate() {
+        other.put(&format!("seed/{j}.bin"), data);
+    }
+    let m = fx.mount(&server, "s3://quorum", "1", "a");
+    write_file(&fx.m("before.txt"), b"written before the outage\n");
+    assert!(read(&fx.m("seed/0.bin")) == seeds[0], "seed/0.bin reads wrong");
+    m.flush();
+
+    let Server::Garage(cluster) = &mut server else { unreachable!("Garage3 is a Garage cluster") };
+    let peers: Vec<String> = cluster.nodes()[1..].iter().map(|n| n.peer()).collect();
+    cluster.nodes()[0].kill();
+
+    // Writes land in the cache, and files written here read back from it, at once.
+    let t = Instant::now();
+    let during = b"written while the node autosync talks to is dead\n";
+    write_file(&fx.m("during.txt"), during);
+    assert_eq!(read(&fx.m("before.txt")), b"written before the outage\n");
+    assert!(t.elapsed() < STEP_LIMIT, "writing and reading local files took {:?}", t.elapsed());
+    // A file not written here is read from the bucket at each open (SEMANTICS.md: no persistent
+    // read cache), so even one read before fails: EIO, once the store's retries are spent.
+    let mut eio_after = Duration::ZERO;
+    for rel in ["seed/0.bin", "seed/1.bin"] {
+        let t = Instant::now();
+        let err = fs::read(fx.m(rel)).expect_err("reading a file from a dead endpoint");
+        eio_after = eio_after.max(t.elapsed());
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "reading {rel}: {err}");
+    }
+    assert!(eio_after < Duration::from_secs(30), "a failed read took {eio_after:?}");
+    // The folder still lists, from what the mount knows.
+    assert_eq!(names(&fx.m("seed")), ["0.bin", "1.bin", "2.bin"]);
+    // The uploader fails, says why in `status`, and keeps the change.
+    let why = wait_for("the failed upload in `status`", Duration::from_secs(60), || {
+        let st = m.status_json();
+        st["last_error"].as_str().filter(|e| e.contains("during.txt")).map(String::from)
+    });
+    assert_eq!(m.status_json()["pending_ops"], 1, "the write waits in the journal");
+
+    // The node comes back. (Garage's own peering retry takes about 15 s: connect at once.)
+    let node = &mut cluster.nodes_mut()[0];
+    node.restart();
+    for peer in &peers {
+        node.cli(&["node", "connect", peer]);
+    }
+    let t = Instant::now();
+    m.flush();
+    let flush_time = t.elapsed();
+    assert_eq!(other.data("during.txt"), during);
+    assert_eq!(other.data("before.txt"), b"written before the outage\n");
+    assert!(read(&fx.m("seed/1.bin")) == seeds[1], "seed/1.bin reads wrong after the outage");
+    let st = m.status_json();
+    assert_eq!((st["pending_ops"].as_u64(), st["last_error"].as_str()), (Some(0), None), "status: {st}");
+    m.unmount();
+
+    // The daemon's log shows the failed upload and the store's retries.
+    let log = fs::read_to_string(&fx.log).unwrap_or_default();
+    let failed = log.lines().filter(|l| l.contains(" ERROR ") && l.contains("upload failed, will retry")).count();
+    let retries = log.lines().filter(|l| l.contains("backing off")).count();
+    assert!(failed > 0, "no `upload failed, will retry` in the daemon log:\n{}", tail(&fx.log, 30));
+    assert!(retries > 0, "no retry of the store in the daemon log:\n{}", tail(&fx.log, 30));
+    eprintln!(
+        "endpoint failure: EIO after {eio_after:?}; status said: {why}; {failed} failed uploads and {retries} \
+         retried requests logged; flush after the restart {flush_time:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

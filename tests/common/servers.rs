@@ -595,13 +595,13 @@ impl Garage {
         g.s3_port = g.nodes[0].s3_port;
 
         // The first node connects to the others (they learn of each other from it).
-        let ids: Vec<String> = g.nodes.iter().map(|n| n.cli(&["node", "id", "-q"]).stdout.trim().to_string()).collect();
-        for id in &ids[1..] {
-            g.cli(&["node", "connect", id]);
+        let peers: Vec<String> = g.nodes.iter().map(GarageNode::peer).collect();
+        for peer in &peers[1..] {
+            g.cli(&["node", "connect", peer]);
         }
         // One zone per node, then one key.
-        for (i, id) in ids.iter().enumerate() {
-            let id = id.split('@').next().unwrap_or_default();
+        for (i, peer) in peers.iter().enumerate() {
+            let id = peer.split('@').next().unwrap_or_default();
             g.cli(&["layout", "assign", "-z", &format!("dc{}", i + 1), "-c", "1G", id]);
         }
         g.cli(&["layout", "apply", "--version", "1"]);
@@ -635,6 +635,10 @@ impl Garage {
 
     pub fn nodes(&self) -> &[GarageNode] {
         &self.nodes
+    }
+
+    pub fn nodes_mut(&mut self) -> &mut [GarageNode] {
+        &mut self.nodes
     }
 
     /// `garage -c CONFIG ARGS...` against the first node, which must succeed.
@@ -711,44 +715,56 @@ root_domain = ".s3.garage.localhost"
                 region = Backend::Garage.region(),
             );
             fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-            let f = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
-            let child = Command::new(exe)
-                .arg("-c")
-                .arg(&config)
-                .arg("server")
-                .env("RUST_LOG", "garage=info")
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(f.try_clone().unwrap())
-                .stderr(f)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}; {INSTALL_GARAGE}", exe.display()));
+            File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
             let mut n = GarageNode {
-                child,
+                child: GarageNode::spawn(exe, &config, &log),
                 exe: exe.to_path_buf(),
                 config: config.clone(),
                 log: log.clone(),
                 s3_port,
                 rpc_port,
             };
-            // Up once its CLI reaches it over RPC.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if n.child.try_wait().ok().flatten().is_some() {
-                    break; // exited (port taken?): try other ports
-                }
-                if n.try_cli(&["status"]).is_ok_and(|o| o.ok()) {
-                    return n;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "garage did not answer its CLI within 30 s; its log:\n{}",
-                    tail(&log, 20)
-                );
-                std::thread::sleep(Duration::from_millis(50));
+            if n.wait_up() {
+                return n;
             }
         }
         panic!("garage ({}) exited at start three times; its log:\n{}", exe.display(), tail(&log, 30));
+    }
+
+    /// `garage -c CONFIG server`, appending to `log`.
+    fn spawn(exe: &Path, config: &Path, log: &Path) -> Child {
+        let f = File::options().append(true).open(log).unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+        Command::new(exe)
+            .arg("-c")
+            .arg(config)
+            .arg("server")
+            .env("RUST_LOG", "garage=info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}; {INSTALL_GARAGE}", exe.display()))
+    }
+
+    /// Waits until the node's CLI reaches it over RPC (true), or it exits (false: its ports
+    /// were taken?).
+    fn wait_up(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            if self.try_cli(&["status"]).is_ok_and(|o| o.ok()) {
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "garage did not answer its CLI within 30 s; its log:\n{}",
+                tail(&self.log, 20)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn try_cli(&self, args: &[&str]) -> Result<Out, String> {
@@ -764,10 +780,14 @@ root_domain = ".s3.garage.localhost"
         out
     }
 
+    /// This node's `ID@ADDRESS`, as `garage node connect` takes it.
+    pub fn peer(&self) -> String {
+        self.cli(&["node", "id", "-q"]).stdout.trim().to_string()
+    }
+
     /// This node's ID in hex (`garage status` shows its first 16 digits).
     pub fn id(&self) -> String {
-        let out = self.cli(&["node", "id", "-q"]).stdout;
-        out.trim().split('@').next().unwrap_or_default().to_string()
+        self.peer().split('@').next().unwrap_or_default().to_string()
     }
 
     /// This node's S3 endpoint URL.
@@ -784,6 +804,18 @@ root_domain = ".s3.garage.localhost"
         let pid = self.pid();
         sigkill(pid);
         wait_for("the killed Garage node to die", Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    }
+
+    /// Starts the killed node again, with the same config, ports, metadata and data, and waits
+    /// until its CLI reaches it.
+    pub fn restart(&mut self) {
+        let _ = self.child.wait();
+        self.child = GarageNode::spawn(&self.exe, &self.config, &self.log);
+        assert!(
+            self.wait_up(),
+            "the restarted Garage node exited (its ports taken?); its log:\n{}",
+            tail(&self.log, 20)
+        );
     }
 }
 
