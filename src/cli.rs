@@ -41,9 +41,11 @@ pub enum Command {
         /// Seconds to keep uploading after SIGTERM/Ctrl-C before unmounting.
         #[arg(long, default_value_t = 30.0)]
         shutdown_grace: f64,
-        /// S3-compatible endpoint URL (MinIO, Garage...).
+        /// Endpoint URL: an S3-compatible server (MinIO, Garage...), the GCS base URL, or the
+        /// Azure account's blob URL (with AZURE_STORAGE_USE_EMULATOR, Azurite's address).
         #[arg(long)]
         endpoint: Option<String>,
+        /// S3 region.
         #[arg(long)]
         region: Option<String>,
         /// Allow plain http:// endpoints.

@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use object_store::ClientConfigKey;
 use object_store::RetryConfig;
 use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
-use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::memory::InMemory;
 
 use crate::store::Store;
+use crate::store::compat::{AzureMetaNames, GcsGeneration};
 use crate::store::local::LocalAttrStore;
 use crate::store::s3list::{RawS3Lister, SharedLister};
 
@@ -35,12 +37,47 @@ pub enum SourceError {
     Config(String, String),
 }
 
-/// S3-compatible connection settings from the command line (the rest comes from `AWS_*`).
+/// Connection settings from the command line; the rest comes from the environment
+/// (`AWS_*`, `GOOGLE_*`, `AZURE_*`), and these override it.
 #[derive(Debug, Clone, Default)]
 pub struct Endpoint {
+    /// S3: the endpoint URL. GCS: the base URL (in place of `https://storage.googleapis.com`).
+    /// Azure: the account's blob service URL, or with `AZURE_STORAGE_USE_EMULATOR` the
+    /// emulator's address (in place of `AZURITE_BLOB_STORAGE_URL`).
     pub endpoint: Option<String>,
+    /// S3 only.
     pub region: Option<String>,
     pub allow_http: bool,
+}
+
+/// Azurite's fixed account and key (public, documented by Microsoft).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Applies `--endpoint` to an Azure builder. object_store ignores an endpoint in emulator
+/// mode and reads `AZURITE_BLOB_STORAGE_URL` instead, so there the flag is taken as the
+/// emulator's address: the same requests are built without emulator mode, with the account
+/// in the URL path, and the emulator's account and key unless others are set.
+fn azure_endpoint(b: MicrosoftAzureBuilder, endpoint: &str) -> MicrosoftAzureBuilder {
+    let truthy = |v: Option<String>| {
+        v.is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "on" | "yes" | "y"))
+    };
+    if !truthy(b.get_config_value(&AzureConfigKey::UseEmulator)) {
+        return b.with_endpoint(endpoint.to_string());
+    }
+    let account = b.get_config_value(&AzureConfigKey::AccountName).unwrap_or_else(|| AZURITE_ACCOUNT.into());
+    let has_credential = [AzureConfigKey::AccessKey, AzureConfigKey::SasKey, AzureConfigKey::Token]
+        .iter()
+        .any(|k| b.get_config_value(k).is_some());
+    let mut b = b
+        .with_use_emulator(false)
+        .with_allow_http(true)
+        .with_endpoint(format!("{}/{account}", endpoint.trim_end_matches('/')))
+        .with_account(account);
+    if !has_credential {
+        b = b.with_access_key(AZURITE_KEY);
+    }
+    b
 }
 
 const FIX: &str = "use s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX], az://CONTAINER[/PREFIX], file:///ABS/DIR, a local path, or memory://";
@@ -149,22 +186,25 @@ impl Source {
                 let lister = RawS3Lister::new(&b, Arc::clone(s3.credentials())).map(Arc::new);
                 return Ok((Arc::new(s3), lister));
             }
-            Source::Gcs { bucket, .. } => Arc::new(
-                GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(cfg)?,
-            ),
+            Source::Gcs { bucket, .. } => {
+                let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).with_retry(retry);
+                if ep.allow_http {
+                    b = b.with_config(GoogleConfigKey::Client(ClientConfigKey::AllowHttp), "true");
+                }
+                if let Some(e) = &ep.endpoint {
+                    b = b.with_base_url(e);
+                }
+                GcsGeneration::wrap(Arc::new(b.build().map_err(cfg)?))
+            }
             Source::Azure { container, .. } => {
                 let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container).with_retry(retry);
                 if ep.allow_http {
                     b = b.with_allow_http(true);
                 }
                 if let Some(e) = &ep.endpoint {
-                    b = b.with_endpoint(e.clone());
+                    b = azure_endpoint(b, e);
                 }
-                Arc::new(b.build().map_err(cfg)?)
+                AzureMetaNames::wrap(Arc::new(b.build().map_err(cfg)?))
             }
             Source::Local { root } => Arc::new(LocalAttrStore::new(root).map_err(cfg)?),
             Source::Memory => Arc::new(InMemory::new()),

@@ -1,6 +1,8 @@
 //! Object stores as composed for a mount: the backend from `source`, wrapped by the layers
-//! here (attribute emulation for local folders, fault injection for tests).
+//! here (attribute emulation for local folders, Azure/GCS adjustments, fault injection for
+//! tests).
 
+pub mod compat;
 pub mod faulty;
 pub mod local;
 pub mod retry;
