@@ -115,16 +115,33 @@ async fn check_bucket(store: &Store, source: &Source, ep: &Endpoint) -> anyhow::
     };
     let text = err.to_string();
     let endpoint = ep.endpoint.clone().unwrap_or_else(|| "the default endpoint".into());
+    let credentials = match source {
+        Source::Gcs { .. } => {
+            "check GOOGLE_SERVICE_ACCOUNT / GOOGLE_SERVICE_ACCOUNT_KEY / GOOGLE_APPLICATION_CREDENTIALS"
+        }
+        Source::Azure { .. } => {
+            "check AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or the SAS token / service principal)"
+        }
+        _ => "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+    };
     match err {
-        _ if text.contains("NoSuchBucket") || text.contains("ContainerNotFound") => {
+        // "no bucket named": fake-gcs-server's answer (a 500) for a missing bucket.
+        _ if text.contains("NoSuchBucket")
+            || text.contains("ContainerNotFound")
+            || text.contains("no bucket named") =>
+        {
             bail!("bucket of {id} does not exist: create it first, or fix the name")
         }
         object_store::Error::NotFound { .. } => {
             bail!("bucket of {id} does not exist: create it first, or fix the name")
         }
-        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => bail!(
-            "{id} refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the GCS/Azure credentials)"
-        ),
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            bail!("{id} refused the credentials: {credentials}")
+        }
+        // reqwest refuses a plain-http URL unless it is allowed.
+        _ if text.contains("builder error") && text.contains(" http://") => {
+            bail!("cannot reach {id} at {endpoint}: the URL is plain http://, which needs --allow-http")
+        }
         // Transport failures first: their text carries timings and ids where a bare "403"
         // can appear by chance.
         _ if text.contains("error sending request")
@@ -137,24 +154,41 @@ async fn check_bucket(store: &Store, source: &Source, ep: &Endpoint) -> anyhow::
         _ if text.contains("InvalidAccessKeyId")
             || text.contains("SignatureDoesNotMatch")
             || text.contains("AccessDenied")
+            || text.contains("AuthenticationFailed")
             || text.contains("403 Forbidden") =>
         {
-            bail!(
-                "{id} refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the GCS/Azure credentials)"
-            )
+            bail!("{id} refused the credentials: {credentials}")
         }
-        _ => bail!("cannot list {id}: {}", first_line(&text)),
+        // Azure: the URL names no account the server knows (Azurite wants the account as the
+        // first path component).
+        _ if matches!(source, Source::Azure { .. }) && text.contains("ResourceNotFound") => bail!(
+            "{id}: {endpoint} has no such account or container: check --endpoint (for Azurite, http://HOST:PORT/devstoreaccount1), AZURE_STORAGE_ACCOUNT_NAME and the container name"
+        ),
+        _ => bail!("cannot list {id}: {}", short_error(&text)),
     }
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or(s)
+/// The first line of an error, without the XML or JSON body a server sent, plus the
+/// server's error code or message when the body names one.
+fn short_error(s: &str) -> String {
+    let line = s.lines().next().unwrap_or(s);
+    let cut = ["<?xml", "<Error", "<errorResponse", "{\""].iter().filter_map(|m| line.find(m)).min();
+    let head = cut.map_or(line, |i| &line[..i]).trim_end().trim_end_matches(':');
+    let between = |open: &str, close: &str| {
+        s.split_once(open).and_then(|(_, rest)| rest.split_once(close)).map(|(c, _)| c.trim().to_string())
+    };
+    let code = between("<Code>", "</Code>").or_else(|| between("\"message\":\"", "\""));
+    match code {
+        Some(c) if !c.is_empty() && !head.contains(&c) => format!("{head} ({c})"),
+        _ => head.to_string(),
+    }
 }
 
-/// Finds out which conditional writes the store enforces, with a throwaway object.
-pub async fn probe_caps(store: &Store, prefix: &str) -> Caps {
+/// Finds out which conditional writes the store enforces, with a throwaway object. Also
+/// returns why the store refused to write at all, if it did.
+pub async fn probe_caps(store: &Store, prefix: &str) -> (Caps, Option<String>) {
     let key = layout::join_key(prefix, &format!("{}probe-{:016x}", layout::RESERVED_PREFIX, rand::random::<u64>()));
-    let Ok(path) = obj_path(&key) else { return Caps::default() };
+    let Ok(path) = obj_path(&key) else { return (Caps::default(), None) };
     let put = |mode: PutMode| {
         let path = path.clone();
         async move {
@@ -162,19 +196,16 @@ pub async fn probe_caps(store: &Store, prefix: &str) -> Caps {
         }
     };
     let mut caps = Caps::default();
-    match put(PutMode::Create).await {
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!("conditional-write probe could not write: {e}; assuming no conditional writes");
-            let _ = store.delete(&path).await;
-            return caps;
-        }
+    if let Err(e) = put(PutMode::Create).await {
+        let _ = store.delete(&path).await;
+        return (caps, Some(e.to_string()));
     }
     caps.create = matches!(put(PutMode::Create).await, Err(object_store::Error::AlreadyExists { .. }));
-    let bogus = UpdateVersion { e_tag: Some("\"autosync-probe-mismatch\"".into()), version: None };
+    // S3 and Azure match the ETag, GCS the generation (a number): both are wrong here.
+    let bogus = UpdateVersion { e_tag: Some("\"autosync-probe-mismatch\"".into()), version: Some("1".into()) };
     caps.update = matches!(put(PutMode::Update(bogus)).await, Err(object_store::Error::Precondition { .. }));
     let _ = store.delete(&path).await;
-    caps
+    (caps, None)
 }
 
 /// Holds the state dir for one mount; dropped when the mount ends.
@@ -232,7 +263,13 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let (store, raw_lister) = source.build(&opts.endpoint)?;
     let store = crate::store::retry::RetryStore::wrap(store, Default::default());
     rt.block_on(check_bucket(&store, &source, &opts.endpoint))?;
-    let caps = rt.block_on(probe_caps(&store, source.prefix()));
+    let (caps, write_error) = rt.block_on(probe_caps(&store, source.prefix()));
+    if let Some(e) = &write_error {
+        tracing::warn!(
+            "the bucket refused a test write: {}; uploads will fail (and stay in the journal) until it accepts writes",
+            short_error(e)
+        );
+    }
     if !caps.update || !caps.create {
         tracing::info!(
             create = caps.create,
@@ -252,6 +289,9 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
 
     if let Some(l) = raw_lister {
         fs.set_raw_lister(l);
+    }
+    if let Some(e) = write_error {
+        fs.note_error(format!("test write at mount refused: {}", short_error(&e)));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let uploader = rt.spawn(Arc::clone(&fs).run_uploader(stop_rx));
@@ -376,4 +416,24 @@ pub fn daemonize(args: Vec<String>) -> anyhow::Result<()> {
     // The daemon has already printed its one-line error to our stderr.
     let status = child.wait()?;
     std::process::exit(status.code().filter(|&c| c != 0).unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_error;
+
+    #[test]
+    fn short_errors_drop_the_body_and_keep_the_code() {
+        let azure = "Generic MicrosoftAzure error: Error performing GET http://h/a/c in 2ms - Server returned non-2xx status code: 404 Not Found: <?xml version=\"1.0\"?>\n<Error>\n  <Code>ResourceNotFound</Code>\n  <Message>The specified resource does not exist.\n</Message></Error>";
+        assert_eq!(
+            short_error(azure),
+            "Generic MicrosoftAzure error: Error performing GET http://h/a/c in 2ms - Server returned non-2xx status code: 404 Not Found (ResourceNotFound)"
+        );
+        let gcs = "Generic GCS error: Error performing PUT http://h/b/k in 1ms - Server returned non-2xx status code: 400 Bad Request: {\"error\":{\"code\":400,\"message\":\"invalid uploadType\",\"errors\":[]}}\n";
+        assert_eq!(
+            short_error(gcs),
+            "Generic GCS error: Error performing PUT http://h/b/k in 1ms - Server returned non-2xx status code: 400 Bad Request (invalid uploadType)"
+        );
+        assert_eq!(short_error("plain error"), "plain error");
+    }
 }

@@ -1685,6 +1685,11 @@ impl Fs {
 
     // ---- the whole mount ------------------------------------------------------------
 
+    /// Shows `msg` as the last error in `status` until an upload succeeds.
+    pub fn note_error(&self, msg: String) {
+        lock(&self.counters).last_error = Some(msg);
+    }
+
     pub fn status(&self) -> Status {
         let inner = lock(&self.inner);
         let pending_bytes = inner
