@@ -394,8 +394,14 @@ pub fn moto_python() -> PathBuf {
         .and_then(|l| std::str::from_utf8(l).ok())
         .and_then(|l| l.split_whitespace().next())
         .map(PathBuf::from)
-        .filter(|p| is_executable(p));
-    interp.unwrap_or_else(|| moto.with_file_name("python3"))
+        .filter(|p| is_executable(p) && p.file_name().is_some_and(|n| n.as_bytes().starts_with(b"python")));
+    let python = interp.unwrap_or_else(|| moto.with_file_name("python3"));
+    assert!(
+        is_executable(&python),
+        "no Python next to {} (a wrapper script?): set AUTOSYNC_MOTO_SERVER to the moto_server of a virtualenv",
+        moto.display()
+    );
+    python
 }
 
 /// A loopback port nothing listens on (at the time of the call).
