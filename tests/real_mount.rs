@@ -669,6 +669,74 @@ fn executable_script_runs_from_the_mount(backend: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// GCS: what the emulator supports
+// ---------------------------------------------------------------------------------------------
+
+/// fake-gcs-server (the only GCS emulator the registries have) refuses the XML API uploads
+/// object_store sends, so the suite above cannot run on it. This test covers what it does take:
+/// objects put through its JSON API are listed, read (whole and by range) with their attributes,
+/// new ones appear after the metadata TTL, deletes in the mount reach the bucket, a write in the
+/// mount is kept (and stays pending, with the refusal in `status`).
+#[test]
+fn gcs_lists_reads_and_deletes() {
+    let fx = Fixture::new("gcs", Backend::Gcs);
+    let Server::Gcs(gcs) = &fx.server else { unreachable!() };
+    let attrs = |mode: u32| {
+        vec![("mode", mode.to_string()), ("uid", "1234".into()), ("gid", "5678".into()), ("mtime", STAMP.to_string())]
+    };
+    let big = Rng(9).bytes(3 << 20);
+    gcs.gcs_put("bkt", "docs/a.txt", b"seeded through the JSON API\n", &attrs(libc::S_IFREG | 0o640));
+    gcs.gcs_put("bkt", "docs/sub/big.bin", &big, &[]);
+    gcs.gcs_put("bkt", "top.txt", b"top\n", &[]);
+    gcs.gcs_put("bkt", "link", b"docs/a.txt", &attrs(libc::S_IFLNK | 0o777));
+    let m = fx.mount();
+
+    let names = |rel: &str| {
+        let mut v: Vec<String> =
+            fs::read_dir(fx.m(rel)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(""), ["docs", "link", "top.txt"]);
+    assert_eq!(names("docs"), ["a.txt", "sub"]);
+    assert_eq!(read(&fx.m("docs/a.txt")), b"seeded through the JSON API\n");
+    check_attrs(&fx.m("docs/a.txt"), 0o640, "from GCS metadata");
+    assert_eq!(fs::read_link(fx.m("link")).unwrap(), Path::new("docs/a.txt"));
+    assert_eq!(read(&fx.m("link")), b"seeded through the JSON API\n");
+    let f = fs::File::open(fx.m("docs/sub/big.bin")).unwrap();
+    let mut part = vec![0u8; 4096];
+    f.read_exact_at(&mut part, 2_000_000).unwrap();
+    assert!(part == big[2_000_000..2_000_000 + 4096], "a range read of big.bin differs");
+    assert!(read(&fx.m("docs/sub/big.bin")) == big, "big.bin differs");
+
+    // Another client's new object appears once the metadata TTL has passed.
+    gcs.gcs_put("bkt", "docs/later.txt", b"later\n", &[]);
+    wait_for("docs/later.txt to appear in the mount", Duration::from_secs(20), || {
+        (names("docs") == ["a.txt", "later.txt", "sub"]).then_some(())
+    });
+    assert_eq!(read(&fx.m("docs/later.txt")), b"later\n");
+
+    // A delete in the mount reaches the bucket.
+    fs::remove_file(fx.m("top.txt")).unwrap();
+    wait_for("top.txt to leave the bucket", Duration::from_secs(30), || {
+        fx.bucket.try_get("top.txt").is_none().then_some(())
+    });
+    assert_eq!(fx.bucket.data("docs/a.txt"), b"seeded through the JSON API\n");
+
+    // A write is kept in the mount while the emulator refuses its upload.
+    write_file(&fx.m("new.txt"), b"kept locally\n");
+    assert_eq!(read(&fx.m("new.txt")), b"kept locally\n");
+    let status = wait_for("status to show the refused upload", Duration::from_secs(20), || {
+        let out = run_ok(&mut m.cli("status")).stdout;
+        out.lines()
+            .any(|l| l.starts_with("last error:") && l.contains("new.txt") && l.contains("invalid uploadType"))
+            .then_some(out)
+    });
+    assert!(status.contains("pending uploads: 1 "), "status:\n{status}");
+    m.kill9();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Every test against every backend
 // ---------------------------------------------------------------------------------------------
 
