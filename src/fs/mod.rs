@@ -131,6 +131,9 @@ struct Handle {
     wrote: bool,
     /// Last chunk fetched from the bucket, for reads of files that are not staged.
     chunk: Option<(u64, Bytes)>,
+    /// Held while a chunk is fetched: the kernel sends several reads of one handle at once
+    /// (readahead), and those of the same chunk then share one GET instead of each sending it.
+    fetching: Arc<tokio::sync::Mutex<()>>,
     /// Directory snapshot taken at opendir.
     dir: Option<Vec<DirEntry>>,
 }
@@ -1365,7 +1368,8 @@ impl Fs {
 
     fn new_handle(&self, ino: u64) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles).insert(fh, Handle { ino, wrote: false, chunk: None, dir: None });
+        lock(&self.handles)
+            .insert(fh, Handle { ino, wrote: false, chunk: None, fetching: Default::default(), dir: None });
         if let Ok(n) = lock(&self.inner).get_mut(ino) {
             n.open += 1;
         }
@@ -1507,10 +1511,17 @@ impl Fs {
         let end = offset + len as u64;
         while pos < end {
             let chunk_start = pos - pos % READ_CHUNK;
-            let cached = lock(&self.handles)
-                .get(&fh)
-                .and_then(|h| h.chunk.as_ref().filter(|(s, _)| *s == chunk_start).map(|(_, b)| b.clone()));
-            let chunk = match cached {
+            let cached = || {
+                lock(&self.handles)
+                    .get(&fh)
+                    .and_then(|h| h.chunk.as_ref().filter(|(s, _)| *s == chunk_start).map(|(_, b)| b.clone()))
+            };
+            let mut gate = None;
+            if cached().is_none() {
+                let fetching = lock(&self.handles).get(&fh).map(|h| h.fetching.clone()).ok_or(FsError::BadHandle)?;
+                gate = Some(fetching.lock_owned().await);
+            }
+            let chunk = match cached() {
                 Some(b) => b,
                 None => {
                     let chunk_end = (chunk_start + READ_CHUNK).min(remote.size.max(file_size));
@@ -1531,6 +1542,7 @@ impl Fs {
                     b
                 }
             };
+            drop(gate);
             let from = (pos - chunk_start) as usize;
             if from >= chunk.len() {
                 break;
@@ -1667,7 +1679,8 @@ impl Fs {
         }
         drop(inner);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles).insert(fh, Handle { ino, wrote: false, chunk: None, dir: Some(entries) });
+        lock(&self.handles)
+            .insert(fh, Handle { ino, wrote: false, chunk: None, fetching: Default::default(), dir: Some(entries) });
         Ok(fh)
     }
 
