@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::ClientOptions;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
@@ -999,6 +999,14 @@ pub struct Object {
     pub etag: String,
 }
 
+/// An object too big to hold in memory, as another client sees it.
+pub struct Digest {
+    pub size: u64,
+    pub hash: blake3::Hash,
+    pub meta: BTreeMap<String, String>,
+    pub etag: String,
+}
+
 /// Another client of a bucket: object_store with its own runtime.
 pub struct Other {
     rt: tokio::runtime::Runtime,
@@ -1015,6 +1023,42 @@ impl Other {
     pub fn put(&self, key: &str, data: &[u8]) -> String {
         let r = self.rt.block_on(self.store.put(&obj(key), PutPayload::from(data.to_vec())));
         r.unwrap_or_else(|e| panic!("other client: put {key:?}: {e}")).e_tag.unwrap_or_default()
+    }
+
+    /// Puts every `(key, data)`, up to 32 at a time.
+    pub fn put_many(&self, objects: impl IntoIterator<Item = (String, Vec<u8>)>) {
+        let puts = futures::stream::iter(objects).map(|(key, data)| async move {
+            let r = self.store.put(&obj(&key), PutPayload::from(data)).await;
+            r.map(|_| ()).map_err(|e| format!("other client: put {key:?}: {e}"))
+        });
+        let r: Result<Vec<()>, String> = self.rt.block_on(puts.buffer_unordered(32).try_collect());
+        r.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The size, blake3 hash, metadata and ETag of the object at `key`, which must exist,
+    /// read as a stream (for objects too big to hold twice in memory).
+    pub fn digest(&self, key: &str) -> Digest {
+        let r = self.rt.block_on(async {
+            let g = self.store.get(&obj(key)).await?;
+            let meta = g
+                .attributes
+                .iter()
+                .filter_map(|(k, v)| match k {
+                    Attribute::Metadata(name) => Some((name.to_ascii_lowercase(), v.as_ref().to_string())),
+                    _ => None,
+                })
+                .collect();
+            let etag = g.meta.e_tag.clone().unwrap_or_default();
+            let mut hasher = blake3::Hasher::new();
+            let mut size = 0u64;
+            let mut stream = g.into_stream();
+            while let Some(chunk) = stream.try_next().await? {
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+            }
+            Ok::<_, object_store::Error>(Digest { size, hash: hasher.finalize(), meta, etag })
+        });
+        r.unwrap_or_else(|e| panic!("other client: get {key:?}: {e}"))
     }
 
     /// The object at `key`, which must exist.
