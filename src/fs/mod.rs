@@ -597,7 +597,7 @@ impl Fs {
                         let c = inner.alloc_ino(&mut batch);
                         let mut n = Inode::new(c, ino, name, Kind::Dir, 0o755, self.cfg.uid, self.cfg.gid);
                         n.attrs_known = false;
-                        n.remote = Some(Remote { key: full, etag: None, version: None, size: 0 });
+                        n.remote = Some(Remote { key: full, etag: None, version: None, size: 0, modified: None });
                         inner.insert(n);
                         inner.persist(c, &mut batch)?;
                     }
@@ -640,13 +640,26 @@ impl Fs {
                 }
                 match inner.child(ino, &name) {
                     Some(c) => {
-                        let clean = !epoch_changed && inner.is_settled(c);
+                        let clean = !epoch_changed && inner.is_settled(c) && inner.get(c)?.kind != Kind::Dir;
                         let n = inner.get(c)?;
                         let changed = n
                             .remote
                             .as_ref()
                             .is_none_or(|r| r.key != full || !etag_same(r.etag.as_deref(), m.e_tag.as_deref()));
-                        if clean && changed && n.kind != Kind::Dir {
+                        // Same content, but maybe other attributes: a copy onto itself with new
+                        // metadata (how s3fs and rclone chmod, chown or touch) keeps the ETag and
+                        // moves Last-Modified. Without a Last-Modified on record (our own upload),
+                        // the attributes are read once, and this one is kept from then on.
+                        let modified = Some(m.last_modified.timestamp());
+                        let retouched = n.remote.as_ref().is_some_and(|r| r.modified != modified);
+                        if clean && !changed && retouched {
+                            if let Some(r) = inner.get_mut(c)?.remote.as_mut() {
+                                r.modified = modified;
+                            }
+                            inner.persist(c, &mut batch)?;
+                            new_files.push(c);
+                        }
+                        if clean && changed {
                             let n = inner.get_mut(c)?;
                             n.size = m.size;
                             n.mtime_ns = to_ns(SystemTime::from(m.last_modified));
@@ -814,7 +827,13 @@ impl Fs {
                             n.mtime_ns = to_ns(SystemTime::from(m.last_modified));
                             n.remote = Some(remote_of(m));
                         } else {
-                            n.remote = Some(Remote { key: part_key.clone(), etag: None, version: None, size: 0 });
+                            n.remote = Some(Remote {
+                                key: part_key.clone(),
+                                etag: None,
+                                version: None,
+                                size: 0,
+                                modified: None,
+                            });
                         }
                         inner.insert(n);
                         inner.persist(c, &mut batch)?;
@@ -1229,7 +1248,7 @@ impl Fs {
         }
         let key = inner.key_of(&self.prefix, ino)?;
         // Even a folder never uploaded may sit on a marker it took over by a rename.
-        let marker = Remote { key: layout::marker_key(&key), etag: None, version: None, size: 0 };
+        let marker = Remote { key: layout::marker_key(&key), etag: None, version: None, size: 0, modified: None };
         inner.push_op(Op::Delete { remote: marker }, self.cfg.upload_delay, &mut batch)?;
         inner.queued_sync.remove(&ino);
         self.remove_tree(&mut inner, ino, &mut batch)?;
@@ -1405,6 +1424,22 @@ impl Fs {
         let Ok(path) = obj_path(&remote.key) else { return };
         let Ok(meta) = self.store.head(&path).await else { return };
         if etag_same(remote.etag.as_deref(), meta.e_tag.as_deref()) {
+            // Only the attributes may have changed (see `refresh_dir`); the content stays.
+            if remote.modified.is_some_and(|t| t != meta.last_modified.timestamp()) {
+                {
+                    let mut inner = lock(&self.inner);
+                    let mut batch = Batch::default();
+                    if !inner.is_settled(ino) || inner.get(ino).ok().and_then(|n| n.remote.as_ref()) != Some(&remote) {
+                        return;
+                    }
+                    if let Ok(Some(r)) = inner.get_mut(ino).map(|n| n.remote.as_mut()) {
+                        r.modified = Some(meta.last_modified.timestamp());
+                    }
+                    let _ = inner.persist(ino, &mut batch);
+                    let _ = self.commit(&inner, batch, false);
+                }
+                self.fetch_attrs(vec![ino]).await;
+            }
             return;
         }
         let mut inner = lock(&self.inner);
@@ -1764,7 +1799,13 @@ fn hidden_keys(op: &Op) -> Vec<String> {
 }
 
 fn remote_of(m: &ObjectMeta) -> Remote {
-    Remote { key: m.location.as_ref().to_string(), etag: m.e_tag.clone(), version: m.version.clone(), size: m.size }
+    Remote {
+        key: m.location.as_ref().to_string(),
+        etag: m.e_tag.clone(),
+        version: m.version.clone(),
+        size: m.size,
+        modified: Some(m.last_modified.timestamp()),
+    }
 }
 
 fn etag_same(a: Option<&str>, b: Option<&str>) -> bool {

@@ -21,6 +21,11 @@ pub struct Remote {
     pub etag: Option<String>,
     pub version: Option<String>,
     pub size: u64,
+    /// The object's Last-Modified, in whole seconds since the epoch, when a listing or a HEAD
+    /// told it (an upload does not). Another client that changes only the metadata (a copy
+    /// of the object onto itself) leaves the ETag as it was; this is how that shows.
+    #[serde(default)]
+    pub modified: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -189,7 +189,8 @@ impl Fs {
                     self.finish(seq, batch)?;
                     return Ok(());
                 }
-                let marker = Remote { key: layout::marker_key(from), etag: None, version: None, size: 0 };
+                let marker =
+                    Remote { key: layout::marker_key(from), etag: None, version: None, size: 0, modified: None };
                 self.delete_checked(&marker).await?;
                 self.finish(seq, Batch::default())?;
                 Ok(())
@@ -388,10 +389,19 @@ impl Fs {
             if inner.inodes.contains_key(&node.ino) {
                 // A folder moved with its parent leaves its old marker behind.
                 if let Some(old) = inner.get(node.ino)?.remote.clone().filter(|o| o.key != key) {
-                    let old_marker = Remote { key: layout::marker_key(&old.key), etag: None, version: None, size: 0 };
+                    let old_marker = Remote {
+                        key: layout::marker_key(&old.key),
+                        etag: None,
+                        version: None,
+                        size: 0,
+                        modified: None,
+                    };
                     inner.push_op(Op::Delete { remote: old_marker }, Duration::ZERO, &mut batch)?;
                 }
-                inner.set_remote(node.ino, Some(Remote { key: key.to_string(), etag: None, version: None, size: 0 }));
+                inner.set_remote(
+                    node.ino,
+                    Some(Remote { key: key.to_string(), etag: None, version: None, size: 0, modified: None }),
+                );
                 let n = inner.get_mut(node.ino)?;
                 if n.generation == node.generation {
                     n.dirty = false;
@@ -483,7 +493,13 @@ impl Fs {
         let mut batch = Batch::default();
         {
             let mut inner = lock(&self.inner);
-            let remote = Remote { key: key.to_string(), etag: put.e_tag, version: put.version, size: content.size() };
+            let remote = Remote {
+                key: key.to_string(),
+                etag: put.e_tag,
+                version: put.version,
+                size: content.size(),
+                modified: None,
+            };
             if inner.inodes.contains_key(&node.ino) && inner.get(node.ino)?.parent != 0 {
                 inner.set_remote(node.ino, Some(remote));
                 let n = inner.get_mut(node.ino)?;
@@ -657,7 +673,8 @@ impl Fs {
         let mut batch = Batch::default();
         {
             let mut inner = lock(&self.inner);
-            let remote = Remote { key: copy_key, etag: put.e_tag, version: put.version, size: content.size() };
+            let remote =
+                Remote { key: copy_key, etag: put.e_tag, version: put.version, size: content.size(), modified: None };
             let alive = inner.get(node.ino).is_ok_and(|n| n.parent != 0);
             if alive {
                 let parent = inner.get(node.ino)?.parent;
