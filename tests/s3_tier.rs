@@ -14,7 +14,9 @@
 //! to and starts it again.
 //!
 //! Without a server, its tests fail with a one-line message saying how to install it (`.ci/run`
-//! installs both). Each test starts its own server on free loopback ports and kills it in
+//! installs both). One test also reads and writes the bucket with rclone and s3fs (Debian
+//! packages `rclone` and `s3fs`, found at `$AUTOSYNC_RCLONE` and `$AUTOSYNC_S3FS`, then on
+//! `PATH`), and fails the same way without them. Each test starts its own server on free loopback ports and kills it in
 //! `Drop`, even when the test fails. Raw requests to Garage (which checks every signature) go
 //! through boto3, from the Python environment moto runs in.
 //!
@@ -27,17 +29,18 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::ops::Deref;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-use std::process::Command;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::servers::{Backend, KEY_ID, Moto, SECRET, Server, s3_env};
+use common::servers::{Backend, KEY_ID, Moto, SECRET, Server, find_exe, s3_env};
 use common::{
     BIN, Mount, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, tail, try_run,
     wait_for, write_file,
@@ -1003,6 +1006,206 @@ fn garage3_the_node_autosync_talks_to_dies_and_comes_back() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 8. Other tools read what autosync writes, and the reverse: rclone and s3fs
+// ---------------------------------------------------------------------------------------------
+
+/// `name` from `$VAR` or `PATH`, or a one-line failure saying how to install it.
+fn tool(var: &str, name: &str) -> PathBuf {
+    let install = format!("install it with `apt-get install {name}` (or run `bash .ci/run`), or set {var}");
+    find_exe(var, &[], name, &install)
+        .unwrap_or_else(|| panic!("{name} not found (not in {var} or PATH): {install} to a {name} binary"))
+}
+
+/// `rclone ARGS...` with the remote `other:` pointing at `server` (set up through the
+/// environment, over an empty config file), which must succeed. Times print in UTC.
+fn rclone(fx: &Fixture, server: &Server, args: &[&dyn AsRef<OsStr>]) -> common::Out {
+    let conf = fx.root.join("rclone.conf");
+    if !conf.exists() {
+        fs::write(&conf, "").unwrap();
+    }
+    let mut cmd = Command::new(tool("AUTOSYNC_RCLONE", "rclone"));
+    cmd.arg("--config").arg(&conf).args(args.iter().map(|a| a.as_ref()));
+    let (key_id, secret) = server.creds();
+    s3_env(&mut cmd, key_id, secret, server.region());
+    for (k, v) in [
+        ("TYPE", "s3"),
+        ("PROVIDER", "Other"),
+        ("ENDPOINT", &server.endpoint()),
+        ("ACCESS_KEY_ID", key_id),
+        ("SECRET_ACCESS_KEY", secret),
+        ("REGION", server.region()),
+        ("FORCE_PATH_STYLE", "true"),
+        ("NO_CHECK_BUCKET", "true"),
+    ] {
+        cmd.env(format!("RCLONE_CONFIG_OTHER_{k}"), v);
+    }
+    run_ok(cmd.env("TZ", "UTC"))
+}
+
+/// s3fs mounting a bucket of `server` at `s3fs-mnt` in the test dir, run in the foreground as
+/// a child (logging to `s3fs.log`). Dropping it unmounts and stops it, even when the test fails.
+struct S3fs {
+    child: std::process::Child,
+    mnt: PathBuf,
+}
+
+impl S3fs {
+    fn mount(fx: &Fixture, server: &Server, bucket: &str) -> S3fs {
+        let exe = tool("AUTOSYNC_S3FS", "s3fs");
+        let mnt = fx.root.join("s3fs-mnt");
+        fs::create_dir(&mnt).unwrap();
+        let (key_id, secret) = server.creds();
+        let passwd = fx.root.join("s3fs.passwd");
+        fs::write(&passwd, format!("{key_id}:{secret}\n")).unwrap();
+        fs::set_permissions(&passwd, fs::Permissions::from_mode(0o600)).unwrap();
+        let log_path = fx.root.join("s3fs.log");
+        let log = fs::File::create(&log_path).unwrap();
+        let opts = format!(
+            "url={},use_path_request_style,endpoint={},passwd_file={}",
+            server.endpoint(),
+            server.region(),
+            passwd.display()
+        );
+        let mut cmd = Command::new(&exe);
+        cmd.arg(bucket).arg(&mnt).args(["-f", "-o", &opts]);
+        s3_env(&mut cmd, key_id, secret, server.region());
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
+        let mut s3fs = S3fs { child, mnt };
+        wait_for("s3fs to mount the bucket", Duration::from_secs(30), || {
+            if let Ok(Some(status)) = s3fs.child.try_wait() {
+                panic!("s3fs exited ({status}) instead of mounting; its log:\n{}", common::tail(&log_path, 20));
+            }
+            mounted(&s3fs.mnt).then_some(())
+        });
+        s3fs
+    }
+
+    fn m(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for S3fs {
+    fn drop(&mut self) {
+        for flags in [&[][..], &["-l"][..]] {
+            if mounted(&self.mnt) {
+                let _ = try_run(Command::new("umount").args(flags).arg(&self.mnt), Duration::from_secs(20), None);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("a clock after 1970").as_secs()
+}
+
+/// (type and permission bits, uid, gid, mtime in seconds, size): what both tools must agree on.
+fn attrs(path: &Path) -> (u32, u32, u32, i64, u64) {
+    let md = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()));
+    (md.mode(), md.uid(), md.gid(), md.mtime(), md.len())
+}
+
+/// autosync stores mode, uid, gid and mtime under the metadata names s3fs uses (and rclone
+/// shows): each tool reads what the other wrote.
+fn attributes_interoperate_with_rclone_and_s3fs(backend: Backend) {
+    // Missing tools fail the test before anything starts.
+    tool("AUTOSYNC_RCLONE", "rclone");
+    tool("AUTOSYNC_S3FS", "s3fs");
+    let fx = Fixture::new("interop", backend);
+    let server = fx.server("server");
+    server.create_bucket("interop");
+    let m = fx.mount(&server, "s3://interop", "0.5", "a");
+
+    let data = Rng(3).bytes(100_000);
+    write_file(&fx.m("hello.txt"), b"hello from autosync\n");
+    write_file(&fx.m("dir/data.bin"), &data);
+    std::os::unix::fs::symlink("dir/data.bin", fx.m("link")).unwrap();
+    run_ok(Command::new("chmod").arg("640").arg(fx.m("hello.txt")));
+    run_ok(Command::new("chown").arg("1234:5678").arg(fx.m("hello.txt")));
+    run_ok(Command::new("touch").args(["-d", "2021-03-04 05:06:07"]).arg(fx.m("hello.txt")).env("TZ", "UTC"));
+    run_ok(Command::new("chmod").arg("600").arg(fx.m("dir/data.bin")));
+    m.flush();
+    let files = ["hello.txt", "dir/data.bin", "link"];
+    let ours: BTreeMap<&str, _> = files.iter().map(|&f| (f, attrs(&fx.m(f)))).collect();
+    assert_eq!(ours["hello.txt"], (libc::S_IFREG | 0o640, 1234, 5678, STAMP, 20), "hello.txt in autosync");
+
+    // rclone: the sizes and mtimes autosync set, and the attributes as metadata.
+    let out = rclone(&fx, &server, &[&"lsjson", &"-R", &"--metadata", &"--files-only", &"other:interop"]);
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("rclone lsjson is not JSON ({e}): {out}"));
+    let by_path: BTreeMap<&str, &serde_json::Value> =
+        listed.iter().map(|e| (e["Path"].as_str().unwrap_or_default(), e)).collect();
+    let paths: Vec<&str> = by_path.keys().copied().collect();
+    assert_eq!(paths, ["dir/.autosync-folder", "dir/data.bin", "hello.txt", "link"], "rclone lsjson: {out}");
+    for f in files {
+        let (e, (mode, uid, gid, mtime, size)) = (by_path[f], ours[f]);
+        let mod_time = e["ModTime"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        let seen = (e["Size"].as_u64(), mod_time.map(|t| t.timestamp()));
+        assert_eq!(seen, (Some(size), Some(mtime)), "{f}: size and mtime in rclone lsjson: {e}");
+        let meta = |k: &str| e["Metadata"][k].as_str().map(str::to_string);
+        let seen = (meta("mode"), meta("uid"), meta("gid"));
+        let want = (Some(mode.to_string()), Some(uid.to_string()), Some(gid.to_string()));
+        assert_eq!(seen, want, "{f}: mode, uid and gid in rclone's metadata: {e}");
+    }
+    assert_eq!(rclone(&fx, &server, &[&"cat", &"other:interop/hello.txt"]).stdout, "hello from autosync\n");
+
+    // s3fs: the same files, with the same type, mode, owner, mtime, size and content.
+    let s3fs = S3fs::mount(&fx, &server, "interop");
+    assert_eq!(names(&s3fs.mnt), ["dir", "hello.txt", "link"]);
+    assert_eq!(names(&s3fs.m("dir")), [".autosync-folder", "data.bin"]);
+    for f in files {
+        assert_eq!(attrs(&s3fs.m(f)), ours[f], "{f}: (mode, uid, gid, mtime, size) in s3fs vs autosync");
+    }
+    assert_eq!(read(&s3fs.m("hello.txt")), b"hello from autosync\n");
+    assert!(read(&s3fs.m("dir/data.bin")) == data, "dir/data.bin differs in s3fs");
+    assert_eq!(fs::read_link(s3fs.m("link")).unwrap(), Path::new("dir/data.bin"));
+
+    // The other way round: a file and a symlink written through s3fs, and a file copied by
+    // rclone (whose mtime has nanoseconds), appear in autosync with their attributes.
+    write_file(&s3fs.m("from-s3fs.txt"), b"written through s3fs\n");
+    run_ok(Command::new("chmod").arg("604").arg(s3fs.m("from-s3fs.txt")));
+    run_ok(Command::new("chown").arg("4321:8765").arg(s3fs.m("from-s3fs.txt")));
+    run_ok(Command::new("touch").args(["-d", "2020-01-02 03:04:05"]).arg(s3fs.m("from-s3fs.txt")).env("TZ", "UTC"));
+    std::os::unix::fs::symlink("from-s3fs.txt", s3fs.m("s3fs-link")).unwrap();
+    let local = fx.root.join("local.txt");
+    write_file(&local, b"copied by rclone\n");
+    run_ok(Command::new("touch").args(["-d", "2019-05-06 07:08:09.123456789"]).arg(&local).env("TZ", "UTC"));
+    rclone(&fx, &server, &[&"copyto", &local, &"other:interop/from-rclone.txt"]);
+    wait_for("the files from s3fs and rclone in autosync", Duration::from_secs(20), || {
+        ["from-s3fs.txt", "s3fs-link", "from-rclone.txt"]
+            .iter()
+            .all(|f| fx.m(f).symlink_metadata().is_ok())
+            .then_some(())
+    });
+    assert_eq!(attrs(&fx.m("from-s3fs.txt")), (libc::S_IFREG | 0o604, 4321, 8765, 1_577_934_245, 21));
+    assert_eq!(read(&fx.m("from-s3fs.txt")), b"written through s3fs\n");
+    assert_eq!(fs::read_link(fx.m("s3fs-link")).unwrap(), Path::new("from-s3fs.txt"));
+    let rc = attrs(&fx.m("from-rclone.txt"));
+    assert_eq!((rc.0, rc.3, rc.4), (libc::S_IFREG | 0o644, 1_557_126_489, 17), "from-rclone.txt: mode, mtime, size");
+    assert_eq!(read(&fx.m("from-rclone.txt")), b"copied by rclone\n");
+
+    // A later chmod through s3fs (a copy onto itself with new metadata, same ETag) shows in
+    // autosync too, through the object's Last-Modified. That counts whole seconds: the chmod
+    // starts in a later second than the writes above.
+    let second = unix_seconds();
+    wait_for("the next second", Duration::from_secs(2), || (unix_seconds() > second).then_some(()));
+    run_ok(Command::new("chmod").arg("640").arg(s3fs.m("from-s3fs.txt")));
+    wait_for("the chmod made through s3fs in autosync", Duration::from_secs(20), || {
+        (attrs(&fx.m("from-s3fs.txt")).0 == libc::S_IFREG | 0o640).then_some(())
+    });
+    drop(s3fs);
+    m.unmount();
+    assert_no_warnings(&fx);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Every test against every server
 // ---------------------------------------------------------------------------------------------
 
@@ -1032,4 +1235,5 @@ against_every_backend!(
     bad_setups_fail_with_one_line_and_mount_nothing,
     three_hundred_mib_file_goes_up_in_19_parts,
     five_thousand_objects_list_across_pages,
+    attributes_interoperate_with_rclone_and_s3fs,
 );
