@@ -162,4 +162,26 @@ mod tests {
         assert_eq!(l.objects[0].size, 3);
         assert_eq!(next.as_deref(), Some("tok"));
     }
+
+    /// S3 quotes ETags (escaped or not); some S3-compatible servers do not. Each is kept as
+    /// sent: comparisons ignore the quotes (`layout::etag_eq`), and `If-Match` sends the
+    /// server's own spelling back.
+    #[test]
+    fn keeps_quoted_and_unquoted_etags_as_sent() {
+        let xml = r#"<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Contents><Key>escaped</Key><ETag>&quot;aa&quot;</ETag><Size>1</Size></Contents>
+  <Contents><Key>literal</Key><ETag>"bb"</ETag><Size>2</Size></Contents>
+  <Contents><Key>bare</Key><ETag>cc-3</ETag><Size>3</Size></Contents>
+  <Contents><Key>none</Key><Size>4</Size></Contents>
+  <IsTruncated>false</IsTruncated>
+</ListBucketResult>"#;
+        let (l, next) = parse(xml).unwrap();
+        let etags: Vec<(&str, Option<&str>)> = l.objects.iter().map(|o| (o.key.as_str(), o.etag.as_deref())).collect();
+        assert_eq!(
+            etags,
+            [("escaped", Some("\"aa\"")), ("literal", Some("\"bb\"")), ("bare", Some("cc-3")), ("none", None)]
+        );
+        assert!(crate::layout::etag_eq(l.objects[1].etag.as_deref().unwrap(), "bb"));
+        assert_eq!(next, None);
+    }
 }
