@@ -41,6 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::servers::{Backend, KEY_ID, Moto, SECRET, Server, find_exe, s3_env};
+use common::unquote::{Unquote, UnquotingProxy};
 use common::{
     BIN, Mount, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, tail, try_run,
     wait_for, write_file,
@@ -80,6 +81,19 @@ impl Fixture {
     /// Mounts `source` of `server` at `mnt`, with state dir `state-TAG` and cache dir `cache-TAG`.
     fn mount(&self, server: &Server, source: &str, metadata_ttl: &str, tag: &str) -> Mount {
         self.mount_with(server, source, metadata_ttl, tag, server.creds())
+    }
+
+    /// Mounts `source` of `server` reached through `endpoint` (a proxy in front of it).
+    fn mount_via(&self, server: &Server, endpoint: &str, source: &str, ttl: &str, tag: &str) -> Mount {
+        let dirs = (&*self.root.join(format!("state-{tag}")), &*self.root.join(format!("cache-{tag}")));
+        server.mount_with_opts(
+            &self.dir,
+            source,
+            dirs,
+            (UPLOAD_DELAY, ttl),
+            server.creds(),
+            server.mount_opts_via(endpoint),
+        )
     }
 
     /// Mounts `source` of `server` with the credentials `creds`; the region is given by
@@ -1206,6 +1220,80 @@ fn attributes_interoperate_with_rclone_and_s3fs(backend: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 9. ETags without quotes: conditional writes and compare-then-write still tell edits apart
+// ---------------------------------------------------------------------------------------------
+
+/// S3 quotes its ETags (`"abc"`); some S3-compatible servers do not. A proxy between the mount
+/// and the server takes the quotes off the ETags it answers: everywhere (a server that never
+/// quotes: the mount only sees bare ones, and sends them back bare in `If-Match`), then only in
+/// listings (a server whose listings and headers disagree). A normal edit of a file listed
+/// from the bucket, and of one written here, goes up; a concurrent edit still becomes a
+/// conflict copy (a 412 on moto, compare-then-write on Garage).
+fn unquoted_etags_still_tell_edits_from_conflicts(backend: Backend) {
+    let fx = Fixture::new("unquoted", backend);
+    let server = fx.server("server");
+    server.create_bucket("unq");
+    for (mode, prefix) in [(Unquote::Everywhere, "everywhere"), (Unquote::InXmlOnly, "xml-only")] {
+        edit_then_conflict_through_proxy(&fx, &server, mode, prefix);
+    }
+    // The conflicts are the only things worth a warning.
+    let log = fs::read_to_string(&fx.log).unwrap_or_default();
+    let bad: Vec<&str> =
+        log.lines().filter(|l| (l.contains(" WARN ") && !l.contains("conflict")) || l.contains(" ERROR ")).collect();
+    assert!(bad.is_empty(), "the daemon logged warnings or errors:\n{}", bad.join("\n"));
+}
+
+fn edit_then_conflict_through_proxy(fx: &Fixture, server: &Server, mode: Unquote, prefix: &str) {
+    let other = server.client("unq");
+    other.put(&format!("{prefix}/listed.txt"), b"theirs, before the mount\n");
+    let proxy = UnquotingProxy::start(server.port(), mode);
+    let m = fx.mount_via(server, &proxy.endpoint(), &format!("s3://unq/{prefix}"), "600", prefix);
+    let status = m.status_json();
+    let probed = (status["conditional_create"].as_bool(), status["conditional_update"].as_bool());
+    let (create, update) = server.backend().conditional_writes();
+    assert_eq!(probed, (Some(create), Some(update)), "{mode:?}: the probe through the proxy: {status}");
+
+    // A file known from a listing: read it, then edit it.
+    assert_eq!(read(&fx.m("listed.txt")), b"theirs, before the mount\n");
+    append(&fx.m("listed.txt"), b"ours, appended\n");
+    // A file written here, then edited again: its ETag came from the PUT's answer.
+    write_file(&fx.m("f.txt"), b"ours, first version\n");
+    m.flush();
+    write_file(&fx.m("f.txt"), b"ours, second version\n");
+    m.flush();
+    let key = |name: &str| format!("{prefix}/{name}");
+    assert_eq!(other.get(&key("listed.txt")).data, b"theirs, before the mount\nours, appended\n", "{mode:?}");
+    assert_eq!(other.get(&key("f.txt")).data, b"ours, second version\n", "{mode:?}");
+    assert_eq!(m.status_json()["conflicts"], 0, "{mode:?}: a normal edit was taken for a conflict");
+    let (in_headers, in_xml) = proxy.unquoted();
+    let headers_expected = mode == Unquote::Everywhere;
+    assert!(
+        (in_headers > 0) == headers_expected && in_xml > 0,
+        "{mode:?}: the proxy unquoted {in_headers} ETag headers and {in_xml} in XML"
+    );
+
+    // Another client replaces f.txt; our next edit must not overwrite it.
+    let theirs = b"theirs: written by another client\n";
+    let their_etag = other.put(&key("f.txt"), theirs);
+    append(&fx.m("f.txt"), b"ours, third version\n");
+    m.flush();
+    let at_path = other.get(&key("f.txt"));
+    assert_eq!((&at_path.data[..], &at_path.etag), (&theirs[..], &their_etag), "{mode:?}: their edit was overwritten");
+    let copy_prefix = format!("{prefix}/f.conflict-{}-", conflict_host());
+    let keys = other.keys();
+    let copies: Vec<&String> = keys.iter().filter(|k| k.starts_with(&copy_prefix)).collect();
+    assert_eq!(copies.len(), 1, "{mode:?}: expected one conflict copy `{copy_prefix}...`; keys: {keys:?}");
+    assert_eq!(other.get(copies[0]).data, b"ours, second version\nours, third version\n", "{mode:?}");
+    assert_eq!(m.status_json()["conflicts"], 1, "{mode:?}");
+    m.unmount();
+}
+
+fn append(path: &Path, data: &[u8]) {
+    let mut f = OpenOptions::new().append(true).open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all(data).unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Every test against every server
 // ---------------------------------------------------------------------------------------------
 
@@ -1236,4 +1324,5 @@ against_every_backend!(
     three_hundred_mib_file_goes_up_in_19_parts,
     five_thousand_objects_list_across_pages,
     attributes_interoperate_with_rclone_and_s3fs,
+    unquoted_etags_still_tell_edits_from_conflicts,
 );

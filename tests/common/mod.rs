@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod servers;
+pub mod unquote;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_autosync");
 /// Short delay so that uploads happen within the tests' time.

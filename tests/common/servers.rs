@@ -195,6 +195,15 @@ impl Server {
         format!("http://127.0.0.1:{port}")
     }
 
+    /// The loopback port of the S3 API (moto and Garage only).
+    pub fn port(&self) -> u16 {
+        match self {
+            Server::Moto(m) => m.port,
+            Server::Garage(g) => g.s3_port,
+            _ => panic!("only moto and Garage have an S3 port"),
+        }
+    }
+
     pub fn region(&self) -> &'static str {
         self.backend().region()
     }
@@ -234,12 +243,18 @@ impl Server {
     pub fn mount_opts(&self) -> Vec<String> {
         match self {
             Server::Local(_) => vec![],
-            Server::Moto(_) | Server::Garage(_) => {
-                let region = self.region().to_string();
-                vec!["--endpoint".into(), self.endpoint(), "--allow-http".into(), "--region".into(), region]
-            }
-            Server::Azurite(_) | Server::Gcs(_) => vec!["--endpoint".into(), self.endpoint(), "--allow-http".into()],
+            _ => self.mount_opts_via(&self.endpoint()),
         }
+    }
+
+    /// The options of `autosync mount` that reach this server through `endpoint` (itself, or a
+    /// proxy in front of it).
+    pub fn mount_opts_via(&self, endpoint: &str) -> Vec<String> {
+        let mut opts = vec!["--endpoint".into(), endpoint.into(), "--allow-http".into()];
+        if let Server::Moto(_) | Server::Garage(_) = self {
+            opts.extend(["--region".into(), self.region().to_string()]);
+        }
+        opts
     }
 
     /// The environment an `autosync mount` of this server needs, with credentials `creds`.
@@ -265,11 +280,23 @@ impl Server {
         &self,
         dir: &TestDir,
         source: &str,
+        dirs: (&Path, &Path),
+        timing: (&str, &str),
+        creds: (&str, &str),
+    ) -> Mount {
+        self.mount_with_opts(dir, source, dirs, timing, creds, self.mount_opts())
+    }
+
+    /// [`Server::mount`] with the options `opts` in place of [`Server::mount_opts`].
+    pub fn mount_with_opts(
+        &self,
+        dir: &TestDir,
+        source: &str,
         (state, cache): (&Path, &Path),
         (upload_delay, metadata_ttl): (&str, &str),
         creds: (&str, &str),
+        opts: Vec<String>,
     ) -> Mount {
-        let opts = self.mount_opts();
         let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
         let spec = MountSpec { source: source.as_ref(), state, cache, opts: &opts, upload_delay, metadata_ttl };
         Mount::start(dir, &spec, |cmd| self.mount_env(cmd, creds))
