@@ -1025,9 +1025,8 @@ fn garage3_the_node_autosync_talks_to_dies_and_comes_back() {
 
 /// `name` from `$VAR` or `PATH`, or a one-line failure saying how to install it.
 fn tool(var: &str, name: &str) -> PathBuf {
-    let install = format!("install it with `apt-get install {name}` (or run `bash .ci/run`), or set {var}");
-    find_exe(var, &[], name, &install)
-        .unwrap_or_else(|| panic!("{name} not found (not in {var} or PATH): {install} to a {name} binary"))
+    let install = format!("install it with `apt-get install {name}` (or run `bash .ci/run`), or set {var} to its path");
+    find_exe(var, &[], name, &install).unwrap_or_else(|| panic!("{name} not found (not in {var} or PATH): {install}"))
 }
 
 /// `rclone ARGS...` with the remote `other:` pointing at `server` (set up through the
