@@ -16,9 +16,9 @@
 //! Without a server, its tests fail with a one-line message saying how to install it (`.ci/run`
 //! installs both). One test also reads and writes the bucket with rclone and s3fs (Debian
 //! packages `rclone` and `s3fs`, found at `$AUTOSYNC_RCLONE` and `$AUTOSYNC_S3FS`, then on
-//! `PATH`), and fails the same way without them. Each test starts its own server on free loopback ports and kills it in
-//! `Drop`, even when the test fails. Raw requests to Garage (which checks every signature) go
-//! through boto3, from the Python environment moto runs in.
+//! `PATH`), and fails the same way without them. Each test starts its own server on free
+//! loopback ports and kills it in `Drop`, even when the test fails. Raw requests to Garage
+//! (which checks every signature) go through boto3, from the Python environment moto runs in.
 //!
 //! Every test has its own temp dir holding the mount point, the state and cache dirs, the
 //! daemon's log (`daemon.log`) and the server's log. A failing test keeps it and prints where it
@@ -724,7 +724,7 @@ fn three_hundred_mib_file_goes_up_in_19_parts(backend: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 7. A node of a 3-node Garage cluster dies in the middle of a workload
+// 8. A node of a 3-node Garage cluster dies in the middle of a workload
 // ---------------------------------------------------------------------------------------------
 
 /// Size of the `i`th file of a workload: from empty to a few MiB.
@@ -1020,7 +1020,7 @@ fn garage3_the_node_autosync_talks_to_dies_and_comes_back() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 8. Other tools read what autosync writes, and the reverse: rclone and s3fs
+// 9. Other tools read what autosync writes, and the reverse: rclone and s3fs
 // ---------------------------------------------------------------------------------------------
 
 /// `name` from `$VAR` or `PATH`, or a one-line failure saying how to install it.
@@ -1219,7 +1219,7 @@ fn attributes_interoperate_with_rclone_and_s3fs(backend: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 9. ETags without quotes: conditional writes and compare-then-write still tell edits apart
+// 10. ETags without quotes: conditional writes and compare-then-write still tell edits apart
 // ---------------------------------------------------------------------------------------------
 
 /// S3 quotes its ETags (`"abc"`); some S3-compatible servers do not. A proxy between the mount
