@@ -1019,6 +1019,17 @@ pub fn obj(key: &str) -> ObjPath {
     ObjPath::parse(key).unwrap_or_else(|e| panic!("object_store cannot hold key {key:?}: {e}"))
 }
 
+/// The user metadata among an object's attributes, with lowercase names.
+fn user_metadata(attributes: &object_store::Attributes) -> BTreeMap<String, String> {
+    attributes
+        .iter()
+        .filter_map(|(k, v)| match k {
+            Attribute::Metadata(name) => Some((name.to_ascii_lowercase(), v.as_ref().to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
 /// One object as another client sees it.
 pub struct Object {
     pub data: Vec<u8>,
@@ -1067,14 +1078,7 @@ impl Other {
     pub fn digest(&self, key: &str) -> Digest {
         let r = self.rt.block_on(async {
             let g = self.store.get(&obj(key)).await?;
-            let meta = g
-                .attributes
-                .iter()
-                .filter_map(|(k, v)| match k {
-                    Attribute::Metadata(name) => Some((name.to_ascii_lowercase(), v.as_ref().to_string())),
-                    _ => None,
-                })
-                .collect();
+            let meta = user_metadata(&g.attributes);
             let etag = g.meta.e_tag.clone().unwrap_or_default();
             let mut hasher = blake3::Hasher::new();
             let mut size = 0u64;
@@ -1097,14 +1101,7 @@ impl Other {
     pub fn try_get(&self, key: &str) -> Option<Object> {
         let r = self.rt.block_on(async {
             let g = self.store.get(&obj(key)).await?;
-            let meta = g
-                .attributes
-                .iter()
-                .filter_map(|(k, v)| match k {
-                    Attribute::Metadata(name) => Some((name.to_ascii_lowercase(), v.as_ref().to_string())),
-                    _ => None,
-                })
-                .collect();
+            let meta = user_metadata(&g.attributes);
             let etag = g.meta.e_tag.clone().unwrap_or_default();
             let data = g.bytes().await?.to_vec();
             Ok::<_, object_store::Error>(Object { data, meta, etag })
