@@ -139,7 +139,7 @@ async fn check_bucket(store: &Store, source: &Source, ep: &Endpoint) -> anyhow::
             bail!("{id} refused the credentials: {credentials}")
         }
         // reqwest refuses a plain-http URL unless it is allowed.
-        _ if text.contains("builder error") && text.contains(" http://") => {
+        _ if !ep.allow_http && text.contains("builder error") && text.contains(" http://") => {
             bail!("cannot reach {id} at {endpoint}: the URL is plain http://, which needs --allow-http")
         }
         // Transport failures first: their text carries timings and ids where a bare "403"

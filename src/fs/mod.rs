@@ -125,6 +125,11 @@ struct Inner {
     warned: HashSet<String>,
 }
 
+/// The last failed fetch of a handle: its chunk, its number, the error. Reads that waited for
+/// it fail with the same error at once instead of each retrying in turn.
+#[derive(Debug, Default)]
+struct FetchFailure(Option<(u64, u64, String)>);
+
 #[derive(Debug)]
 struct Handle {
     ino: u64,
@@ -133,7 +138,9 @@ struct Handle {
     chunk: Option<(u64, Bytes)>,
     /// Held while a chunk is fetched: the kernel sends several reads of one handle at once
     /// (readahead), and those of the same chunk then share one GET instead of each sending it.
-    fetching: Arc<tokio::sync::Mutex<()>>,
+    fetching: Arc<tokio::sync::Mutex<FetchFailure>>,
+    /// Fetches started on this handle, to tell a waiter whether a failure happened meanwhile.
+    fetches: Arc<AtomicU64>,
     /// Directory snapshot taken at opendir.
     dir: Option<Vec<DirEntry>>,
 }
@@ -649,14 +656,11 @@ impl Fs {
                         // Same content, but maybe other attributes: a copy onto itself with new
                         // metadata (how s3fs and rclone chmod, chown or touch) keeps the ETag and
                         // moves Last-Modified. Without a Last-Modified on record (our own upload),
-                        // the attributes are read once, and this one is kept from then on.
+                        // the attributes are read once. `fetch_attrs` records the Last-Modified
+                        // with what it read, so a failed read is tried again at the next listing.
                         let modified = Some(m.last_modified.timestamp());
                         let retouched = n.remote.as_ref().is_some_and(|r| r.modified != modified);
                         if clean && !changed && retouched {
-                            if let Some(r) = inner.get_mut(c)?.remote.as_mut() {
-                                r.modified = modified;
-                            }
-                            inner.persist(c, &mut batch)?;
                             new_files.push(c);
                         }
                         if clean && changed {
@@ -932,7 +936,21 @@ impl Fs {
                     continue;
                 }
                 let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
+                if attrs.mtime.is_none() && n.kind != Kind::Dir {
+                    // Another tool's object: its mtime is the object's Last-Modified.
+                    n.mtime_ns = to_ns(SystemTime::from(r.meta.last_modified));
+                }
                 self.apply_posix(n, attrs);
+                if n.kind != Kind::Dir
+                    && let Some(rem) = n.remote.as_mut()
+                {
+                    // What the attributes were read at, and the generation the store gives
+                    // this version now (a copy onto itself changes it on GCS).
+                    rem.modified = Some(r.meta.last_modified.timestamp());
+                    if r.meta.version.is_some() {
+                        rem.version = r.meta.version.clone();
+                    }
+                }
                 if n.kind == Kind::Symlink && n.target.is_none() {
                     symlinks.push(ino);
                 }
@@ -1387,8 +1405,17 @@ impl Fs {
 
     fn new_handle(&self, ino: u64) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles)
-            .insert(fh, Handle { ino, wrote: false, chunk: None, fetching: Default::default(), dir: None });
+        lock(&self.handles).insert(
+            fh,
+            Handle {
+                ino,
+                wrote: false,
+                chunk: None,
+                fetching: Default::default(),
+                fetches: Default::default(),
+                dir: None,
+            },
+        );
         if let Ok(n) = lock(&self.inner).get_mut(ino) {
             n.open += 1;
         }
@@ -1426,18 +1453,6 @@ impl Fs {
         if etag_same(remote.etag.as_deref(), meta.e_tag.as_deref()) {
             // Only the attributes may have changed (see `refresh_dir`); the content stays.
             if remote.modified.is_some_and(|t| t != meta.last_modified.timestamp()) {
-                {
-                    let mut inner = lock(&self.inner);
-                    let mut batch = Batch::default();
-                    if !inner.is_settled(ino) || inner.get(ino).ok().and_then(|n| n.remote.as_ref()) != Some(&remote) {
-                        return;
-                    }
-                    if let Ok(Some(r)) = inner.get_mut(ino).map(|n| n.remote.as_mut()) {
-                        r.modified = Some(meta.last_modified.timestamp());
-                    }
-                    let _ = inner.persist(ino, &mut batch);
-                    let _ = self.commit(&inner, batch, false);
-                }
                 self.fetch_attrs(vec![ino]).await;
             }
             return;
@@ -1551,25 +1566,52 @@ impl Fs {
                     .get(&fh)
                     .and_then(|h| h.chunk.as_ref().filter(|(s, _)| *s == chunk_start).map(|(_, b)| b.clone()))
             };
+            let (fetching, fetches) = lock(&self.handles)
+                .get(&fh)
+                .map(|h| (h.fetching.clone(), h.fetches.clone()))
+                .ok_or(FsError::BadHandle)?;
             let mut gate = None;
             if cached().is_none() {
-                let fetching = lock(&self.handles).get(&fh).map(|h| h.fetching.clone()).ok_or(FsError::BadHandle)?;
-                gate = Some(fetching.lock_owned().await);
+                let seen = fetches.load(Ordering::SeqCst);
+                let g = fetching.lock_owned().await;
+                // The fetch this read waited for failed: fail the same way, without a GET.
+                if let FetchFailure(Some((chunk, n, why))) = &*g
+                    && *chunk == chunk_start
+                    && *n >= seen
+                    && cached().is_none()
+                {
+                    return Err(object_store::Error::Generic { store: "bucket", source: why.clone().into() }.into());
+                }
+                gate = Some(g);
             }
             let chunk = match cached() {
                 Some(b) => b,
                 None => {
+                    let n = fetches.fetch_add(1, Ordering::SeqCst);
                     let chunk_end = (chunk_start + READ_CHUNK).min(remote.size.max(file_size));
-                    let b = match self.get_range(&remote, chunk_start..chunk_end).await {
+                    let fetched = match self.get_range(&remote, chunk_start..chunk_end).await {
                         // The uploader moved the object meanwhile: read it where it is now.
                         Err(FsError::Remote(object_store::Error::NotFound { .. }) | FsError::Stale(_))
                             if lock(&self.inner).get(ino).ok().and_then(|n| n.remote.clone()).as_ref()
                                 != Some(&remote) =>
                         {
-                            let now = lock(&self.inner).get(ino)?.remote.clone().ok_or(FsError::NotFound)?;
-                            self.get_range(&now, chunk_start..chunk_end).await?
+                            let now = lock(&self.inner).get(ino).map(|n| n.remote.clone());
+                            match now {
+                                Ok(Some(now)) => self.get_range(&now, chunk_start..chunk_end).await,
+                                Ok(None) => Err(FsError::NotFound),
+                                Err(e) => Err(e),
+                            }
                         }
-                        other => other?,
+                        other => other,
+                    };
+                    let b = match fetched {
+                        Ok(b) => b,
+                        Err(e) => {
+                            if let Some(g) = gate.as_mut() {
+                                **g = FetchFailure(Some((chunk_start, n, e.to_string())));
+                            }
+                            return Err(e);
+                        }
                     };
                     if let Some(h) = lock(&self.handles).get_mut(&fh) {
                         h.chunk = Some((chunk_start, b.clone()));
@@ -1714,8 +1756,17 @@ impl Fs {
         }
         drop(inner);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles)
-            .insert(fh, Handle { ino, wrote: false, chunk: None, fetching: Default::default(), dir: Some(entries) });
+        lock(&self.handles).insert(
+            fh,
+            Handle {
+                ino,
+                wrote: false,
+                chunk: None,
+                fetching: Default::default(),
+                fetches: Default::default(),
+                dir: Some(entries),
+            },
+        );
         Ok(fh)
     }
 

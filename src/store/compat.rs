@@ -100,7 +100,8 @@ impl ObjectStore for AzureMetaNames {
 /// ETags. For an update that carries an ETag and no generation, this reads the object's
 /// current generation with a HEAD: if the ETag still matches, the put is made conditional on
 /// that generation, so a change after the HEAD is still refused by the store; otherwise the
-/// object has changed and the put fails with `Precondition`, as the store itself would.
+/// object has changed and the put fails with `Precondition`, as the store itself would. When
+/// the HEAD gives no generation, the put goes ahead unconditionally (compare-then-write).
 #[derive(Debug)]
 pub struct GcsGeneration {
     inner: Store,
@@ -135,10 +136,14 @@ impl ObjectStore for GcsGeneration {
                 let now = current.e_tag.unwrap_or_default();
                 return Err(precondition(format!("ETag {now} does not match {etag}")));
             }
-            // Without a generation (not GCS), the store checks the ETag itself.
-            if let Some(generation) = current.version {
-                opts.mode = PutMode::Update(UpdateVersion { e_tag: Some(etag.clone()), version: Some(generation) });
-            }
+            opts.mode = match current.version {
+                Some(generation) => {
+                    PutMode::Update(UpdateVersion { e_tag: Some(etag.clone()), version: Some(generation) })
+                }
+                // No generation in the answer (an emulator or a proxy): the ETag matched just
+                // now, so this is compare-then-write, as on stores without conditional writes.
+                None => PutMode::Overwrite,
+            };
         }
         self.inner.put_opts(location, payload, opts).await
     }
