@@ -3,6 +3,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod cache;
 pub mod cli;
 pub mod control;
 pub mod fs;

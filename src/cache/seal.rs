@@ -1,0 +1,186 @@
+//! Sealing one block with AES-256-GCM, bound to its identity, and the keyed file name of
+//! that identity. Pure functions over bytes: no file I/O here.
+
+use aes_gcm::aead::generic_array::GenericArray;
+use aes_gcm::{AeadInPlace, Aes256Gcm, KeyInit};
+use rand::RngCore;
+
+use super::CacheError;
+use super::key::CacheKey;
+
+/// The first bytes of every sealed block file.
+pub const BLOCK_MAGIC: [u8; 4] = *b"ASCB";
+/// Bumped when the block file layout, the AAD or the naming changes incompatibly. A cache
+/// dir of another version is discarded at open.
+pub const FORMAT_VERSION: u8 = 1;
+pub const NONCE_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+/// magic, version, nonce.
+pub const HEADER_LEN: usize = BLOCK_MAGIC.len() + 1 + NONCE_LEN;
+/// What sealing adds to a block's size on disk.
+pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+
+/// One block of one version of one object. `version` is the ETag or store version, so a
+/// changed object never matches the blocks of the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockId<'a> {
+    pub key: &'a str,
+    pub version: &'a str,
+    pub index: u64,
+}
+
+impl BlockId<'_> {
+    /// The unambiguous encoding hashed into the file name and authenticated as AAD:
+    /// `len(key) u64 LE, key, len(version) u64 LE, version, index u64 LE`.
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.key.len() as u64).to_le_bytes());
+        out.extend_from_slice(self.key.as_bytes());
+        out.extend_from_slice(&(self.version.len() as u64).to_le_bytes());
+        out.extend_from_slice(self.version.as_bytes());
+        out.extend_from_slice(&self.index.to_le_bytes());
+    }
+}
+
+/// A block's file name: the keyed blake3 hash of its identity.
+pub type BlockName = [u8; 32];
+
+/// Why a sealed block did not open. All of them mean: drop it and fetch again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenError {
+    /// Shorter than a header and a tag.
+    Short,
+    /// Not our magic or not our format version.
+    Header,
+    /// The tag failed: tampered, torn, rotted, or another block's file.
+    Tag,
+}
+
+/// Seals and opens blocks, and names them; built from the master key's subkeys.
+pub struct Sealer {
+    cipher: Aes256Gcm,
+    name_key: [u8; 32],
+}
+
+impl Sealer {
+    pub fn new(key: &CacheKey) -> Self {
+        let seal_key = key.seal_key();
+        Sealer { cipher: Aes256Gcm::new(GenericArray::from_slice(&seal_key)), name_key: key.name_key() }
+    }
+
+    pub fn name(&self, id: &BlockId) -> BlockName {
+        let mut buf = Vec::with_capacity(24 + id.key.len() + id.version.len());
+        id.encode_into(&mut buf);
+        *blake3::keyed_hash(&self.name_key, &buf).as_bytes()
+    }
+
+    fn aad(id: &BlockId) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(5 + 24 + id.key.len() + id.version.len());
+        aad.extend_from_slice(&BLOCK_MAGIC);
+        aad.push(FORMAT_VERSION);
+        id.encode_into(&mut aad);
+        aad
+    }
+
+    /// The complete block file for `plain`: header, fresh random nonce, ciphertext, tag.
+    pub fn seal(&self, id: &BlockId, plain: &[u8]) -> Result<Vec<u8>, CacheError> {
+        let mut out = Vec::with_capacity(OVERHEAD + plain.len());
+        out.extend_from_slice(&BLOCK_MAGIC);
+        out.push(FORMAT_VERSION);
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(GenericArray::from_slice(&nonce), &Self::aad(id), &mut out[HEADER_LEN..])
+            .map_err(|_| CacheError::TooLarge { len: plain.len() })?;
+        out.extend_from_slice(&tag);
+        Ok(out)
+    }
+
+    /// Opens a block file in place and returns the plaintext's range within `file`.
+    pub fn open_in_place(&self, id: &BlockId, file: &mut [u8]) -> Result<std::ops::Range<usize>, OpenError> {
+        if file.len() < OVERHEAD {
+            return Err(OpenError::Short);
+        }
+        if file[..4] != BLOCK_MAGIC || file[4] != FORMAT_VERSION {
+            return Err(OpenError::Header);
+        }
+        let end = file.len() - TAG_LEN;
+        let (head, rest) = file.split_at_mut(HEADER_LEN);
+        let (body, tag) = rest.split_at_mut(end - HEADER_LEN);
+        let nonce = GenericArray::from_slice(&head[5..HEADER_LEN]);
+        self.cipher
+            .decrypt_in_place_detached(nonce, &Self::aad(id), body, GenericArray::from_slice(tag))
+            .map_err(|_| OpenError::Tag)?;
+        Ok(HEADER_LEN..end)
+    }
+
+    /// [`Sealer::open_in_place`] that hands back the plaintext.
+    pub fn open(&self, id: &BlockId, mut file: Vec<u8>) -> Result<Vec<u8>, OpenError> {
+        let r = self.open_in_place(id, &mut file)?;
+        file.truncate(r.end);
+        file.drain(..r.start);
+        Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(index: u64) -> BlockId<'static> {
+        BlockId { key: "dir/file.bin", version: "\"etag-1\"", index }
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_layout() {
+        let s = Sealer::new(&CacheKey::from_bytes([1; 32]));
+        let plain = b"hello block".to_vec();
+        let sealed = s.seal(&id(0), &plain).unwrap();
+        assert_eq!(sealed.len(), plain.len() + OVERHEAD);
+        assert_eq!(&sealed[..5], b"ASCB\x01");
+        assert_eq!(s.open(&id(0), sealed.clone()).unwrap(), plain);
+        // A fresh nonce per seal.
+        assert_ne!(s.seal(&id(0), &plain).unwrap(), sealed);
+        // Empty blocks work too.
+        let empty = s.seal(&id(1), b"").unwrap();
+        assert_eq!(s.open(&id(1), empty).unwrap(), b"");
+    }
+
+    #[test]
+    fn identity_is_bound() {
+        let s = Sealer::new(&CacheKey::from_bytes([1; 32]));
+        let sealed = s.seal(&id(0), b"data").unwrap();
+        for other in [
+            id(1),
+            BlockId { key: "dir/file.bin", version: "\"etag-2\"", index: 0 },
+            BlockId { key: "dir/file.bim", version: "\"etag-1\"", index: 0 },
+            // Same concatenation, other split: the length prefixes tell them apart.
+            BlockId { key: "dir/file.bin\"", version: "etag-1\"", index: 0 },
+        ] {
+            assert_eq!(s.open(&other, sealed.clone()), Err(OpenError::Tag), "{other:?}");
+            assert_ne!(s.name(&other), s.name(&id(0)));
+        }
+        let other_key = Sealer::new(&CacheKey::from_bytes([2; 32]));
+        assert_eq!(other_key.open(&id(0), sealed.clone()), Err(OpenError::Tag));
+        assert_ne!(other_key.name(&id(0)), s.name(&id(0)));
+    }
+
+    #[test]
+    fn bad_files_are_errors_not_panics() {
+        let s = Sealer::new(&CacheKey::from_bytes([1; 32]));
+        let sealed = s.seal(&id(0), b"data").unwrap();
+        assert_eq!(s.open(&id(0), Vec::new()), Err(OpenError::Short));
+        assert_eq!(s.open(&id(0), sealed[..OVERHEAD - 1].to_vec()), Err(OpenError::Short));
+        let mut v2 = sealed.clone();
+        v2[4] = 2;
+        assert_eq!(s.open(&id(0), v2), Err(OpenError::Header));
+        for i in 0..sealed.len() {
+            let mut f = sealed.clone();
+            f[i] ^= 0x40;
+            assert!(s.open(&id(0), f).is_err(), "flip at {i}");
+        }
+        assert!(s.open(&id(0), sealed[..sealed.len() - 1].to_vec()).is_err());
+    }
+}
