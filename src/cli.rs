@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 
 use crate::control::{self, Request};
@@ -26,9 +26,23 @@ pub enum Command {
         /// This mount's state dir (database, journal, lock, control socket).
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// This mount's cache dir (staged file contents).
+        /// This mount's cache dir (staged file contents, and the encrypted block cache).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Bound of the block cache on disk, e.g. 10G or 512M [default: 10% of the free
+        /// space of the cache dir's filesystem, within 256M..20G].
+        #[arg(long, value_parser = size)]
+        cache_size: Option<u64>,
+        /// Bound of the decrypted blocks kept in memory.
+        #[arg(long, value_parser = size, default_value = "128M")]
+        memory_limit: u64,
+        /// Bytes per block: the unit of ranged reads and of the caches (64K to 64M).
+        #[arg(long, value_parser = block_size, default_value = "1M")]
+        block_size: u64,
+        /// The 32-byte key that seals the cache (raw, or 64 hex digits) [default:
+        /// $CREDENTIALS_DIRECTORY/autosync.key, else STATE_DIR/cache.key, made on first use].
+        #[arg(long)]
+        key_file: Option<PathBuf>,
         /// Return once the mount is live, leaving it running in the background.
         #[arg(long)]
         daemon: bool,
@@ -67,11 +81,56 @@ pub enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// The block cache: counters, prefetching, emptying.
+    Cache {
+        #[command(subcommand)]
+        action: CacheCommand,
+    },
     /// Show pending uploads, the last error and cache use.
     Status {
         mountpoint: PathBuf,
         #[arg(long)]
         json: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// A size such as 512M, 10G or 4096 (K, M, G, T: powers of 1024).
+fn size(s: &str) -> Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| format!("{e}: give a size such as 512M or 10G (K, M, G, T are powers of 1024)"))
+}
+
+fn block_size(s: &str) -> Result<u64, String> {
+    let v = size(s)?;
+    if !(64 << 10..=64 << 20).contains(&v) {
+        return Err(format!("{v} bytes is out of range: give a block size from 64K to 64M"));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Hits, misses, bytes, evictions and integrity failures of the mount's block cache.
+    Stats {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Read files (folders: everything in them) through the mount, so that their blocks are
+    /// in the cache; a progress bar on a terminal.
+    Warm {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Empty the mount's block cache, in memory and on disk (staged changes stay).
+    Clear {
+        mountpoint: PathBuf,
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -107,6 +166,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             mountpoint,
             state_dir,
             cache_dir,
+            cache_size,
+            memory_limit,
+            block_size,
+            key_file,
             daemon,
             upload_delay,
             metadata_ttl,
@@ -120,6 +183,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 mountpoint,
                 state_dir,
                 cache_dir,
+                cache_size,
+                memory_limit,
+                block_size,
+                key_file,
                 upload_delay: secs(upload_delay, "upload-delay")?,
                 metadata_ttl: secs(metadata_ttl, "metadata-ttl")?,
                 shutdown_grace: secs(shutdown_grace, "shutdown-grace")?,
@@ -169,6 +236,36 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 st.pending_bytes
             )
         }
+        Command::Cache { action: CacheCommand::Stats { mountpoint, json, state_dir } } => {
+            let reply = call(&mountpoint, state_dir.as_deref(), Request::Status)?;
+            let c = reply.status.ok_or_else(|| anyhow!("the mount sent no status"))?.cache;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+                return Ok(());
+            }
+            match &c.disk {
+                Some(d) => {
+                    println!("disk:               {} of {} bytes in {} blocks", d.bytes, d.capacity, d.blocks);
+                    println!("hits:               {}", d.hits);
+                    println!("misses:             {}", d.misses);
+                    println!("evictions:          {}", d.evictions);
+                    println!("integrity failures: {}", d.integrity_failures);
+                }
+                None => println!("disk:               none (blocks are kept in memory only)"),
+            }
+            println!("memory:             {} of {} bytes", c.memory_bytes, c.memory_limit);
+            println!("block size:         {} bytes", c.block_size);
+            println!("fetched:            {} blocks, {} bytes", c.fetched_blocks, c.fetched_bytes);
+            Ok(())
+        }
+        Command::Cache { action: CacheCommand::Clear { mountpoint, state_dir } } => {
+            let reply = call(&mountpoint, state_dir.as_deref(), Request::CacheClear)?;
+            if !reply.ok {
+                bail!("cannot clear the cache: {}", reply.error.unwrap_or_default());
+            }
+            Ok(())
+        }
+        Command::Cache { action: CacheCommand::Warm { paths } } => warm(&paths),
         Command::Status { mountpoint, json, state_dir } => {
             let reply = call(&mountpoint, state_dir.as_deref(), Request::Status)?;
             let st = reply.status.ok_or_else(|| anyhow!("the mount sent no status"))?;
@@ -196,6 +293,48 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Reads every file under `paths` to the end, discarding the bytes: reading through the mount
+/// is what fills its cache.
+fn warm(paths: &[PathBuf]) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Read};
+    let mut files = Vec::new();
+    let mut todo: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = todo.pop() {
+        let md = std::fs::symlink_metadata(&p).with_context(|| format!("cannot warm {}", p.display()))?;
+        if md.is_dir() {
+            for e in std::fs::read_dir(&p).with_context(|| format!("cannot list {}", p.display()))? {
+                todo.push(e?.path());
+            }
+        } else if md.is_file() {
+            files.push((p, md.len()));
+        }
+    }
+    let total: u64 = files.iter().map(|(_, l)| l).sum();
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {wide_msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    for (p, _) in &files {
+        bar.set_message(p.display().to_string());
+        let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+        loop {
+            let n = f.read(&mut buf).with_context(|| format!("cannot read {}", p.display()))?;
+            if n == 0 {
+                break;
+            }
+            bar.inc(n as u64);
+        }
+    }
+    bar.finish_and_clear();
+    println!("warmed {} files, {} bytes", files.len(), total);
+    Ok(())
 }
 
 fn yes(b: bool) -> &'static str {

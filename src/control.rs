@@ -18,8 +18,12 @@ use crate::fs::{Fs, Status};
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
-    Flush { timeout_secs: f64 },
+    Flush {
+        timeout_secs: f64,
+    },
     Unmount,
+    /// Empty the block caches (memory and disk).
+    CacheClear,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,6 +62,10 @@ async fn handle(fs: Arc<Fs>, stream: UnixStream, unmount: mpsc::Sender<()>) -> a
             let status = fs.status();
             Reply { ok: left == 0, pending: Some(left), error: status.last_error.clone(), status: Some(status) }
         }
+        Ok(Request::CacheClear) => match fs.clear_cache() {
+            Ok(()) => Reply { ok: true, status: Some(fs.status()), pending: None, error: None },
+            Err(e) => Reply { ok: false, status: None, pending: None, error: Some(e.to_string()) },
+        },
         Ok(Request::Unmount) => {
             let _ = unmount.send(()).await;
             Reply { ok: true, status: None, pending: None, error: None }

@@ -13,8 +13,9 @@ use nix::fcntl::{Flock, FlockArg};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use tokio::sync::watch;
 
+use crate::cache::{BlockCache, CacheKey};
 use crate::control;
-use crate::fs::{Caps, Fs, FsConfig, obj_path};
+use crate::fs::{BlockConfig, Caps, Fs, FsConfig, obj_path};
 use crate::fuse::FuseAdapter;
 use crate::layout;
 use crate::source::{Endpoint, Source};
@@ -26,6 +27,11 @@ pub struct MountOptions {
     pub mountpoint: PathBuf,
     pub state_dir: Option<PathBuf>,
     pub cache_dir: Option<PathBuf>,
+    /// Bound of the block cache on disk; `None` picks one from the free space.
+    pub cache_size: Option<u64>,
+    pub memory_limit: u64,
+    pub block_size: u64,
+    pub key_file: Option<PathBuf>,
     pub upload_delay: Duration,
     pub metadata_ttl: Duration,
     pub shutdown_grace: Duration,
@@ -277,9 +283,15 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
             "the store does not enforce every conditional write; using compare-then-write where it does not"
         );
     }
+    let (key, key_source) = CacheKey::load(&state_dir, opts.key_file.as_deref())?;
+    tracing::debug!(?key_source, "cache key");
+    let capacity = opts.cache_size.unwrap_or_else(|| crate::cache::default_capacity(&cache_dir));
+    let disk_cache = BlockCache::open(&cache_dir, &key, capacity)?;
     let cfg = FsConfig {
         metadata_ttl: opts.metadata_ttl,
         upload_delay: opts.upload_delay,
+        blocks: BlockConfig { block_size: opts.block_size, memory_limit: opts.memory_limit, ..BlockConfig::default() },
+        disk_cache: Some(Arc::new(disk_cache)),
         // The local store writes NAME#N first: that has to fit in 255 bytes too.
         max_name_len: if matches!(source, Source::Local { .. }) { 250 } else { 255 },
         ..FsConfig::default()

@@ -669,6 +669,154 @@ fn executable_script_runs_from_the_mount(backend: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The encrypted block cache
+// ---------------------------------------------------------------------------------------------
+
+impl Fixture {
+    /// Mounts with this fixture's state and cache dirs and `extra` options.
+    fn mount_extra(&self, extra: &[&str]) -> Mount {
+        let mut opts = self.server.mount_opts();
+        opts.extend(extra.iter().map(|s| s.to_string()));
+        let dirs = (&*self.state, &*self.cache);
+        self.server.mount_with_opts(
+            &self.dir,
+            &self.source,
+            dirs,
+            (UPLOAD_DELAY, METADATA_TTL),
+            self.server.creds(),
+            opts,
+        )
+    }
+
+    /// Every block file of the disk cache, with its size.
+    fn block_files(&self) -> Vec<(PathBuf, u64)> {
+        walk(&self.cache.join("blocks"))
+            .into_iter()
+            .map(|rel| self.cache.join("blocks").join(rel))
+            .filter(|p| p.parent().and_then(|d| d.file_name()).is_some_and(|d| d.len() == 2) && p.is_file())
+            .map(|p| {
+                let len = fs::metadata(&p).unwrap().len();
+                (p, len)
+            })
+            .collect()
+    }
+}
+
+impl Mount {
+    /// `autosync cache stats --json`.
+    fn cache_stats(&self) -> serde_json::Value {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["cache", "stats"]).arg(&self.mnt).arg("--state-dir").arg(&self.state).arg("--json");
+        let out = run_ok(&mut cmd);
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("cache stats --json is not JSON ({e}): {out}"))
+    }
+}
+
+/// Content with a recognisable plaintext, so that the cache can be searched for it.
+fn marked_content(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = Rng(seed).bytes(len);
+    for chunk in data.chunks_mut(4096) {
+        let mark = b"KNOWN-PLAINTEXT-autosync";
+        chunk[..mark.len()].copy_from_slice(mark);
+    }
+    data
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn block_cache_survives_remount_and_refetches_tampered_blocks() {
+    let fx = Fixture::new("blockcache", Backend::Local);
+    let data = marked_content(5 << 20, 11);
+    let name = "secret-report-name.bin";
+    fx.bucket.put(name, &data);
+    let m = fx.mount_extra(&[]);
+    assert!(read(&fx.m(name)) == data, "first read differs");
+    let st = m.cache_stats();
+    assert_eq!(st["fetched_blocks"], 5, "a cold read of 5 MiB fetches 5 blocks of 1 MiB: {st}");
+    wait_for("the 5 blocks on disk", Duration::from_secs(10), || (fx.block_files().len() == 5).then_some(()));
+
+    // Nothing under the cache dir holds the plaintext or the name, in content or file names.
+    for rel in walk(&fx.cache) {
+        let p = fx.cache.join(&rel);
+        assert!(!rel.to_string_lossy().contains("secret"), "{} reveals a name", p.display());
+        if p.is_file() {
+            let bytes = fs::read(&p).unwrap();
+            assert!(!contains(&bytes, b"KNOWN-PLAINTEXT"), "{} holds plaintext", p.display());
+            assert!(!contains(&bytes, name.as_bytes()), "{} holds the file name", p.display());
+        }
+    }
+    m.unmount();
+
+    // After a remount every block comes from the disk cache: nothing is fetched.
+    let m = fx.mount_extra(&[]);
+    assert!(read(&fx.m(name)) == data, "read from the disk cache differs");
+    let st = m.cache_stats();
+    assert_eq!(st["fetched_blocks"], 0, "blocks fetched again after a remount: {st}");
+    assert!(st["disk"]["hits"].as_u64().unwrap() >= 5, "{st}");
+    m.unmount();
+
+    // A flipped byte in every block: each fails its tag, is dropped and fetched again, and
+    // the reader gets the right bytes.
+    for (p, _) in fx.block_files() {
+        let mut b = fs::read(&p).unwrap();
+        let i = b.len() / 2;
+        b[i] ^= 0x40;
+        fs::write(&p, b).unwrap();
+    }
+    let m = fx.mount_extra(&[]);
+    assert!(read(&fx.m(name)) == data, "read after tampering differs");
+    let st = m.cache_stats();
+    assert_eq!(st["disk"]["integrity_failures"], 5, "{st}");
+    assert_eq!(st["fetched_blocks"], 5, "{st}");
+    m.unmount();
+}
+
+#[test]
+fn block_cache_stays_under_its_bound() {
+    let fx = Fixture::new("cachebound", Backend::Local);
+    let data = Rng(12).bytes(12 << 20);
+    fx.bucket.put("big.bin", &data);
+    let m = fx.mount_extra(&["--cache-size", "4M"]);
+    // Read twice the bound... three times, then once more.
+    assert!(read(&fx.m("big.bin")) == data);
+    wait_for("evictions", Duration::from_secs(10), || {
+        (m.cache_stats()["disk"]["evictions"].as_u64().unwrap() >= 8).then_some(())
+    });
+    let total: u64 = fx.block_files().iter().map(|(_, l)| l).sum();
+    assert!(total <= 4 << 20, "{total} bytes of blocks on disk with --cache-size 4M");
+    let st = m.cache_stats();
+    assert!(st["disk"]["bytes"].as_u64().unwrap() <= 4 << 20, "{st}");
+    m.unmount();
+}
+
+#[test]
+fn a_remote_change_invalidates_cached_blocks_and_the_page_cache() {
+    let fx = Fixture::new("cacheinval", Backend::Local);
+    let v1 = marked_content(3 << 20, 21);
+    let v2 = marked_content(3 << 20, 22);
+    fx.bucket.put("f.bin", &v1);
+    let m = fx.mount_extra(&[]);
+    let path = fx.m("f.bin");
+    assert!(read(&path) == v1);
+    // Opened again unchanged: the kernel keeps its cached pages, so no read reaches the mount.
+    let reads = m.cache_stats()["reads"].as_u64().unwrap();
+    assert!(read(&path) == v1);
+    assert_eq!(m.cache_stats()["reads"].as_u64().unwrap(), reads, "an unchanged file was read again");
+
+    // Another client replaces it with the same size: once the metadata TTL has passed, an
+    // open sees the new version, and neither the page cache nor the block cache serves v1.
+    fx.bucket.put("f.bin", &v2);
+    wait_for("the new version in the mount", Duration::from_secs(20), || (read(&path) == v2).then_some(()));
+    m.unmount();
+    let m = fx.mount_extra(&[]);
+    assert!(read(&path) == v2, "the disk cache served the old version after a remount");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
 // GCS: what the emulator supports
 // ---------------------------------------------------------------------------------------------
 

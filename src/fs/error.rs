@@ -32,6 +32,9 @@ pub enum FsError {
     State(#[from] StateError),
     #[error("the mount is read-only: {0}")]
     ReadOnly(String),
+    /// The error of a fetch several reads waited for.
+    #[error("{0}")]
+    Shared(std::sync::Arc<FsError>),
 }
 
 impl FsError {
@@ -59,6 +62,21 @@ impl FsError {
             },
             FsError::State(_) => libc::EIO,
             FsError::ReadOnly(_) => libc::EROFS,
+            FsError::Shared(e) => e.errno(),
+        }
+    }
+
+    /// The error of a shared fetch, as this caller's own when no other holds it.
+    pub fn shared(e: std::sync::Arc<FsError>) -> FsError {
+        std::sync::Arc::try_unwrap(e).unwrap_or_else(FsError::Shared)
+    }
+
+    /// The object read is gone or has changed (its key or version no longer holds it).
+    pub fn is_gone(&self) -> bool {
+        match self {
+            FsError::Remote(object_store::Error::NotFound { .. }) | FsError::Stale(_) => true,
+            FsError::Shared(e) => e.is_gone(),
+            _ => false,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! plain async Rust over an object store. It knows nothing of fuser; the adapter in
 //! `crate::fuse` converts kernel requests into these calls.
 
+mod blocks;
 pub mod error;
 mod staging;
 pub mod types;
@@ -17,24 +18,25 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStoreExt};
+use object_store::{GetOptions, ObjectMeta, ObjectStoreExt};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, watch};
 
+pub use blocks::BlockConfig;
+use blocks::{BlockReader, Readahead};
 pub use error::{FsError, FsResult};
 use staging::Staging;
 pub use types::{Attr, DirEntry, Inode, Kind, Op, ROOT_INO, Remote, SetAttr};
 use types::{now_ns, to_ns};
 
+use crate::cache::BlockCache;
 use crate::layout::{self, PosixAttrs};
 use crate::state::{Batch, StateDb};
 use crate::store::Store;
 
 /// Files above this size go up as multipart uploads.
 pub const MULTIPART_THRESHOLD: u64 = 32 << 20;
-/// Remote reads of files that are not staged are fetched in chunks of this size.
-const READ_CHUNK: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct FsConfig {
@@ -50,6 +52,10 @@ pub struct FsConfig {
     pub multipart_threshold: u64,
     /// Longest file name accepted (the local-folder store needs room for its temp suffix).
     pub max_name_len: usize,
+    /// Block size, read-ahead and memory bound of reads from the bucket.
+    pub blocks: BlockConfig,
+    /// Sealed blocks on local disk, kept across mounts; none keeps blocks in memory only.
+    pub disk_cache: Option<Arc<BlockCache>>,
 }
 
 impl Default for FsConfig {
@@ -62,6 +68,8 @@ impl Default for FsConfig {
             host: hostname(),
             multipart_threshold: MULTIPART_THRESHOLD,
             max_name_len: 255,
+            blocks: BlockConfig::default(),
+            disk_cache: None,
         }
     }
 }
@@ -94,6 +102,24 @@ pub struct Status {
     pub conditional_create: bool,
     pub conditional_update: bool,
     pub read_only: Option<String>,
+    #[serde(default)]
+    pub cache: CacheReport,
+}
+
+/// What `autosync cache stats` shows: the disk cache's counters, and reads in memory.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct CacheReport {
+    /// The sealed blocks on disk (none when the mount keeps no disk cache).
+    pub disk: Option<crate::cache::CacheStats>,
+    /// Bytes of decrypted blocks in memory, and their bound.
+    pub memory_bytes: u64,
+    pub memory_limit: u64,
+    pub block_size: u64,
+    /// Reads of the bucket's copy that reached the mount (the kernel's page cache answers
+    /// the others), and the blocks fetched from the bucket.
+    pub reads: u64,
+    pub fetched_blocks: u64,
+    pub fetched_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -123,24 +149,19 @@ struct Inner {
     /// are not someone else's new objects.
     in_flight: HashSet<String>,
     warned: HashSet<String>,
+    /// What each file's content was at its last open (see [`Fs::open`]).
+    last_open: HashMap<u64, ContentId>,
 }
 
-/// The last failed fetch of a handle: its chunk, its number, the error. Reads that waited for
-/// it fail with the same error at once instead of each retrying in turn.
-#[derive(Debug, Default)]
-struct FetchFailure(Option<(u64, u64, String)>);
+/// What tells a file's content apart: the bucket's version, and local changes since.
+type ContentId = (Option<String>, u64, u64, bool);
 
 #[derive(Debug)]
 struct Handle {
     ino: u64,
     wrote: bool,
-    /// Last chunk fetched from the bucket, for reads of files that are not staged.
-    chunk: Option<(u64, Bytes)>,
-    /// Held while a chunk is fetched: the kernel sends several reads of one handle at once
-    /// (readahead), and those of the same chunk then share one GET instead of each sending it.
-    fetching: Arc<tokio::sync::Mutex<FetchFailure>>,
-    /// Fetches started on this handle, to tell a waiter whether a failure happened meanwhile.
-    fetches: Arc<AtomicU64>,
+    /// Read-ahead of reads of the bucket's copy.
+    readahead: Readahead,
     /// Directory snapshot taken at opendir.
     dir: Option<Vec<DirEntry>>,
 }
@@ -164,6 +185,8 @@ pub struct Fs {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     fill_lock: tokio::sync::Mutex<()>,
+    /// Reads of the bucket's copy, by blocks.
+    blocks: Arc<BlockReader>,
     counters: Mutex<Counters>,
     /// Wakes the uploader: new work, or a flush request.
     wake: Notify,
@@ -460,6 +483,7 @@ impl Fs {
             uploading: None,
             in_flight: HashSet::new(),
             warned: HashSet::new(),
+            last_open: HashMap::new(),
         };
         let mut batch = Batch::default();
         let mut nodes = loaded.inodes;
@@ -500,7 +524,9 @@ impl Fs {
         if pending > 0 {
             tracing::info!(pending, "replaying journal: changes from an earlier run are still to upload");
         }
+        let blocks = BlockReader::new(Arc::clone(&store), cfg.disk_cache.clone(), cfg.blocks);
         Ok(Arc::new(Fs {
+            blocks,
             store,
             prefix: prefix.trim_matches('/').to_string(),
             cfg,
@@ -1405,17 +1431,7 @@ impl Fs {
 
     fn new_handle(&self, ino: u64) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles).insert(
-            fh,
-            Handle {
-                ino,
-                wrote: false,
-                chunk: None,
-                fetching: Default::default(),
-                fetches: Default::default(),
-                dir: None,
-            },
-        );
+        lock(&self.handles).insert(fh, Handle { ino, wrote: false, readahead: Readahead::default(), dir: None });
         if let Ok(n) = lock(&self.inner).get_mut(ino) {
             n.open += 1;
         }
@@ -1432,7 +1448,15 @@ impl Fs {
         if !lock(&self.inner).get(ino)?.attrs_known {
             self.fetch_attrs(vec![ino]).await;
         }
-        Ok((self.new_handle(ino), false))
+        // The kernel keeps the file's cached pages (FOPEN_KEEP_CACHE) when its content is
+        // what it was at the last open here; otherwise it drops them.
+        let keep = {
+            let mut inner = lock(&self.inner);
+            let n = inner.get(ino)?;
+            let id: ContentId = (n.remote.as_ref().and_then(|r| r.etag.clone()), n.size, n.generation, n.staged);
+            inner.last_open.insert(ino, id.clone()) == Some(id)
+        };
+        Ok((self.new_handle(ino), keep))
     }
 
     /// Close-to-open: once the folder's listing is older than the TTL, an unchanged local
@@ -1556,85 +1580,41 @@ impl Fs {
             return Ok(buf.into());
         }
         let Some(remote) = remote else { return Ok(Bytes::from(vec![0u8; len])) };
+        let range = offset..offset + len as u64;
+        let blocks = &self.blocks;
+        blocks.reads.fetch_add(1, Ordering::Relaxed);
+        let ahead = {
+            let mut handles = lock(&self.handles);
+            let h = handles.get_mut(&fh).ok_or(FsError::BadHandle)?;
+            h.readahead.advance(range.clone(), blocks.cfg.block_size, blocks.cfg.readahead_max)
+        };
+        let span = blocks.span(range.clone());
+        if ahead > 0 {
+            let ahead_end = range.end.saturating_add(ahead).min(remote.size);
+            blocks.prefetch(&remote, span.end..blocks.span(range.start..ahead_end).end);
+        }
         let mut out = Vec::with_capacity(len);
-        let mut pos = offset;
-        let end = offset + len as u64;
-        while pos < end {
-            let chunk_start = pos - pos % READ_CHUNK;
-            let cached = || {
-                lock(&self.handles)
-                    .get(&fh)
-                    .and_then(|h| h.chunk.as_ref().filter(|(s, _)| *s == chunk_start).map(|(_, b)| b.clone()))
-            };
-            let (fetching, fetches) = lock(&self.handles)
-                .get(&fh)
-                .map(|h| (h.fetching.clone(), h.fetches.clone()))
-                .ok_or(FsError::BadHandle)?;
-            let mut gate = None;
-            if cached().is_none() {
-                let seen = fetches.load(Ordering::SeqCst);
-                let g = fetching.lock_owned().await;
-                // The fetch this read waited for failed: fail the same way, without a GET.
-                if let FetchFailure(Some((chunk, n, why))) = &*g
-                    && *chunk == chunk_start
-                    && *n >= seen
-                    && cached().is_none()
-                {
-                    return Err(object_store::Error::Generic { store: "bucket", source: why.clone().into() }.into());
-                }
-                gate = Some(g);
-            }
-            let chunk = match cached() {
-                Some(b) => b,
-                None => {
-                    let n = fetches.fetch_add(1, Ordering::SeqCst);
-                    let chunk_end = (chunk_start + READ_CHUNK).min(remote.size.max(file_size));
-                    let fetched = match self.get_range(&remote, chunk_start..chunk_end).await {
-                        // The uploader moved the object meanwhile: read it where it is now.
-                        Err(FsError::Remote(object_store::Error::NotFound { .. }) | FsError::Stale(_))
-                            if lock(&self.inner).get(ino).ok().and_then(|n| n.remote.clone()).as_ref()
-                                != Some(&remote) =>
-                        {
-                            let now = lock(&self.inner).get(ino).map(|n| n.remote.clone());
-                            match now {
-                                Ok(Some(now)) => self.get_range(&now, chunk_start..chunk_end).await,
-                                Ok(None) => Err(FsError::NotFound),
-                                Err(e) => Err(e),
-                            }
-                        }
-                        other => other,
-                    };
-                    let b = match fetched {
-                        Ok(b) => b,
-                        Err(e) => {
-                            if let Some(g) = gate.as_mut() {
-                                **g = FetchFailure(Some((chunk_start, n, e.to_string())));
-                            }
-                            return Err(e);
-                        }
-                    };
-                    if let Some(h) = lock(&self.handles).get_mut(&fh) {
-                        h.chunk = Some((chunk_start, b.clone()));
+        for index in span {
+            let b = match blocks.block(&remote, index).await {
+                // The uploader moved the object meanwhile: read it where it is now.
+                Err(e) if e.is_gone() => {
+                    let now = lock(&self.inner).get(ino)?.remote.clone();
+                    match now {
+                        Some(now) if now != remote => blocks.block(&now, index).await?,
+                        _ => return Err(e),
                     }
-                    b
                 }
+                other => other?,
             };
-            drop(gate);
-            let from = (pos - chunk_start) as usize;
-            if from >= chunk.len() {
+            let block_start = index * blocks.cfg.block_size;
+            let from = (range.start.max(block_start) - block_start) as usize;
+            let to = ((range.end - block_start) as usize).min(b.len());
+            if from >= to {
                 break;
             }
-            let take = (chunk.len() - from).min((end - pos) as usize);
-            out.extend_from_slice(&chunk[from..from + take]);
-            pos += take as u64;
+            out.extend_from_slice(&b[from..to]);
         }
         Ok(out.into())
-    }
-
-    async fn get_range(&self, remote: &Remote, range: std::ops::Range<u64>) -> FsResult<Bytes> {
-        let opts =
-            GetOptions { if_match: remote.etag.clone(), range: Some(GetRange::Bounded(range)), ..Default::default() };
-        self.store.get_opts(&obj_path(&remote.key)?, opts).await.map_err(stale)?.bytes().await.map_err(stale)
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -1756,17 +1736,8 @@ impl Fs {
         }
         drop(inner);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles).insert(
-            fh,
-            Handle {
-                ino,
-                wrote: false,
-                chunk: None,
-                fetching: Default::default(),
-                fetches: Default::default(),
-                dir: Some(entries),
-            },
-        );
+        lock(&self.handles)
+            .insert(fh, Handle { ino, wrote: false, readahead: Readahead::default(), dir: Some(entries) });
         Ok(fh)
     }
 
@@ -1810,7 +1781,17 @@ impl Fs {
             conditional_create: self.caps.create,
             conditional_update: self.caps.update,
             read_only: c.read_only.clone(),
+            cache: self.blocks.report(),
         }
+    }
+
+    /// Empties the block caches, in memory and on disk.
+    pub fn clear_cache(&self) -> FsResult<()> {
+        self.blocks.clear_memory();
+        if let Some(disk) = self.blocks.disk() {
+            disk.clear().map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?;
+        }
+        Ok(())
     }
 
     /// Waits until every local change is in the bucket, or the timeout passes. Returns the
