@@ -744,3 +744,39 @@ async fn reopening_after_a_remote_change_reads_the_new_version() {
     h.fs().release(fh).await.unwrap();
     assert_eq!(h.fs().getattr(ino).await.unwrap().size, 6);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reads by blocks
+// ---------------------------------------------------------------------------------------------
+
+/// Fetches of the bucket's copy so far, from the mount's status.
+fn fetched(h: &Harness) -> u64 {
+    h.fs().status().cache.fetched_blocks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_share_one_fetch_and_random_reads_fetch_only_their_block() {
+    let h = Harness::memory().await;
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    h.remote_put("big.bin", &data).await;
+    let ino = h.resolve("big.bin").await.unwrap();
+
+    // A random read fetches its block, and nothing ahead.
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    let got = h.fs().read(fh, (3 << 20) + 100, 4096).await.unwrap();
+    assert_eq!(got.as_ref(), &data[(3 << 20) + 100..(3 << 20) + 100 + 4096]);
+    assert_eq!(fetched(&h), 1, "a 4 KiB read fetched more than its block");
+
+    // Eight reads of one block at once: one fetch.
+    let reads = (0..8u64).map(|_| h.fs().read(fh, 8192, 4096));
+    let results = futures::future::join_all(reads).await;
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(r.unwrap().as_ref(), &data[8192..8192 + 4096], "read {i}");
+    }
+    assert_eq!(fetched(&h), 2, "concurrent misses of one block fetched it more than once");
+    h.fs().release(fh).await.unwrap();
+
+    // A sequential read of the whole file: every block once, read-ahead included.
+    assert!(h.read("big.bin").await.unwrap() == data);
+    assert_eq!(fetched(&h), 4, "a sequential read fetched a block twice");
+}

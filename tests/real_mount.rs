@@ -775,6 +775,30 @@ fn block_cache_survives_remount_and_refetches_tampered_blocks() {
 }
 
 #[test]
+fn cache_warm_and_clear_commands() {
+    let fx = Fixture::new("cachecmds", Backend::Local);
+    let (a, b) = (Rng(31).bytes(3 << 20), Rng(32).bytes(2 << 20));
+    fx.bucket.put("d/a.bin", &a);
+    fx.bucket.put("d/sub/b.bin", &b);
+    let m = fx.mount_extra(&[]);
+    let out = run_ok(Command::new(BIN).args(["cache", "warm"]).arg(fx.m("d")));
+    assert_eq!(out.stdout.trim(), "warmed 2 files, 5242880 bytes", "{out}");
+    wait_for("the 5 warmed blocks on disk", Duration::from_secs(10), || (fx.block_files().len() == 5).then_some(()));
+    assert_eq!(m.cache_stats()["fetched_blocks"], 5);
+
+    let mut clear = Command::new(BIN);
+    clear.args(["cache", "clear"]).arg(&fx.mnt).arg("--state-dir").arg(&fx.state);
+    run_ok(&mut clear);
+    assert!(fx.block_files().is_empty(), "block files left after `cache clear`");
+    let st = m.cache_stats();
+    assert_eq!(st["disk"]["bytes"], 0, "{st}");
+    // The kernel may still hold the pages of a.bin; b.bin is read through a new handle.
+    assert!(read(&fx.m("d/sub/b.bin")) == b);
+    assert!(m.cache_stats()["fetched_blocks"].as_u64().unwrap() >= 5, "nothing fetched after clear");
+    m.unmount();
+}
+
+#[test]
 fn block_cache_stays_under_its_bound() {
     let fx = Fixture::new("cachebound", Backend::Local);
     let data = Rng(12).bytes(12 << 20);

@@ -190,18 +190,23 @@ pub(crate) struct Readahead {
 impl Readahead {
     /// Notes a read of `range`; returns how many bytes past its end to fetch ahead. The window
     /// starts at two blocks on the second sequential read and doubles up to `max`; a jump
-    /// elsewhere (random access) resets it. Reads up to a block away from the expected offset
-    /// count as sequential: the kernel sends read-ahead requests out of order.
+    /// elsewhere resets it. A read that starts up to a block away from where the last one
+    /// ended and goes past it is sequential. One that stays within a block behind that end
+    /// (the kernel sends its read-ahead requests out of order, and programs re-read) changes
+    /// nothing and fetches nothing more.
     pub(crate) fn advance(&mut self, range: Range<u64>, block: u64, max: u64) -> u64 {
-        let sequential = range.start.abs_diff(self.next) <= block;
-        self.window = match (sequential, self.window) {
-            (false, _) => 0,
-            (true, 0) if range.start == 0 && self.next == 0 => 0,
-            (true, 0) => 2 * block,
-            (true, w) => (w * 2).min(max),
-        };
-        self.next = self.next.max(range.end);
-        if !sequential {
+        if range.end <= self.next && self.next - range.start <= block {
+            return 0;
+        }
+        if range.start.abs_diff(self.next) <= block {
+            self.window = match self.window {
+                0 if range.start == 0 && self.next == 0 => 0,
+                0 => 2 * block,
+                w => (w * 2).min(max),
+            };
+            self.next = self.next.max(range.end);
+        } else {
+            self.window = 0;
             self.next = range.end;
         }
         self.window.min(max)
@@ -227,6 +232,11 @@ mod tests {
         assert!(windows.windows(2).all(|w| w[1] >= w[0]), "the window never shrinks while sequential");
         assert_eq!(r.advance(900 << 20..(900 << 20) + step, bs, max), 0, "a jump resets it");
         assert_eq!(r.advance((900 << 20) + step..(900 << 20) + 2 * step, bs, max), 2 * bs);
+        // Stragglers and re-reads within a block behind: nothing more, and the window stays.
+        let again = (900 << 20) + step..(900 << 20) + 2 * step;
+        assert_eq!(r.advance(again.clone(), bs, max), 0);
+        assert_eq!(r.advance((900 << 20)..(900 << 20) + step, bs, max), 0);
+        assert_eq!(r.advance((900 << 20) + 2 * step..(900 << 20) + 3 * step, bs, max), 4 * bs);
     }
 
     #[test]
