@@ -62,7 +62,7 @@ async fn handle(fs: Arc<Fs>, stream: UnixStream, unmount: mpsc::Sender<()>) -> a
             let status = fs.status();
             Reply { ok: left == 0, pending: Some(left), error: status.last_error.clone(), status: Some(status) }
         }
-        Ok(Request::CacheClear) => match fs.clear_cache() {
+        Ok(Request::CacheClear) => match fs.clear_cache().await {
             Ok(()) => Reply { ok: true, status: Some(fs.status()), pending: None, error: None },
             Err(e) => Reply { ok: false, status: None, pending: None, error: Some(e.to_string()) },
         },

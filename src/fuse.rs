@@ -55,6 +55,7 @@ fn log_error(what: &str, e: &FsError) {
         }
         // Someone else replaced the object under an open file: worth a word, not an alarm.
         FsError::Stale(_) => tracing::warn!("{what}: {e}"),
+        FsError::Shared(inner) => log_error(what, inner),
         _ => tracing::error!("{what}: {e}"),
     }
 }

@@ -775,6 +775,21 @@ fn block_cache_survives_remount_and_refetches_tampered_blocks() {
 }
 
 #[test]
+fn another_block_size_never_reads_old_blocks() {
+    let fx = Fixture::new("blocksize", Backend::Local);
+    let data = Rng(41).bytes((5 << 20) + 12345);
+    fx.bucket.put("f.bin", &data);
+    let m = fx.mount_extra(&[]);
+    assert!(read(&fx.m("f.bin")) == data);
+    wait_for("the 6 blocks on disk", Duration::from_secs(10), || (fx.block_files().len() == 6).then_some(()));
+    m.unmount();
+    let m = fx.mount_extra(&["--block-size", "4M"]);
+    assert!(read(&fx.m("f.bin")) == data, "a remount with 4M blocks reads wrong bytes");
+    assert_eq!(m.cache_stats()["fetched_blocks"], 2, "4M blocks are fetched, not taken from the 1M ones");
+    m.unmount();
+}
+
+#[test]
 fn cache_warm_and_clear_commands() {
     let fx = Fixture::new("cachecmds", Backend::Local);
     let (a, b) = (Rng(31).bytes(3 << 20), Rng(32).bytes(2 << 20));

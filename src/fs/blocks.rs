@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 
 use super::error::{FsError, FsResult};
 use super::types::Remote;
-use super::{CacheReport, obj_path, stale};
+use super::{CacheReport, etag_same, obj_path, stale};
 use crate::cache::{BlockCache, BlockId};
 use crate::store::Store;
 
@@ -50,30 +50,41 @@ pub(crate) struct BlockReader {
     mem: moka::future::Cache<BlockKey, Bytes>,
     pub(crate) cfg: BlockConfig,
     prefetch: Arc<Semaphore>,
+    disk_writes: Arc<Semaphore>,
     /// Reads that reached the mount, and blocks (bytes) fetched from the bucket.
     pub(crate) reads: AtomicU64,
     fetched: AtomicU64,
     fetched_bytes: AtomicU64,
 }
 
-/// The version a remote's bytes are known by: its ETag, else its store version, else its
-/// size (a store that gives neither cannot tell versions apart any better).
-fn version_of(remote: &Remote) -> String {
-    remote.etag.clone().or_else(|| remote.version.clone()).unwrap_or_else(|| format!("size-{}", remote.size))
+/// The version a remote's bytes are known by: its ETag, else its store version. Without
+/// either, versions cannot be told apart, and nothing of it is cached.
+pub(crate) fn version_of(remote: &Remote) -> Option<&str> {
+    remote.etag.as_deref().or(remote.version.as_deref())
 }
+
+/// Background writes of fetched blocks to disk at once; past that, a block is not kept on
+/// disk (it stays in memory), so a slow disk cannot pile up blocks in memory.
+const DISK_WRITES_PARALLEL: usize = 8;
 
 impl BlockReader {
     pub(crate) fn new(store: Store, disk: Option<Arc<BlockCache>>, cfg: BlockConfig) -> Arc<Self> {
+        // LRU, not moka's default admission by frequency: a long sequential read must be able
+        // to replace blocks read often with new ones, or its read-ahead is thrown away.
         let mem = moka::future::Cache::builder()
             .weigher(|_: &BlockKey, b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX))
             .max_capacity(cfg.memory_limit)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
+        // Read-ahead may not push out what it fetched before it is read.
+        let cfg = BlockConfig { readahead_max: cfg.readahead_max.min(cfg.memory_limit / 4), ..cfg };
         Arc::new(BlockReader {
             store,
             disk,
             mem,
             cfg,
             prefetch: Arc::new(Semaphore::new(PREFETCH_PARALLEL)),
+            disk_writes: Arc::new(Semaphore::new(DISK_WRITES_PARALLEL)),
             reads: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
@@ -101,8 +112,17 @@ impl BlockReader {
         self.mem.invalidate_all();
     }
 
-    fn key(remote: &Remote, index: u64) -> BlockKey {
-        BlockKey { key: remote.key.as_str().into(), version: version_of(remote).into(), index }
+    /// The block's name in both caches. The block size is part of the version, so blocks
+    /// cached with another `--block-size` never match.
+    fn key(&self, remote: &Remote, index: u64) -> Option<BlockKey> {
+        let version = format!("{}:{}", self.cfg.block_size, version_of(remote)?);
+        Some(BlockKey { key: remote.key.as_str().into(), version: version.into(), index })
+    }
+
+    /// The byte range of block `index` of `remote`.
+    fn bounds(&self, remote: &Remote, index: u64) -> Range<u64> {
+        let start = index.saturating_mul(self.cfg.block_size);
+        start..start.saturating_add(self.cfg.block_size).min(remote.size).max(start)
     }
 
     /// The blocks a range of `size` bytes of content spans.
@@ -117,27 +137,47 @@ impl BlockReader {
     /// Block `index` of `remote`: from memory, else from the disk cache, else fetched (one
     /// fetch shared by every caller that misses it meanwhile).
     pub(crate) async fn block(self: &Arc<Self>, remote: &Remote, index: u64) -> FsResult<Bytes> {
-        let key = Self::key(remote, index);
+        let Some(key) = self.key(remote, index) else { return self.fetch(remote, index).await };
         let this = Arc::clone(self);
         let remote = remote.clone();
-        self.mem.try_get_with(key, async move { this.load(&remote, index).await }).await.map_err(FsError::shared)
+        let version = Arc::clone(&key.version);
+        self.mem
+            .try_get_with(key, async move { this.load(&remote, &version, index).await })
+            .await
+            .map_err(FsError::shared)
     }
 
-    async fn load(&self, remote: &Remote, index: u64) -> FsResult<Bytes> {
-        let version = version_of(remote);
+    async fn load(&self, remote: &Remote, version: &Arc<str>, index: u64) -> FsResult<Bytes> {
+        let want = self.bounds(remote, index);
         if let Some(disk) = &self.disk {
-            let (disk, key, version) = (Arc::clone(disk), remote.key.clone(), version.clone());
+            let (disk, key, version) = (Arc::clone(disk), remote.key.clone(), Arc::clone(version));
             let hit = tokio::task::spawn_blocking(move || disk.get(&BlockId { key: &key, version: &version, index }))
                 .await
                 .ok()
                 .flatten();
-            if let Some(b) = hit {
+            // A block of another length is not this one (whatever wrote it): fetch it.
+            if let Some(b) = hit.filter(|b| b.len() as u64 == want.end - want.start) {
                 return Ok(b);
             }
         }
-        let bs = self.cfg.block_size;
-        let start = index.saturating_mul(bs);
-        let end = start.saturating_add(bs).min(remote.size);
+        let data = self.fetch(remote, index).await?;
+        if let Some(disk) = &self.disk
+            && let Ok(permit) = Arc::clone(&self.disk_writes).try_acquire_owned()
+        {
+            // Kept in the background: the reader has its bytes already.
+            let (disk, key, version, data) = (Arc::clone(disk), remote.key.clone(), Arc::clone(version), data.clone());
+            drop(tokio::task::spawn_blocking(move || {
+                disk.put(&BlockId { key: &key, version: &version, index }, &data);
+                drop(permit);
+            }));
+        }
+        Ok(data)
+    }
+
+    /// Block `index` of `remote` from the bucket: a ranged GET conditional on the ETag, whose
+    /// answer must carry that ETag too (a store that ignores `If-Match` answers `ESTALE`).
+    async fn fetch(&self, remote: &Remote, index: u64) -> FsResult<Bytes> {
+        let Range { start, end } = self.bounds(remote, index);
         if start >= end {
             return Ok(Bytes::new());
         }
@@ -146,17 +186,13 @@ impl BlockReader {
             range: Some(GetRange::Bounded(start..end)),
             ..Default::default()
         };
-        let data =
-            self.store.get_opts(&obj_path(&remote.key)?, opts).await.map_err(stale)?.bytes().await.map_err(stale)?;
+        let res = self.store.get_opts(&obj_path(&remote.key)?, opts).await.map_err(stale)?;
+        if remote.etag.is_some() && !etag_same(remote.etag.as_deref(), res.meta.e_tag.as_deref()) {
+            return Err(FsError::Stale(remote.key.clone()));
+        }
+        let data = res.bytes().await.map_err(stale)?;
         self.fetched.fetch_add(1, Ordering::Relaxed);
         self.fetched_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if let Some(disk) = &self.disk {
-            // Kept in the background: the reader has its bytes already.
-            let (disk, key, data) = (Arc::clone(disk), remote.key.clone(), data.clone());
-            drop(tokio::task::spawn_blocking(move || {
-                disk.put(&BlockId { key: &key, version: &version, index }, &data)
-            }));
-        }
         Ok(data)
     }
 
@@ -164,8 +200,9 @@ impl BlockReader {
     /// slots allow; blocks already in memory are skipped.
     pub(crate) fn prefetch(self: &Arc<Self>, remote: &Remote, blocks: Range<u64>) {
         for index in blocks {
-            if self.mem.contains_key(&Self::key(remote, index)) {
-                continue;
+            match self.key(remote, index) {
+                Some(key) if !self.mem.contains_key(&key) => {}
+                _ => continue,
             }
             let Ok(permit) = Arc::clone(&self.prefetch).try_acquire_owned() else { return };
             let (this, remote) = (Arc::clone(self), remote.clone());

@@ -287,6 +287,7 @@ impl Inner {
     fn remove(&mut self, ino: u64) -> Option<Inode> {
         self.detach(ino);
         self.children.remove(&ino);
+        self.last_open.remove(&ino);
         let n = self.inodes.remove(&ino)?;
         if let Some(r) = &n.remote
             && self.by_remote_key.get(&r.key) == Some(&ino)
@@ -1449,14 +1450,21 @@ impl Fs {
             self.fetch_attrs(vec![ino]).await;
         }
         // The kernel keeps the file's cached pages (FOPEN_KEEP_CACHE) when its content is
-        // what it was at the last open here; otherwise it drops them.
+        // what it was at the last open here; otherwise it drops them. Decided and counted
+        // open under one lock, so no new version can slip in between. Without an ETag or
+        // version the content cannot be told apart: never kept.
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let keep = {
             let mut inner = lock(&self.inner);
-            let n = inner.get(ino)?;
-            let id: ContentId = (n.remote.as_ref().and_then(|r| r.etag.clone()), n.size, n.generation, n.staged);
-            inner.last_open.insert(ino, id.clone()) == Some(id)
+            let n = inner.get_mut(ino)?;
+            n.open += 1;
+            let version = n.remote.as_ref().and_then(|r| blocks::version_of(r).map(String::from));
+            let known = version.is_some() || n.staged;
+            let id: ContentId = (version, n.size, n.generation, n.staged);
+            inner.last_open.insert(ino, id.clone()) == Some(id) && known
         };
-        Ok((self.new_handle(ino), keep))
+        lock(&self.handles).insert(fh, Handle { ino, wrote: false, readahead: Readahead::default(), dir: None });
+        Ok((fh, keep))
     }
 
     /// Close-to-open: once the folder's listing is older than the TTL, an unchanged local
@@ -1579,7 +1587,7 @@ impl Fs {
             buf.truncate(done);
             return Ok(buf.into());
         }
-        let Some(remote) = remote else { return Ok(Bytes::from(vec![0u8; len])) };
+        let Some(mut remote) = remote else { return Ok(Bytes::from(vec![0u8; len])) };
         let range = offset..offset + len as u64;
         let blocks = &self.blocks;
         blocks.reads.fetch_add(1, Ordering::Relaxed);
@@ -1600,7 +1608,11 @@ impl Fs {
                 Err(e) if e.is_gone() => {
                     let now = lock(&self.inner).get(ino)?.remote.clone();
                     match now {
-                        Some(now) if now != remote => blocks.block(&now, index).await?,
+                        Some(now) if now != remote => {
+                            let b = blocks.block(&now, index).await?;
+                            remote = now;
+                            b
+                        }
                         _ => return Err(e),
                     }
                 }
@@ -1786,10 +1798,13 @@ impl Fs {
     }
 
     /// Empties the block caches, in memory and on disk.
-    pub fn clear_cache(&self) -> FsResult<()> {
+    pub async fn clear_cache(&self) -> FsResult<()> {
         self.blocks.clear_memory();
-        if let Some(disk) = self.blocks.disk() {
-            disk.clear().map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?;
+        if let Some(disk) = self.blocks.disk().cloned() {
+            tokio::task::spawn_blocking(move || disk.clear())
+                .await
+                .map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?
+                .map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?;
         }
         Ok(())
     }
