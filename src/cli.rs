@@ -200,15 +200,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             mount::run(opts)
         }
         Command::Unmount { mountpoint, state_dir } => {
+            // The state dir's lock, found before the daemon removes the registry entry.
+            let lock = std::fs::canonicalize(socket_for(&mountpoint, state_dir.as_deref()))
+                .ok()
+                .and_then(|s| s.parent().map(|d| d.join("lock")));
             match call(&mountpoint, state_dir.as_deref(), Request::Unmount) {
                 Ok(_) => {
-                    // The daemon flushes, then unmounts itself; wait for the mount to go.
+                    // The daemon flushes, then unmounts itself; wait for the mount to go, then
+                    // for the daemon to release the state dir (so a new mount can take it).
                     let deadline = std::time::Instant::now() + Duration::from_secs(600);
                     while is_mounted(&mountpoint) {
                         if std::time::Instant::now() > deadline {
                             bail!("{} is still mounted after 10 minutes", mountpoint.display());
                         }
                         std::thread::sleep(Duration::from_millis(100));
+                    }
+                    if let Some(lock) = lock {
+                        wait_released(&lock, Duration::from_secs(30));
                     }
                     Ok(())
                 }
@@ -292,6 +300,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Waits until no process holds the lock file `lock` (or `timeout` passes).
+fn wait_released(lock: &Path, timeout: Duration) {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        let Ok(f) = std::fs::File::open(lock) else { return };
+        if Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

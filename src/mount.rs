@@ -3,7 +3,7 @@
 //! and a clean stop on signals or unmount.
 
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -312,6 +312,8 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let registry = registry_path(&mountpoint);
     let _guard = rt.enter();
     let control = control::serve(Arc::clone(&fs), &socket, unmount_tx)?;
+    // To remove at the end only the socket this mount made.
+    let socket_ino = std::fs::metadata(&socket).map(|m| m.ino()).ok();
     if let Some(parent) = registry.parent() {
         std::fs::create_dir_all(parent)?;
         // Entries of mounts that were killed point at sockets that are gone.
@@ -396,7 +398,9 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     if std::fs::read_link(&registry).is_ok_and(|t| t == socket) {
         let _ = std::fs::remove_file(&registry);
     }
-    let _ = std::fs::remove_file(&socket);
+    if std::fs::metadata(&socket).ok().map(|m| m.ino()) == socket_ino {
+        let _ = std::fs::remove_file(&socket);
+    }
     let _ = fs.sync_journal();
     drop(_guard);
     rt.shutdown_timeout(Duration::from_secs(2));

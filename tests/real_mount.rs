@@ -775,6 +775,22 @@ fn block_cache_survives_remount_and_refetches_tampered_blocks() {
 }
 
 #[test]
+fn remount_right_after_unmount() {
+    let fx = Fixture::new("remount", Backend::Local);
+    for i in 0..3 {
+        let mut m = fx.mount_extra(&[]);
+        write_file(&fx.m(&format!("f{i}")), b"x");
+        // `autosync unmount` returns once the state dir is free: the next mount takes it.
+        run_ok(&mut m.cli("unmount"));
+        m.live = false;
+    }
+    let m = fx.mount_extra(&[]);
+    assert_eq!(read(&fx.m("f2")), b"x");
+    m.flush();
+    m.unmount();
+}
+
+#[test]
 fn another_block_size_never_reads_old_blocks() {
     let fx = Fixture::new("blocksize", Backend::Local);
     let data = Rng(41).bytes((5 << 20) + 12345);
