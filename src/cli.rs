@@ -294,6 +294,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                 };
                 println!("{cw}");
+                if let Some(d) = &st.cache.disk {
+                    println!(
+                        "block cache:     {} blocks, {} of {} bytes on disk, {} bytes in memory",
+                        d.blocks, d.bytes, d.capacity, st.cache.memory_bytes
+                    );
+                }
                 if let Some(ro) = st.read_only {
                     println!("READ-ONLY:       {ro}");
                 }
