@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{GetOptions, ObjectMeta, ObjectStoreExt};
+use object_store::{GetOptions, GetResult, ObjectMeta, ObjectStoreExt};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, watch};
@@ -941,6 +941,12 @@ impl Fs {
             .buffer_unordered(32)
             .collect()
             .await;
+        self.apply_heads(results).await;
+    }
+
+    /// Applies the attributes of HEAD answers (`None`: no object) to their inodes, if the
+    /// inodes still hold the version answered for and have no local change.
+    async fn apply_heads(&self, results: Vec<(u64, Option<GetResult>)>) {
         let mut symlinks = Vec::new();
         {
             let mut inner = lock(&self.inner);
@@ -1481,11 +1487,14 @@ impl Fs {
             }
         };
         let Ok(path) = obj_path(&remote.key) else { return };
-        let Ok(meta) = self.store.head(&path).await else { return };
+        let opts = GetOptions { head: true, ..Default::default() };
+        let Ok(head) = self.store.get_opts(&path, opts).await else { return };
+        let meta = head.meta.clone();
         if etag_same(remote.etag.as_deref(), meta.e_tag.as_deref()) {
-            // Only the attributes may have changed (see `refresh_dir`); the content stays.
+            // Only the attributes may have changed (see `refresh_dir`); the content stays,
+            // and the attributes come with this same answer.
             if remote.modified.is_some_and(|t| t != meta.last_modified.timestamp()) {
-                self.fetch_attrs(vec![ino]).await;
+                self.apply_heads(vec![(ino, Some(head))]).await;
             }
             return;
         }
