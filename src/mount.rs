@@ -292,6 +292,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         upload_delay: opts.upload_delay,
         blocks: BlockConfig { block_size: opts.block_size, memory_limit: opts.memory_limit, ..BlockConfig::default() },
         disk_cache: Some(Arc::new(disk_cache)),
+        key: Some(key),
         // The local store writes NAME#N first: that has to fit in 255 bytes too.
         max_name_len: if matches!(source, Source::Local { .. }) { 250 } else { 255 },
         ..FsConfig::default()

@@ -61,6 +61,12 @@ pub struct Sealer {
     name_key: [u8; 32],
 }
 
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer(..)")
+    }
+}
+
 impl Sealer {
     pub fn new(key: &CacheKey) -> Self {
         let seal_key = key.seal_key();
@@ -114,6 +120,43 @@ impl Sealer {
             .decrypt_in_place_detached(nonce, &Self::aad(id), body, GenericArray::from_slice(tag))
             .map_err(|_| OpenError::Tag)?;
         Ok(HEADER_LEN..end)
+    }
+
+    /// Seals `buf` in place under a fresh random nonce, authenticating `aad` with it; for
+    /// the other sealed formats (staging files, state records), which lay out nonce and tag
+    /// themselves.
+    pub(crate) fn seal_parts(
+        &self,
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<([u8; NONCE_LEN], [u8; TAG_LEN]), CacheError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(GenericArray::from_slice(&nonce), aad, buf)
+            .map_err(|_| CacheError::TooLarge { len: buf.len() })?;
+        Ok((nonce, tag.into()))
+    }
+
+    /// Opens what [`Sealer::seal_parts`] sealed, in place.
+    pub(crate) fn open_parts(&self, aad: &[u8], nonce: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<(), OpenError> {
+        if nonce.len() != NONCE_LEN || tag.len() != TAG_LEN {
+            return Err(OpenError::Short);
+        }
+        self.cipher
+            .decrypt_in_place_detached(GenericArray::from_slice(nonce), aad, buf, GenericArray::from_slice(tag))
+            .map_err(|_| OpenError::Tag)
+    }
+
+    /// A keyed hash naming something on disk (in hex) without revealing what: `domain`
+    /// keeps the names of different kinds of files apart.
+    pub(crate) fn hidden_name(&self, domain: &str, what: &[u8]) -> String {
+        let mut h = blake3::Hasher::new_keyed(&self.name_key);
+        h.update(&(domain.len() as u64).to_le_bytes());
+        h.update(domain.as_bytes());
+        h.update(what);
+        h.finalize().to_hex().to_string()
     }
 
     /// [`Sealer::open_in_place`] that hands back the plaintext.

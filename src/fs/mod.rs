@@ -9,7 +9,6 @@ pub mod types;
 mod upload;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::fs::FileExt;
 use std::path::Path as FsPath;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,17 +19,16 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{GetOptions, GetResult, ObjectMeta, ObjectStoreExt};
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, watch};
 
 pub use blocks::BlockConfig;
 use blocks::{BlockReader, Readahead};
 pub use error::{FsError, FsResult};
-use staging::Staging;
+use staging::{BlockWriter, Staging};
 pub use types::{Attr, DirEntry, Inode, Kind, Op, ROOT_INO, Remote, SetAttr};
 use types::{now_ns, to_ns};
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, CacheKey, SealedFile, Sealer};
 use crate::layout::{self, PosixAttrs};
 use crate::state::{Batch, StateDb};
 use crate::store::Store;
@@ -56,6 +54,9 @@ pub struct FsConfig {
     pub blocks: BlockConfig,
     /// Sealed blocks on local disk, kept across mounts; none keeps blocks in memory only.
     pub disk_cache: Option<Arc<BlockCache>>,
+    /// Seals staged contents and journal records; none loads (or generates) the state
+    /// dir's key.
+    pub key: Option<CacheKey>,
 }
 
 impl Default for FsConfig {
@@ -70,6 +71,7 @@ impl Default for FsConfig {
             max_name_len: 255,
             blocks: BlockConfig::default(),
             disk_cache: None,
+            key: None,
         }
     }
 }
@@ -468,7 +470,12 @@ impl Fs {
     ) -> FsResult<Arc<Self>> {
         std::fs::create_dir_all(state_dir)?;
         let db = StateDb::open(&state_dir.join("state.redb"))?;
-        let staging = Staging::new(cache_dir)?;
+        let key = match &cfg.key {
+            Some(k) => k.clone(),
+            None => CacheKey::load(state_dir, None).map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?.0,
+        };
+        let sealer = Arc::new(Sealer::new(&key));
+        let staging = Staging::new(cache_dir, Arc::clone(&sealer))?;
         let loaded = db.load::<Inode, Op>()?;
         let meta: HashMap<String, u64> = loaded.meta.into_iter().collect();
         let mut inner = Inner {
@@ -502,17 +509,46 @@ impl Fs {
                 inner.insert(n);
             }
         }
-        // Inodes whose staging file vanished (cache wiped) fall back to the remote copy.
-        let lost: Vec<u64> =
-            inner.inodes.values().filter(|n| n.staged && !staging.exists(n.ino)).map(|n| n.ino).collect();
-        for ino in lost {
-            if let Some(n) = inner.inodes.get_mut(&ino) {
-                tracing::error!(ino, name = %n.name, "staged content is missing from the cache dir; using the bucket's copy");
-                n.staged = false;
-                n.dirty = false;
-                n.size = n.remote.as_ref().map_or(0, |r| r.size);
-                batch.inode(ino, n)?;
+        // Inodes whose staging file vanished (cache wiped) or no longer opens (another key,
+        // damage) fall back to the remote copy, reported in one line.
+        let mut lost: Vec<(u64, String)> = Vec::new();
+        let mut keep = HashSet::new();
+        for n in inner.inodes.values().filter(|n| n.staged) {
+            match staging.file(n.ino) {
+                Ok(_) => {
+                    keep.insert(n.ino);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => lost.push((n.ino, "missing".into())),
+                Err(e) => lost.push((n.ino, e.to_string())),
             }
+        }
+        if !lost.is_empty() {
+            let mut names: Vec<String> = Vec::new();
+            for (ino, why) in &lost {
+                if let Some(n) = inner.inodes.get_mut(ino) {
+                    if names.len() < 5 {
+                        names.push(format!("{} ({why})", n.name));
+                    }
+                    n.staged = false;
+                    n.dirty = false;
+                    n.size = n.remote.as_ref().map_or(0, |r| r.size);
+                    batch.inode(*ino, n)?;
+                }
+            }
+            let more = if lost.len() > names.len() {
+                format!(" and {} more", lost.len() - names.len())
+            } else {
+                String::new()
+            };
+            tracing::error!(
+                "{} file(s) with changes not yet uploaded cannot be opened in the cache dir's staging folder, so those changes are lost and the files show the bucket's copy: {}{more}",
+                lost.len(),
+                names.join(", ")
+            );
+        }
+        let stray = staging.remove_others(&keep);
+        if stray > 0 {
+            tracing::info!(stray, "removed staging files that no file of this mount refers to");
         }
         // Replayed changes wait the upload delay like new ones (a flush overrides it).
         let ready = Instant::now() + cfg.upload_delay;
@@ -1522,7 +1558,7 @@ impl Fs {
     }
 
     /// Replaces the staging file with an empty one (truncate to zero needs no download).
-    fn restage_empty(&self, ino: u64) -> FsResult<Arc<std::fs::File>> {
+    fn restage_empty(&self, ino: u64) -> FsResult<Arc<SealedFile>> {
         let mut inner = lock(&self.inner);
         let n = inner.get_mut(ino)?;
         if n.staged {
@@ -1534,7 +1570,7 @@ impl Fs {
     }
 
     /// Makes sure the file's content is in staging, downloading the remote copy once.
-    async fn ensure_staged(&self, ino: u64) -> FsResult<Arc<std::fs::File>> {
+    async fn ensure_staged(&self, ino: u64) -> FsResult<Arc<SealedFile>> {
         if lock(&self.inner).get(ino)?.staged {
             return Ok(self.staging.file(ino)?);
         }
@@ -1548,24 +1584,23 @@ impl Fs {
             n.remote.clone()
         };
         let (tmp, file) = self.staging.temp(&format!("fill-{ino}"))?;
-        let mut file = tokio::fs::File::from_std(file);
         if let Some(r) = &remote
             && r.size > 0
         {
             let opts = GetOptions { if_match: r.etag.clone(), ..Default::default() };
             let res = self.store.get_opts(&obj_path(&r.key)?, opts).await.map_err(stale)?;
+            let mut out = BlockWriter::new(&file);
             let mut stream = res.into_stream();
             while let Some(chunk) = stream.next().await {
-                file.write_all(&chunk.map_err(stale)?).await?;
+                out.write(&chunk.map_err(stale)?)?;
             }
-            file.flush().await?;
+            out.finish()?;
         }
-        drop(file);
         let mut inner = lock(&self.inner);
         let n = inner.get_mut(ino)?;
-        self.staging.install(ino, &tmp)?;
+        let f = self.staging.install(ino, &tmp, file)?;
         n.staged = true;
-        Ok(self.staging.file(ino)?)
+        Ok(f)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {

@@ -1,70 +1,76 @@
-//! Local staging of file contents: one file per inode under the cache dir, written in place
-//! by the mount and snapshotted for uploads. It knows files and bytes, not the bucket.
+//! Local staging of file contents: one sealed file per inode under `CACHE_DIR/staging`, named
+//! by a keyed hash, written in place by the mount and snapshotted for uploads. It knows
+//! files and bytes, not the bucket.
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::cache::{STAGE_BLOCK, SealedFile, Sealer};
+
+/// What an upload snapshot holds: the plaintext in memory (small files) or a sealed copy.
+pub enum Snapshot {
+    Bytes(Bytes),
+    File { path: PathBuf, file: Arc<SealedFile> },
+}
 
 #[derive(Debug)]
 pub struct Staging {
     dir: PathBuf,
     tmp: PathBuf,
-    open: Mutex<HashMap<u64, Arc<File>>>,
+    sealer: Arc<Sealer>,
+    open: Mutex<HashMap<u64, Arc<SealedFile>>>,
 }
 
 impl Staging {
-    pub fn new(root: &Path) -> std::io::Result<Self> {
+    pub fn new(root: &Path, sealer: Arc<Sealer>) -> std::io::Result<Self> {
         let dir = root.join("staging");
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&dir)?;
         // Snapshots from a previous run are never needed again: the journal re-snapshots.
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        Ok(Self { dir, tmp, open: Mutex::new(HashMap::new()) })
+        Ok(Self { dir, tmp, sealer, open: Mutex::new(HashMap::new()) })
     }
 
     fn path(&self, ino: u64) -> PathBuf {
-        self.dir.join(ino.to_string())
+        self.dir.join(self.sealer.hidden_name("staging", &ino.to_le_bytes()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<File>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SealedFile>>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The staging file of `ino`, opened read-write.
-    pub fn file(&self, ino: u64) -> std::io::Result<Arc<File>> {
+    pub fn file(&self, ino: u64) -> std::io::Result<Arc<SealedFile>> {
         if let Some(f) = self.lock().get(&ino) {
             return Ok(Arc::clone(f));
         }
-        let f = Arc::new(OpenOptions::new().read(true).write(true).open(self.path(ino))?);
-        self.lock().insert(ino, Arc::clone(&f));
-        Ok(f)
+        let f = Arc::new(SealedFile::open(&self.path(ino), Arc::clone(&self.sealer))?);
+        Ok(Arc::clone(self.lock().entry(ino).or_insert(f)))
     }
 
-    pub fn create_empty(&self, ino: u64) -> std::io::Result<Arc<File>> {
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(self.path(ino))?;
-        let f = Arc::new(f);
+    pub fn create_empty(&self, ino: u64) -> std::io::Result<Arc<SealedFile>> {
+        let f = Arc::new(SealedFile::create(&self.path(ino), Arc::clone(&self.sealer))?);
         self.lock().insert(ino, Arc::clone(&f));
         Ok(f)
     }
 
     /// A temp file to fill; `install` moves it into place as the staging file of `ino`.
-    pub fn temp(&self, name: &str) -> std::io::Result<(PathBuf, File)> {
-        let p = self.tmp.join(name);
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p)?;
+    pub fn temp(&self, name: &str) -> std::io::Result<(PathBuf, SealedFile)> {
+        let p = self.tmp.join(self.sealer.hidden_name("tmp", name.as_bytes()));
+        let f = SealedFile::create(&p, Arc::clone(&self.sealer))?;
         Ok((p, f))
     }
 
-    pub fn install(&self, ino: u64, tmp: &Path) -> std::io::Result<()> {
+    pub fn install(&self, ino: u64, tmp: &Path, file: SealedFile) -> std::io::Result<Arc<SealedFile>> {
         std::fs::rename(tmp, self.path(ino))?;
-        self.lock().remove(&ino);
-        Ok(())
-    }
-
-    pub fn exists(&self, ino: u64) -> bool {
-        self.path(ino).exists()
+        let f = Arc::new(file);
+        self.lock().insert(ino, Arc::clone(&f));
+        Ok(f)
     }
 
     pub fn remove(&self, ino: u64) {
@@ -72,35 +78,41 @@ impl Staging {
         let _ = std::fs::remove_file(self.path(ino));
     }
 
-    /// Copies the staging file to a snapshot for upload, hashing it on the way.
-    pub fn snapshot(&self, ino: u64, name: &str) -> std::io::Result<(PathBuf, u64, String)> {
-        self.snapshot_job(ino, name)()
+    /// Removes staging files that belong to none of `keep` (left by a deleted state dir
+    /// or an interrupted cleanup); returns how many.
+    pub fn remove_others(&self, keep: &HashSet<u64>) -> usize {
+        let wanted: HashSet<std::ffi::OsString> =
+            keep.iter().filter_map(|&ino| self.path(ino).file_name().map(|n| n.to_owned())).collect();
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return 0 };
+        let mut removed = 0;
+        for e in rd.flatten() {
+            if !wanted.contains(&e.file_name()) && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 
-    /// The same copy as a job that can run on a blocking thread.
+    /// The same copy as a job that can run on a blocking thread: up to `in_memory` bytes
+    /// come back as plaintext, larger files as a sealed copy in the temp folder.
     pub fn snapshot_job(
         &self,
         ino: u64,
         name: &str,
-    ) -> impl FnOnce() -> std::io::Result<(PathBuf, u64, String)> + Send + 'static {
-        let src = self.path(ino);
-        let dst = self.tmp.join(name);
+        in_memory: u64,
+    ) -> impl FnOnce() -> std::io::Result<(Snapshot, u64, String)> + Send + 'static {
+        let src = self.file(ino);
+        let dst = self.tmp.join(self.sealer.hidden_name("tmp", name.as_bytes()));
         move || {
-            let mut src = File::open(src)?;
-            let mut out = OpenOptions::new().write(true).create(true).truncate(true).open(&dst)?;
-            let mut hasher = blake3::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut total = 0u64;
-            loop {
-                let n = src.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n])?;
-                total += n as u64;
+            let src = src?;
+            if src.len() <= in_memory {
+                let data = src.read_all()?;
+                let hash = blake3::hash(&data).to_hex().to_string();
+                let len = data.len() as u64;
+                return Ok((Snapshot::Bytes(data.into()), len, hash));
             }
-            Ok((dst, total, hasher.finalize().to_hex().to_string()))
+            let (file, len, hash) = src.copy_to(&dst)?;
+            Ok((Snapshot::File { path: dst, file: Arc::new(file) }, len, hash))
         }
     }
 
@@ -114,5 +126,48 @@ impl Staging {
         std::fs::read_dir(&self.dir)
             .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
             .unwrap_or(0)
+    }
+}
+
+/// Collects a stream's chunks into whole sealed blocks, so a network chunk of a few KiB
+/// does not rewrite a block each time.
+pub struct BlockWriter<'a> {
+    file: &'a SealedFile,
+    buf: Vec<u8>,
+    offset: u64,
+    hasher: blake3::Hasher,
+}
+
+impl<'a> BlockWriter<'a> {
+    const CHUNK: usize = 16 * STAGE_BLOCK as usize;
+
+    pub fn new(file: &'a SealedFile) -> Self {
+        BlockWriter { file, buf: Vec::with_capacity(Self::CHUNK), offset: 0, hasher: blake3::Hasher::new() }
+    }
+
+    pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(data);
+        while !data.is_empty() {
+            let n = (Self::CHUNK - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == Self::CHUNK {
+                self.spill()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn spill(&mut self) -> std::io::Result<()> {
+        self.file.write_all_at(&self.buf, self.offset)?;
+        self.offset += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes what is left; returns the length and the blake3 hash (hex) of all of it.
+    pub fn finish(mut self) -> std::io::Result<(u64, String)> {
+        self.spill()?;
+        Ok((self.offset, self.hasher.finalize().to_hex().to_string()))
     }
 }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::staging::{BlockWriter, Snapshot};
 use futures::StreamExt;
 use object_store::{
     GetOptions, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
 };
-use tokio::io::AsyncReadExt;
 
 use super::*;
 
@@ -39,8 +39,17 @@ impl From<std::io::Error> for PutError {
 
 /// Where the bytes of an upload come from.
 enum Content {
-    File { path: std::path::PathBuf, size: u64, hash: String },
-    Bytes { data: Bytes, hash: String },
+    /// A sealed snapshot in the cache dir's temp folder, removed with this value.
+    File {
+        path: std::path::PathBuf,
+        file: Arc<SealedFile>,
+        size: u64,
+        hash: String,
+    },
+    Bytes {
+        data: Bytes,
+        hash: String,
+    },
 }
 
 impl Content {
@@ -53,6 +62,15 @@ impl Content {
         match self {
             Content::File { size, .. } => *size,
             Content::Bytes { data, .. } => data.len() as u64,
+        }
+    }
+}
+
+impl Content {
+    fn of(snap: Snapshot, size: u64, hash: String) -> Content {
+        match snap {
+            Snapshot::Bytes(data) => Content::Bytes { data, hash },
+            Snapshot::File { path, file } => Content::File { path, file, size, hash },
         }
     }
 }
@@ -339,17 +357,16 @@ impl Fs {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
-            let copied = tokio::task::spawn_blocking(self.staging.snapshot_job(ino, &name))
-                .await
-                .map_err(|e| FsError::Io(std::io::Error::other(e)))?;
-            let (path, size, hash) = match copied {
+            let job = self.staging.snapshot_job(ino, &name, self.cfg.multipart_threshold);
+            let copied = tokio::task::spawn_blocking(job).await.map_err(|e| FsError::Io(std::io::Error::other(e)))?;
+            let (snap, size, hash) = match copied {
                 Ok(c) => c,
                 Err(_) if state(self).is_none() => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
             // No write started or was under way while we copied: the copy is one state.
             if state(self) == Some(before) {
-                return Ok(Some((Content::File { path, size, hash }, before.0)));
+                return Ok(Some((Content::of(snap, size, hash), before.0)));
             }
         }
         // Still busy: copy under the lock once no write is in its pwrite (a new one cannot
@@ -360,8 +377,8 @@ impl Fs {
                 let Some(n) = inner.inodes.get(&ino) else { return Ok(None) };
                 if n.writing == 0 {
                     let generation = n.generation;
-                    let (path, size, hash) = self.staging.snapshot(ino, &name)?;
-                    return Ok(Some((Content::File { path, size, hash }, generation)));
+                    let (snap, size, hash) = self.staging.snapshot_job(ino, &name, self.cfg.multipart_threshold)()?;
+                    return Ok(Some((Content::of(snap, size, hash), generation)));
                 }
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -417,19 +434,22 @@ impl Fs {
     async fn download_snapshot(&self, seq: u64, src: &Remote) -> FsResult<Content> {
         let opts = GetOptions { if_match: src.etag.clone(), ..Default::default() };
         let res = self.store.get_opts(&obj_path(&src.key)?, opts).await.map_err(stale)?;
-        let (path, file) = self.staging.temp(&format!("up-{seq}"))?;
-        let mut file = tokio::fs::File::from_std(file);
-        let mut hasher = blake3::Hasher::new();
-        let mut size = 0u64;
         let mut stream = res.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            hasher.update(&chunk);
-            size += chunk.len() as u64;
-            file.write_all(&chunk).await?;
+        if src.size <= self.cfg.multipart_threshold {
+            let mut data = Vec::with_capacity(src.size as usize);
+            while let Some(chunk) = stream.next().await {
+                data.extend_from_slice(&chunk?);
+            }
+            let hash = blake3::hash(&data).to_hex().to_string();
+            return Ok(Content::Bytes { data: data.into(), hash });
         }
-        file.flush().await?;
-        Ok(Content::File { path, size, hash: hasher.finalize().to_hex().to_string() })
+        let (path, file) = self.staging.temp(&format!("up-{seq}"))?;
+        let mut out = BlockWriter::new(&file);
+        while let Some(chunk) = stream.next().await {
+            out.write(&chunk?)?;
+        }
+        let (size, hash) = out.finish()?;
+        Ok(Content::File { path, file: Arc::new(file), size, hash })
     }
 
     /// A rename of an unchanged file: server-side copy, then delete of the old key.
@@ -582,25 +602,43 @@ impl Fs {
             PutMode::Overwrite
         };
         let res = if multipart {
-            let Content::File { path: file, .. } = content else { unreachable!("multipart content is a file") };
             let opts = PutMultipartOptions { attributes, ..Default::default() };
             let upload = self.store.put_multipart_opts(&path, opts).await?;
             let mut writer = WriteMultipart::new_with_chunk_size(upload, 16 << 20);
-            let mut f = tokio::fs::File::open(file).await?;
-            let mut buf = vec![0u8; 8 << 20];
-            loop {
-                let n = f.read(&mut buf).await?;
-                if n == 0 {
-                    break;
+            match content {
+                Content::Bytes { data, .. } => writer.put(data.clone()),
+                Content::File { file, .. } => {
+                    let mut offset = 0u64;
+                    loop {
+                        let f = Arc::clone(file);
+                        let chunk = tokio::task::spawn_blocking(move || {
+                            let mut buf = vec![0u8; 8 << 20];
+                            let n = f.read_at(&mut buf, offset)?;
+                            buf.truncate(n);
+                            Ok::<_, std::io::Error>(buf)
+                        })
+                        .await
+                        .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
+                        if chunk.is_empty() {
+                            break;
+                        }
+                        offset += chunk.len() as u64;
+                        writer.wait_for_capacity(4).await?;
+                        writer.put(chunk.into());
+                    }
                 }
-                writer.wait_for_capacity(4).await?;
-                writer.write(&buf[..n]);
             }
             writer.finish().await
         } else {
             let payload = match content {
                 Content::Bytes { data, .. } => PutPayload::from_bytes(data.clone()),
-                Content::File { path: file, .. } => PutPayload::from_bytes(Bytes::from(tokio::fs::read(file).await?)),
+                Content::File { file, .. } => {
+                    let f = Arc::clone(file);
+                    let data = tokio::task::spawn_blocking(move || f.read_all())
+                        .await
+                        .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
+                    PutPayload::from_bytes(Bytes::from(data))
+                }
             };
             let opts = PutOptions { mode, attributes, ..Default::default() };
             self.store.put_opts(&path, payload, opts).await
