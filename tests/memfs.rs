@@ -370,6 +370,89 @@ async fn journal_replays_after_restart() {
     assert!(sw.refused() > 0);
 }
 
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// With another key, neither the journal nor the staged contents open: they are set aside
+/// (not deleted), reported in one line, and the mount starts afresh from the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_key_sets_the_state_aside_and_starts_afresh() {
+    let key = |b| Some(autosync::cache::CacheKey::from_bytes([b; 32]));
+    let cfg = FsConfig { key: key(1), ..cfg_with_delay(Duration::from_secs(3600)) };
+    let mut h = Harness::with_config(Arc::new(InMemory::new()), Caps { create: true, update: true }, cfg).await;
+    h.write("kept", b"uploaded").await.unwrap();
+    h.flush().await;
+    h.write("pending", b"never uploaded").await.unwrap();
+    h.cfg.key = key(2);
+    h.restart().await;
+    let err = h.fs().status().last_error.expect("the lost changes are reported");
+    assert!(err.contains("another key") && err.contains("1 change(s)"), "{err}");
+    assert!(!err.contains('\n'), "not one line: {err}");
+    assert_eq!(h.read("kept").await.unwrap(), b"uploaded");
+    assert!(matches!(h.resolve("pending").await, Err(FsError::NotFound)));
+    assert_eq!(h.fs().status().pending_ops, 0);
+    // Set aside, not deleted: the old database and the staged file are still there.
+    let aside = |root: &str| {
+        let root = h.dir.path().join(root);
+        let found: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("unreadable-"))
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(found.len(), 1, "no unreadable-* folder in {}", root.display());
+        files_under(&found[0])
+    };
+    assert!(aside("state").iter().any(|p| p.ends_with("state.redb")));
+    assert!(!aside("cache").is_empty(), "the staged file was not set aside");
+    // The new state works.
+    h.write("new", b"after").await.unwrap();
+    h.flush().await;
+    assert_eq!(h.bucket().await.get("new").map(|v| v.as_slice()), Some(&b"after"[..]));
+}
+
+/// A staged file that no longer opens falls back to the bucket's copy, reported in one
+/// line; the other files are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_staged_file_falls_back_to_the_bucket() {
+    let mut h = Harness::with_config(
+        Arc::new(InMemory::new()),
+        Caps { create: true, update: true },
+        cfg_with_delay(Duration::from_secs(3600)),
+    )
+    .await;
+    h.write("a", b"first").await.unwrap();
+    h.flush().await;
+    h.write("a", b"second, staged").await.unwrap();
+    h.restart().await;
+    assert_eq!(h.read("a").await.unwrap(), b"second, staged");
+    // Damage the length records of every staged file.
+    let staged = files_under(&h.dir.path().join("cache/staging"));
+    assert!(!staged.is_empty());
+    for p in &staged {
+        let mut b = std::fs::read(p).unwrap();
+        for x in &mut b[64..200] {
+            *x ^= 0x55;
+        }
+        std::fs::write(p, b).unwrap();
+    }
+    h.restart().await;
+    let err = h.fs().status().last_error.expect("the damaged file is reported");
+    assert!(err.contains("cannot be opened") && err.contains("a ("), "{err}");
+    assert_eq!(h.read("a").await.unwrap(), b"first");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inode_numbers_are_stable_across_restarts() {
     let mut h = Harness::memory().await;

@@ -774,6 +774,65 @@ fn block_cache_survives_remount_and_refetches_tampered_blocks() {
     m.unmount();
 }
 
+/// Every file under `root` (names and contents) is free of the marker and of `names`.
+fn assert_nothing_readable(root: &Path, names: &[&str]) -> usize {
+    let mut files = 0;
+    for rel in walk(root) {
+        let p = root.join(&rel);
+        for n in names {
+            assert!(!rel.to_string_lossy().contains(n), "{} reveals the name {n}", p.display());
+        }
+        if p.is_file() {
+            files += 1;
+            let bytes = fs::read(&p).unwrap();
+            assert!(!contains(&bytes, b"KNOWN-PLAINTEXT"), "{} holds plaintext", p.display());
+            for n in names {
+                assert!(!contains(&bytes, n.as_bytes()), "{} holds the name {n}", p.display());
+            }
+        }
+    }
+    files
+}
+
+/// Staged (not yet uploaded or kept as the local copy) contents, the journal and the inode
+/// table are sealed too: neither the cache dir nor the state dir shows names or plaintext.
+#[test]
+fn no_plaintext_or_names_under_the_cache_and_state_dirs() {
+    let fx = Fixture::new("sealed", Backend::Local);
+    let m = fx.mount();
+    let names = ["secret-folder-qz", "secret-report-qz.txt", "secret-big-qz.bin", "secret-renamed-qz.txt"];
+    let dir = fx.m(names[0]);
+    fs::create_dir(&dir).unwrap();
+    let small = marked_content(10_000, 3);
+    let big = marked_content(3 << 20, 4);
+    write_file(&dir.join(names[1]), &small);
+    write_file(&fx.m(names[2]), &big);
+    // A random write into the middle rewrites a sealed block in place.
+    {
+        let f = fs::OpenOptions::new().write(true).open(fx.m(names[2])).unwrap();
+        f.write_all_at(b"KNOWN-PLAINTEXT-in-place", 1_000_000).unwrap();
+        f.sync_all().unwrap();
+    }
+    fs::rename(dir.join(names[1]), dir.join(names[3])).unwrap();
+    let staged = walk(&fx.cache.join("staging")).len();
+    assert!(staged >= 2, "the written files are not in staging ({staged} files): this test would check nothing");
+    assert!(assert_nothing_readable(&fx.state, &names) >= 2, "the state dir holds no files");
+    assert_nothing_readable(&fx.cache, &names);
+    m.flush();
+    m.unmount();
+    // Read through the block cache after a remount from a fresh state: blocks on disk.
+    let m = fx.mount_with(&fx.root.join("state2"), &fx.cache, UPLOAD_DELAY);
+    let mut want = big.clone();
+    want[1_000_000..1_000_024].copy_from_slice(b"KNOWN-PLAINTEXT-in-place");
+    assert!(read(&fx.m(names[2])) == want, "the big file differs after a remount");
+    assert_eq!(read(&dir.join(names[3])), small);
+    wait_for("blocks on disk", Duration::from_secs(10), || (!fx.block_files().is_empty()).then_some(()));
+    m.unmount();
+    assert_nothing_readable(&fx.cache, &names);
+    assert_nothing_readable(&fx.root.join("state2"), &names);
+    assert_nothing_readable(&fx.state, &names);
+}
+
 #[test]
 fn remount_right_after_unmount() {
     let fx = Fixture::new("remount", Backend::Local);

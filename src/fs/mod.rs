@@ -30,7 +30,7 @@ use types::{now_ns, to_ns};
 
 use crate::cache::{BlockCache, CacheKey, SealedFile, Sealer};
 use crate::layout::{self, PosixAttrs};
-use crate::state::{Batch, StateDb};
+use crate::state::{Batch, StateDb, StateError};
 use crate::store::Store;
 
 /// Files above this size go up as multipart uploads.
@@ -74,6 +74,31 @@ impl Default for FsConfig {
             key: None,
         }
     }
+}
+
+/// The state database and staged contents of another key cannot be opened: they move to
+/// `unreadable-STAMP` folders (state dir and cache dir) and the mount starts afresh from the
+/// bucket, reported in one line. Nothing is deleted: with the old key they can be put back.
+fn set_aside_unreadable(state_dir: &FsPath, cache_dir: &FsPath, pending: u64) -> FsResult<String> {
+    let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
+    let state_aside = state_dir.join(format!("unreadable-{stamp}"));
+    std::fs::create_dir_all(&state_aside)?;
+    std::fs::rename(state_dir.join("state.redb"), state_aside.join("state.redb"))?;
+    let staging = cache_dir.join("staging");
+    let cache_aside = cache_dir.join(format!("unreadable-{stamp}"));
+    let staged = if staging.exists() {
+        std::fs::create_dir_all(&cache_aside)?;
+        std::fs::rename(&staging, cache_aside.join("staging"))?;
+        format!(" and its staged contents to {}", cache_aside.display())
+    } else {
+        String::new()
+    };
+    let msg = format!(
+        "the mount state was sealed with another key (the key file changed or was lost): {pending} change(s) not yet uploaded cannot be opened and are not in the bucket; the state moved to {}{staged}, and the mount starts afresh from the bucket (to upload them, put those files back and mount with the old --key-file)",
+        state_aside.display()
+    );
+    tracing::error!("{msg}");
+    Ok(msg)
 }
 
 pub fn hostname() -> String {
@@ -469,15 +494,27 @@ impl Fs {
         caps: Caps,
     ) -> FsResult<Arc<Self>> {
         std::fs::create_dir_all(state_dir)?;
-        let db = StateDb::open(&state_dir.join("state.redb"))?;
         let key = match &cfg.key {
             Some(k) => k.clone(),
             None => CacheKey::load(state_dir, None).map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?.0,
         };
+        let db_path = state_dir.join("state.redb");
+        // What went wrong at startup, for `status` as well as the log.
+        let mut startup_error = None;
+        let db = match StateDb::open(&db_path, &key) {
+            Err(StateError::OtherKey { pending }) => {
+                startup_error = Some(set_aside_unreadable(state_dir, cache_dir, pending)?);
+                StateDb::open(&db_path, &key)?
+            }
+            other => other?,
+        };
         let sealer = Arc::new(Sealer::new(&key));
-        let staging = Staging::new(cache_dir, Arc::clone(&sealer))?;
         let loaded = db.load::<Inode, Op>()?;
         let meta: HashMap<String, u64> = loaded.meta.into_iter().collect();
+        // Staged files live in a folder of this state dir's own, so two state dirs sharing
+        // a cache dir never mix their inodes.
+        let state_id = meta.get("state_id").copied().unwrap_or_else(rand::random);
+        let staging = Staging::new(cache_dir, Arc::clone(&sealer), state_id)?;
         let mut inner = Inner {
             inodes: HashMap::new(),
             children: HashMap::new(),
@@ -494,6 +531,7 @@ impl Fs {
             last_open: HashMap::new(),
         };
         let mut batch = Batch::default();
+        batch.meta.push(("state_id", state_id));
         let mut nodes = loaded.inodes;
         if !nodes.iter().any(|n: &Inode| n.ino == ROOT_INO) {
             let mut root = Inode::new(ROOT_INO, ROOT_INO, String::new(), Kind::Dir, 0o755, cfg.uid, cfg.gid);
@@ -540,11 +578,13 @@ impl Fs {
             } else {
                 String::new()
             };
-            tracing::error!(
+            let msg = format!(
                 "{} file(s) with changes not yet uploaded cannot be opened in the cache dir's staging folder, so those changes are lost and the files show the bucket's copy: {}{more}",
                 lost.len(),
                 names.join(", ")
             );
+            tracing::error!("{msg}");
+            startup_error = Some(msg);
         }
         let stray = staging.remove_others(&keep);
         if stray > 0 {
@@ -574,7 +614,7 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             fill_lock: tokio::sync::Mutex::new(()),
-            counters: Mutex::new(Counters::default()),
+            counters: Mutex::new(Counters { last_error: startup_error, ..Counters::default() }),
             wake: Notify::new(),
             upload_done: Notify::new(),
             flush_kick: Notify::new(),

@@ -1,6 +1,6 @@
-//! Local staging of file contents: one sealed file per inode under `CACHE_DIR/staging`, named
-//! by a keyed hash, written in place by the mount and snapshotted for uploads. It knows
-//! files and bytes, not the bucket.
+//! Local staging of file contents: one sealed file per inode under `CACHE_DIR/staging/STATE/`
+//! (both names keyed hashes), written in place by the mount and snapshotted for uploads. It
+//! knows files and bytes, not the bucket.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -26,8 +26,9 @@ pub struct Staging {
 }
 
 impl Staging {
-    pub fn new(root: &Path, sealer: Arc<Sealer>) -> std::io::Result<Self> {
-        let dir = root.join("staging");
+    /// The staging folder of the state dir `state_id` under the cache dir `root`.
+    pub fn new(root: &Path, sealer: Arc<Sealer>, state_id: u64) -> std::io::Result<Self> {
+        let dir = root.join("staging").join(sealer.hidden_name("state", &state_id.to_le_bytes()));
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&dir)?;
         // Snapshots from a previous run are never needed again: the journal re-snapshots.
@@ -78,8 +79,8 @@ impl Staging {
         let _ = std::fs::remove_file(self.path(ino));
     }
 
-    /// Removes staging files that belong to none of `keep` (left by a deleted state dir
-    /// or an interrupted cleanup); returns how many.
+    /// Removes this state's staging files that belong to none of `keep` (left by an
+    /// interrupted cleanup); returns how many.
     pub fn remove_others(&self, keep: &HashSet<u64>) -> usize {
         let wanted: HashSet<std::ffi::OsString> =
             keep.iter().filter_map(|&ino| self.path(ino).file_name().map(|n| n.to_owned())).collect();

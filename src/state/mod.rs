@@ -1,18 +1,27 @@
 //! The per-mount embedded database (redb): inode table, remote versions and the journal of
-//! changes not yet in the bucket. It stores what it is given in one transaction per batch;
-//! it does not decide what the records mean.
+//! changes not yet in the bucket, each record sealed with AES-256-GCM so the file reveals no
+//! names. It stores what it is given in one transaction per batch; it does not decide what
+//! the records mean.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
+
+use crate::cache::{CacheKey, Sealer};
 
 const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Bumped when the record encoding changes incompatibly.
-pub const FORMAT_VERSION: u64 = 1;
+/// Bumped when the record encoding changes incompatibly. 2: sealed records.
+pub const FORMAT_VERSION: u64 = 2;
+const RECORD_MAGIC: [u8; 4] = *b"ASDB";
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const INODE_TABLE: u8 = b'I';
+const JOURNAL_TABLE: u8 = b'J';
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -22,6 +31,12 @@ pub enum StateError {
     Record(#[from] serde_json::Error),
     #[error("state database has format {found}, this autosync reads {FORMAT_VERSION}: use a new --state-dir")]
     Format { found: u64 },
+    #[error("state database was sealed with another key ({pending} change(s) not yet uploaded in it)")]
+    OtherKey { pending: u64 },
+    #[error(
+        "a state database record failed its integrity check (tampered with, or rotted on disk): use a new --state-dir"
+    )]
+    Sealed,
 }
 
 macro_rules! from_redb {
@@ -77,16 +92,34 @@ pub struct Loaded<I, O> {
 #[derive(Debug)]
 pub struct StateDb {
     db: Database,
+    sealer: Arc<Sealer>,
+}
+
+/// What the database remembers of its key: a public check value, not the key.
+fn key_check(key: &CacheKey) -> u64 {
+    let v = key.check_value();
+    u64::from_le_bytes(v[..8].try_into().unwrap_or_default())
+}
+
+fn aad(table: u8, id: u64) -> [u8; 14] {
+    let mut a = [0u8; 14];
+    a[..4].copy_from_slice(&RECORD_MAGIC);
+    a[4] = FORMAT_VERSION as u8;
+    a[5] = table;
+    a[6..].copy_from_slice(&id.to_le_bytes());
+    a
 }
 
 impl StateDb {
-    pub fn open(path: &Path) -> Result<Self, StateError> {
+    /// Opens (creating) the database sealed with `key`. One written with another key is
+    /// left untouched and reported as [`StateError::OtherKey`].
+    pub fn open(path: &Path, key: &CacheKey) -> Result<Self, StateError> {
         let db = Database::create(path)?;
         let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         {
             tx.open_table(INODES)?;
-            tx.open_table(JOURNAL)?;
+            let journal = tx.open_table(JOURNAL)?;
             let mut meta = tx.open_table(META)?;
             let found = meta.get("format")?.map(|v| v.value());
             match found {
@@ -96,22 +129,53 @@ impl StateDb {
                 Some(FORMAT_VERSION) => {}
                 Some(found) => return Err(StateError::Format { found }),
             }
+            let check = meta.get("key_check")?.map(|v| v.value());
+            match check {
+                None => {
+                    meta.insert("key_check", key_check(key))?;
+                }
+                Some(c) if c == key_check(key) => {}
+                Some(_) => return Err(StateError::OtherKey { pending: journal.len()? }),
+            }
         }
         tx.commit()?;
-        Ok(Self { db })
+        Ok(Self { db, sealer: Arc::new(Sealer::new(key)) })
+    }
+
+    fn seal(&self, table: u8, id: u64, plain: &[u8]) -> Result<Vec<u8>, StateError> {
+        let mut out = vec![0u8; NONCE_LEN + plain.len() + TAG_LEN];
+        out[NONCE_LEN..NONCE_LEN + plain.len()].copy_from_slice(plain);
+        let (nonce, tag) = self
+            .sealer
+            .seal_parts(&aad(table, id), &mut out[NONCE_LEN..NONCE_LEN + plain.len()])
+            .map_err(|_| StateError::Sealed)?;
+        out[..NONCE_LEN].copy_from_slice(&nonce);
+        out[NONCE_LEN + plain.len()..].copy_from_slice(&tag);
+        Ok(out)
+    }
+
+    fn open_record<T: DeserializeOwned>(&self, table: u8, id: u64, sealed: &[u8]) -> Result<T, StateError> {
+        if sealed.len() < NONCE_LEN + TAG_LEN {
+            return Err(StateError::Sealed);
+        }
+        let mut buf = sealed.to_vec();
+        let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
+        let (body, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        self.sealer.open_parts(&aad(table, id), nonce, body, tag).map_err(|_| StateError::Sealed)?;
+        Ok(serde_json::from_slice(body)?)
     }
 
     pub fn load<I: DeserializeOwned, O: DeserializeOwned>(&self) -> Result<Loaded<I, O>, StateError> {
         let tx = self.db.begin_read()?;
         let mut inodes = Vec::new();
         for row in tx.open_table(INODES)?.iter()? {
-            let (_, v) = row?;
-            inodes.push(serde_json::from_slice(v.value())?);
+            let (k, v) = row?;
+            inodes.push(self.open_record(INODE_TABLE, k.value(), v.value())?);
         }
         let mut ops = Vec::new();
         for row in tx.open_table(JOURNAL)?.iter()? {
             let (k, v) = row?;
-            ops.push((k.value(), serde_json::from_slice(v.value())?));
+            ops.push((k.value(), self.open_record(JOURNAL_TABLE, k.value(), v.value())?));
         }
         let mut meta = Vec::new();
         for row in tx.open_table(META)?.iter()? {
@@ -132,14 +196,14 @@ impl StateDb {
                 inodes.remove(ino)?;
             }
             for (ino, v) in &batch.put_inodes {
-                inodes.insert(ino, v.as_slice())?;
+                inodes.insert(ino, self.seal(INODE_TABLE, *ino, v)?.as_slice())?;
             }
             let mut journal = tx.open_table(JOURNAL)?;
             for seq in &batch.del_ops {
                 journal.remove(seq)?;
             }
             for (seq, v) in &batch.put_ops {
-                journal.insert(seq, v.as_slice())?;
+                journal.insert(seq, self.seal(JOURNAL_TABLE, *seq, v)?.as_slice())?;
             }
             let mut meta = tx.open_table(META)?;
             for (k, v) in &batch.meta {
@@ -159,8 +223,9 @@ mod tests {
     fn batches_survive_reopen_and_deletes_apply() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
+        let key = CacheKey::from_bytes([5; 32]);
         {
-            let db = StateDb::open(&path).unwrap();
+            let db = StateDb::open(&path, &key).unwrap();
             let mut b = Batch::default();
             b.inode(2, &"two").unwrap();
             b.inode(3, &"three").unwrap();
@@ -171,10 +236,33 @@ mod tests {
             b.del_inodes.push(3);
             db.commit(&b, true).unwrap();
         }
-        let db = StateDb::open(&path).unwrap();
+        let db = StateDb::open(&path, &key).unwrap();
         let l: Loaded<String, String> = db.load().unwrap();
         assert_eq!(l.inodes, vec!["two".to_string()]);
         assert_eq!(l.ops, vec![(1, "op1".to_string())]);
         assert!(l.meta.contains(&("next_ino".to_string(), 4)));
+    }
+
+    #[test]
+    fn records_are_sealed_and_bound_to_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let key = CacheKey::from_bytes([5; 32]);
+        {
+            let db = StateDb::open(&path, &key).unwrap();
+            let mut b = Batch::default();
+            b.inode(2, &"secret-file-name.txt").unwrap();
+            b.op(7, &"journal-op-for-secret-file-name.txt").unwrap();
+            db.commit(&b, true).unwrap();
+        }
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(11).any(|w| w == b"secret-file"), "a name is in the database file in plaintext");
+        match StateDb::open(&path, &CacheKey::from_bytes([6; 32])) {
+            Err(StateError::OtherKey { pending }) => assert_eq!(pending, 1),
+            other => panic!("opened with another key: {other:?}"),
+        }
+        // Still there for the right key.
+        let l: Loaded<String, String> = StateDb::open(&path, &key).unwrap().load().unwrap();
+        assert_eq!(l.inodes, vec!["secret-file-name.txt".to_string()]);
     }
 }
