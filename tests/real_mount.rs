@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use common::servers::{Backend, Other, Server};
 use common::{
-    BIN, Mount, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, try_run, wait_for,
-    write_file,
+    BIN, Mount, MountSpec, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, try_run,
+    wait_for, write_file,
 };
 
 /// Short re-listing delay so that re-listings happen within the tests' time.
@@ -831,6 +831,62 @@ fn no_plaintext_or_names_under_the_cache_and_state_dirs() {
     assert_nothing_readable(&fx.cache, &names);
     assert_nothing_readable(&fx.root.join("state2"), &names);
     assert_nothing_readable(&fx.state, &names);
+}
+
+/// A first `ls -l` of a big folder asks for every file's attributes. On the local store a
+/// HEAD answer holds the file open: with the answers kept until all had come, 3,000 files
+/// held 3,000 descriptors (100,000 ran out of them and the listing hung).
+#[test]
+fn listing_a_big_folder_holds_few_files_open() {
+    let fx = Fixture::new("nofile", Backend::Local);
+    let root = fx.local_bucket().unwrap().join("big");
+    fs::create_dir_all(&root).unwrap();
+    for i in 0..3000 {
+        fs::write(root.join(format!("f{i:04}")), b"x").unwrap();
+    }
+    let opts = fx.server.mount_opts();
+    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+    let spec = MountSpec {
+        source: fx.source.as_ref(),
+        state: &fx.state,
+        cache: &fx.cache,
+        opts: &opts,
+        upload_delay: UPLOAD_DELAY,
+        metadata_ttl: METADATA_TTL,
+    };
+    let m = Mount::start(&fx.dir, &spec, |cmd| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit { rlim_cur: 4096, rlim_max: 4096 };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    // Watch the daemon's open descriptors while `ls -l` runs.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, pid) = (done.clone(), m.pid);
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        })
+    };
+    let out = run_ok(sh("ls", &[&"-l", &fx.m("big")]));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    assert_eq!(out.stdout.lines().filter(|l| l.contains(" f")).count(), 3000, "ls -l listed the wrong count");
+    assert!(peak < 300, "the daemon held up to {peak} open files while listing");
+    assert_eq!(read(&fx.m("big/f2999")), b"x");
+    m.unmount();
 }
 
 #[test]

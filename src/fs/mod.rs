@@ -76,6 +76,18 @@ impl Default for FsConfig {
     }
 }
 
+/// What a HEAD answered: the object's metadata and attributes, without its body.
+struct Head {
+    meta: ObjectMeta,
+    attributes: object_store::Attributes,
+}
+
+impl From<GetResult> for Head {
+    fn from(r: GetResult) -> Self {
+        Head { meta: r.meta, attributes: r.attributes }
+    }
+}
+
 /// The state database and staged contents of another key cannot be opened: they move to
 /// `unreadable-STAMP` folders (state dir and cache dir) and the mount starts afresh from the
 /// bucket, reported in one line. Nothing is deleted: with the old key they can be put back.
@@ -1008,21 +1020,26 @@ impl Fs {
                 })
                 .collect()
         };
-        let results: Vec<_> = futures::stream::iter(keys)
-            .map(|(ino, key)| async move {
-                let Ok(path) = obj_path(&key) else { return (ino, None) };
-                let opts = GetOptions { head: true, ..Default::default() };
-                (ino, self.store.get_opts(&path, opts).await.ok())
-            })
-            .buffer_unordered(32)
-            .collect()
-            .await;
-        self.apply_heads(results).await;
+        // In chunks, each applied before the next is asked for: a folder of 100,000 new
+        // files holds 1,024 answers at a time, not all of them.
+        for chunk in keys.chunks(1024) {
+            let results: Vec<_> = futures::stream::iter(chunk.iter().cloned())
+                .map(|(ino, key)| async move {
+                    let Ok(path) = obj_path(&key) else { return (ino, None) };
+                    let opts = GetOptions { head: true, ..Default::default() };
+                    // Keep the answer, not its body: on the local store that is an open file.
+                    (ino, self.store.get_opts(&path, opts).await.ok().map(Head::from))
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            self.apply_heads(results).await;
+        }
     }
 
     /// Applies the attributes of HEAD answers (`None`: no object) to their inodes, if the
     /// inodes still hold the version answered for and have no local change.
-    async fn apply_heads(&self, results: Vec<(u64, Option<GetResult>)>) {
+    async fn apply_heads(&self, results: Vec<(u64, Option<Head>)>) {
         let mut symlinks = Vec::new();
         {
             let mut inner = lock(&self.inner);
@@ -1570,7 +1587,7 @@ impl Fs {
             // Only the attributes may have changed (see `refresh_dir`); the content stays,
             // and the attributes come with this same answer.
             if remote.modified.is_some_and(|t| t != meta.last_modified.timestamp()) {
-                self.apply_heads(vec![(ino, Some(head))]).await;
+                self.apply_heads(vec![(ino, Some(Head::from(head)))]).await;
             }
             return;
         }

@@ -17,6 +17,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Bumped when the record encoding changes incompatibly. 2: sealed records.
 pub const FORMAT_VERSION: u64 = 2;
+/// redb's page cache.
+const DB_CACHE_BYTES: usize = 16 << 20;
 const RECORD_MAGIC: [u8; 4] = *b"ASDB";
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -114,7 +116,9 @@ impl StateDb {
     /// Opens (creating) the database sealed with `key`. One written with another key is
     /// left untouched and reported as [`StateError::OtherKey`].
     pub fn open(path: &Path, key: &CacheKey) -> Result<Self, StateError> {
-        let db = Database::create(path)?;
+        // redb caches up to 1 GiB of pages by default; the inode table in memory is what
+        // answers requests, so the database's own cache stays small.
+        let db = Database::builder().set_cache_size(DB_CACHE_BYTES).create(path)?;
         let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         {
