@@ -39,6 +39,10 @@ pub enum Command {
         /// Bytes per block: the unit of ranged reads and of the caches (64K to 64M).
         #[arg(long, value_parser = block_size, default_value = "1M")]
         block_size: u64,
+        /// Folder entries kept in memory beyond those the kernel holds or with changes
+        /// not yet uploaded (about 1 KiB each): least recently used folders go first.
+        #[arg(long, default_value_t = crate::fs::DEFAULT_MAX_INODES)]
+        max_inodes: u64,
         /// The 32-byte key that seals the cache (raw, or 64 hex digits) [default:
         /// $CREDENTIALS_DIRECTORY/autosync.key, else STATE_DIR/cache.key, made on first use].
         #[arg(long)]
@@ -169,6 +173,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             cache_size,
             memory_limit,
             block_size,
+            max_inodes,
             key_file,
             daemon,
             upload_delay,
@@ -186,6 +191,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 cache_size,
                 memory_limit,
                 block_size,
+                max_inodes,
                 key_file,
                 upload_delay: secs(upload_delay, "upload-delay")?,
                 metadata_ttl: secs(metadata_ttl, "metadata-ttl")?,

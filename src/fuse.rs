@@ -305,12 +305,22 @@ impl Filesystem for FuseAdapter {
 
     fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let entries = try_reply!(reply, self.fs.readdir(fh.0, offset).map_err(|e| Errno::from_i32(e.errno())));
+        // The kernel holds every entry it was given, but "." and "..".
+        let mut given = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
             if reply.add(INodeNo(e.ino), offset + i as u64 + 1, &e.name, &TTL, &attr(&e.attr), Generation(0)) {
                 break;
             }
+            if e.name != "." && e.name != ".." {
+                given.push(e.ino);
+            }
         }
+        self.fs.entries_replied(&given);
         reply.ok();
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {

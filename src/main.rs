@@ -11,6 +11,14 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = autosync::cli::Cli::parse();
+    if !matches!(cli.command, autosync::cli::Command::Mount { .. }) {
+        // A command whose output goes to `head` ends quietly when the pipe closes, like
+        // other command-line tools. The daemon keeps ignoring SIGPIPE (sockets, pipes).
+        // SAFETY: restoring a default signal disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Err(e) = autosync::cli::run(cli) {
         eprintln!("autosync: {e:#}");
         std::process::exit(1);

@@ -31,6 +31,7 @@ pub struct MountOptions {
     pub cache_size: Option<u64>,
     pub memory_limit: u64,
     pub block_size: u64,
+    pub max_inodes: u64,
     pub key_file: Option<PathBuf>,
     pub upload_delay: Duration,
     pub metadata_ttl: Duration,
@@ -293,6 +294,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         blocks: BlockConfig { block_size: opts.block_size, memory_limit: opts.memory_limit, ..BlockConfig::default() },
         disk_cache: Some(Arc::new(disk_cache)),
         key: Some(key),
+        max_inodes: opts.max_inodes,
         // The local store writes NAME#N first: that has to fit in 255 bytes too.
         max_name_len: if matches!(source, Source::Local { .. }) { 250 } else { 255 },
         ..FsConfig::default()

@@ -453,6 +453,56 @@ async fn a_damaged_staged_file_falls_back_to_the_bucket() {
     assert_eq!(h.read("a").await.unwrap(), b"first");
 }
 
+/// Listings the kernel has let go of leave memory once they exceed `max_inodes`; what the
+/// kernel holds and what has local changes stays; a folder that left is listed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_listings_leave_memory_within_the_bound() {
+    let cfg = FsConfig { max_inodes: 200, ..cfg_with_delay(Duration::from_secs(3600)) };
+    let mut h = Harness::with_config(Arc::new(InMemory::new()), Caps { create: true, update: true }, cfg).await;
+    h.mkdir("local").await.unwrap();
+    h.write("local/pending", b"not uploaded yet").await.unwrap();
+    for d in ["a", "b", "c"] {
+        for i in 0..150 {
+            h.remote_put(&format!("{d}/f{i:03}"), format!("{d}{i}").as_bytes()).await;
+        }
+    }
+    // The kernel looks every entry up, then (later) forgets them.
+    let mut held = Vec::new();
+    for d in ["a", "b", "c"] {
+        for i in 0..150 {
+            held.push(h.resolve(&format!("{d}/f{i:03}")).await.unwrap());
+        }
+    }
+    let all = h.fs().status().inodes;
+    assert!(all >= 450, "{all} inodes after looking up 450 entries");
+    for ino in held {
+        h.fs().forget(ino, 1);
+    }
+    // Listings stay at least a second after they were taken: wait for that.
+    let mut after = usize::MAX;
+    for _ in 0..200 {
+        h.fs().evict_listings();
+        after = h.fs().status().inodes;
+        if after <= 210 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(after <= 200 + 10, "{after} inodes in memory after the kernel forgot them; the bound is 200");
+    // What left memory left the state database too: a restart loads only what stayed.
+    h.restart().await;
+    let loaded = h.fs().status().inodes;
+    assert!(loaded <= after, "{loaded} inodes after a restart, {after} before");
+    // Whatever left memory is listed again when asked for.
+    for d in ["a", "b", "c"] {
+        assert_eq!(h.read(&format!("{d}/f007")).await.unwrap(), format!("{d}7").as_bytes());
+    }
+    // The local change was never dropped, and still uploads.
+    assert_eq!(h.read("local/pending").await.unwrap(), b"not uploaded yet");
+    h.flush().await;
+    assert_eq!(h.bucket().await.get("local/pending").map(|v| v.as_slice()), Some(&b"not uploaded yet"[..]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inode_numbers_are_stable_across_restarts() {
     let mut h = Harness::memory().await;

@@ -33,6 +33,14 @@ use crate::layout::{self, PosixAttrs};
 use crate::state::{Batch, StateDb, StateError};
 use crate::store::Store;
 
+/// Listing entries kept in memory by default: about 1 KiB each.
+pub const DEFAULT_MAX_INODES: u64 = 100_000;
+/// A listing not used for this long leaves memory (when nothing in it is held).
+const LISTING_IDLE: Duration = Duration::from_secs(600);
+/// A listing stays at least its TTL, and never less than this: a request that just listed
+/// a folder is still using its entries.
+const LISTING_MIN_AGE: Duration = Duration::from_secs(1);
+
 /// Files above this size go up as multipart uploads.
 pub const MULTIPART_THRESHOLD: u64 = 32 << 20;
 
@@ -57,6 +65,9 @@ pub struct FsConfig {
     /// Seals staged contents and journal records; none loads (or generates) the state
     /// dir's key.
     pub key: Option<CacheKey>,
+    /// Entries of folder listings kept in memory (and the state database) beyond what the
+    /// kernel holds and what has local changes: least recently used listings go first.
+    pub max_inodes: u64,
 }
 
 impl Default for FsConfig {
@@ -72,6 +83,7 @@ impl Default for FsConfig {
             blocks: BlockConfig::default(),
             disk_cache: None,
             key: None,
+            max_inodes: DEFAULT_MAX_INODES,
         }
     }
 }
@@ -143,6 +155,9 @@ pub struct Status {
     pub read_only: Option<String>,
     #[serde(default)]
     pub cache: CacheReport,
+    /// Inodes in memory (entries of folder listings, the kernel's, local changes).
+    #[serde(default)]
+    pub inodes: usize,
 }
 
 /// What `autosync cache stats` shows: the disk cache's counters, and reads in memory.
@@ -190,6 +205,9 @@ struct Inner {
     warned: HashSet<String>,
     /// What each file's content was at its last open (see [`Fs::open`]).
     last_open: HashMap<u64, ContentId>,
+    /// Per folder, how many of its entries the kernel holds; absent when unknown (a change
+    /// in the folder forgets it; it is counted again when needed).
+    held: HashMap<u64, u64>,
 }
 
 /// What tells a file's content apart: the bucket's version, and local changes since.
@@ -239,6 +257,13 @@ pub struct Fs {
     flush_kick: Notify,
     /// Flush requests: while non-zero the uploader ignores `upload_delay`.
     urgent: AtomicU64,
+    /// Folder listings in memory, weighed by their entries, bounded by `max_inodes` and
+    /// dropped when idle: what moka evicts lands in `evicted`, and leaves memory there
+    /// if nothing in it is held (see [`Fs::evict_listings`]).
+    listings: moka::sync::Cache<u64, u32>,
+    evicted: Arc<Mutex<HashSet<u64>>>,
+    /// Folders whose last entry held by the kernel was forgotten.
+    recheck: Mutex<HashSet<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -297,6 +322,19 @@ impl Inner {
         Ok(layout::join_key(prefix, &parts.join("/")))
     }
 
+    /// How many entries of `dir` the kernel holds, counted when not known.
+    fn held_in(&mut self, dir: u64) -> u64 {
+        if let Some(&n) = self.held.get(&dir) {
+            return n;
+        }
+        let n = self
+            .children
+            .get(&dir)
+            .map_or(0, |c| c.values().filter(|i| self.inodes.get(i).is_some_and(|n| n.lookups > 0)).count() as u64);
+        self.held.insert(dir, n);
+        n
+    }
+
     /// The inode now at an object key, if any.
     fn ino_at_key(&self, prefix: &str, key: &str) -> Option<u64> {
         let rel = if prefix.is_empty() { key } else { key.strip_prefix(prefix)?.strip_prefix('/')? };
@@ -304,6 +342,7 @@ impl Inner {
     }
 
     fn insert(&mut self, node: Inode) {
+        self.held.remove(&node.parent);
         self.children.entry(node.parent).or_default().insert(node.name.clone(), node.ino);
         if node.kind == Kind::Dir {
             self.children.entry(node.ino).or_default();
@@ -315,6 +354,9 @@ impl Inner {
     }
 
     fn detach(&mut self, ino: u64) {
+        if let Some(n) = self.inodes.get(&ino) {
+            self.held.remove(&n.parent);
+        }
         if let Some(n) = self.inodes.get(&ino)
             && let Some(c) = self.children.get_mut(&n.parent)
             && c.get(&n.name) == Some(&ino)
@@ -327,6 +369,7 @@ impl Inner {
         self.detach(ino);
         self.children.remove(&ino);
         self.last_open.remove(&ino);
+        self.held.remove(&ino);
         let n = self.inodes.remove(&ino)?;
         if let Some(r) = &n.remote
             && self.by_remote_key.get(&r.key) == Some(&ino)
@@ -541,6 +584,7 @@ impl Fs {
             in_flight: HashSet::new(),
             warned: HashSet::new(),
             last_open: HashMap::new(),
+            held: HashMap::new(),
         };
         let mut batch = Batch::default();
         batch.meta.push(("state_id", state_id));
@@ -614,7 +658,24 @@ impl Fs {
             tracing::info!(pending, "replaying journal: changes from an earlier run are still to upload");
         }
         let blocks = BlockReader::new(Arc::clone(&store), cfg.disk_cache.clone(), cfg.blocks);
+        let evicted = Arc::new(Mutex::new(HashSet::new()));
+        let listings = {
+            let evicted = Arc::clone(&evicted);
+            moka::sync::Cache::builder()
+                .max_capacity(cfg.max_inodes)
+                .weigher(|_, w: &u32| *w)
+                .time_to_idle(LISTING_IDLE)
+                .eviction_listener(move |dir: Arc<u64>, _, cause| {
+                    if cause.was_evicted() {
+                        lock(&evicted).insert(*dir);
+                    }
+                })
+                .build()
+        };
         Ok(Arc::new(Fs {
+            listings,
+            evicted,
+            recheck: Mutex::new(HashSet::new()),
             blocks,
             store,
             prefix: prefix.trim_matches('/').to_string(),
@@ -845,6 +906,7 @@ impl Fs {
             self.commit(&inner, batch, false)?;
         }
         self.fetch_attrs(new_files).await;
+        self.note_listing(ino);
         Ok(())
     }
 
@@ -1142,7 +1204,142 @@ impl Fs {
         Ok(n.is_listed_fresh(self.cfg.metadata_ttl))
     }
 
+    /// The kernel's lookup: [`Fs::find`], and the entry counts as held by the kernel until
+    /// it forgets it.
     pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        let a = self.find(parent, name).await?;
+        self.entries_replied(&[a.ino]);
+        Ok(a)
+    }
+
+    /// The kernel holds these entries (replied by `lookup` or `readdirplus`).
+    pub fn entries_replied(&self, inos: &[u64]) {
+        let mut inner = lock(&self.inner);
+        for &ino in inos {
+            let Ok(n) = inner.get_mut(ino) else { continue };
+            n.lookups += 1;
+            let (first, parent) = (n.lookups == 1, n.parent);
+            if first && let Some(h) = inner.held.get_mut(&parent) {
+                *h += 1;
+            }
+        }
+    }
+
+    /// The kernel forgot `n` lookups of `ino`. Once it holds none, the inode may leave
+    /// memory with its folder's listing: the folder becomes a candidate again.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut inner = lock(&self.inner);
+        let Ok(node) = inner.get_mut(ino) else { return };
+        let was = node.lookups;
+        node.lookups = node.lookups.saturating_sub(n);
+        if was == 0 || node.lookups > 0 {
+            return;
+        }
+        let parent = node.parent;
+        let now = match inner.held.get_mut(&parent) {
+            Some(h) => {
+                *h = h.saturating_sub(1);
+                *h
+            }
+            None => 0,
+        };
+        if now == 0 && parent != 0 {
+            drop(inner);
+            lock(&self.recheck).insert(parent);
+        }
+    }
+
+    /// Records (or refreshes) a folder's listing in `listings`, weighed by its entries.
+    fn note_listing(&self, dir: u64) {
+        let weight = lock(&self.inner).children.get(&dir).map_or(0, |c| c.len());
+        self.listings.insert(dir, u32::try_from(weight.max(1)).unwrap_or(u32::MAX));
+    }
+
+    /// Drops from memory (and the state database) the entries of the folders that moka
+    /// evicted, where nothing is held: no entry the kernel holds, no local change, no
+    /// open handle, no listing still in memory below it, and the listing older than the TTL.
+    /// A folder too young or open is tried again later; one with entries still held
+    /// stays as it is until its next listing, or until the kernel forgets one of them.
+    /// Runs at the start of lookups, opendir and forgets, never between a listing and
+    /// its use.
+    pub fn evict_listings(&self) {
+        // Folders whose last held entry was forgotten: back into the LRU, where the bound
+        // may push them (or others) out.
+        let recheck = std::mem::take(&mut *lock(&self.recheck));
+        for dir in recheck {
+            if self.listings.get(&dir).is_none() {
+                self.note_listing(dir);
+            }
+        }
+        self.listings.run_pending_tasks();
+        let dirs = std::mem::take(&mut *lock(&self.evicted));
+        if dirs.is_empty() {
+            return;
+        }
+        let mut later = Vec::new();
+        let mut dropped = 0usize;
+        let open_dirs: HashSet<u64> = lock(&self.handles).values().map(|h| h.ino).collect();
+        let mut inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        for dir in dirs {
+            let Ok(d) = inner.get(dir) else { continue };
+            if d.kind != Kind::Dir {
+                continue;
+            }
+            // A listing within its TTL stays: a folder larger than the bound is not listed
+            // again for every lookup of a first `ls -l`.
+            if open_dirs.contains(&dir) || d.is_listed_fresh(self.cfg.metadata_ttl.max(LISTING_MIN_AGE)) {
+                later.push(dir);
+                continue;
+            }
+            if inner.held_in(dir) > 0 {
+                tracing::debug!(dir, "listing evicted from memory's LRU, but entries are held");
+                continue;
+            }
+            let kids: Vec<u64> = inner.children.get(&dir).map(|c| c.values().copied().collect()).unwrap_or_default();
+            let idle = |inner: &Inner, c: u64| {
+                inner.get(c).is_ok_and(|n| n.lookups == 0 && n.writing == 0)
+                    && inner.is_settled(c)
+                    && inner.children.get(&c).is_none_or(|g| g.is_empty())
+                    && !open_dirs.contains(&c)
+            };
+            if kids.is_empty() || !kids.iter().all(|&c| idle(&inner, c)) {
+                tracing::debug!(dir, entries = kids.len(), "listing evicted from memory's LRU, but entries are held");
+                continue;
+            }
+            tracing::debug!(dir, entries = kids.len(), "listing leaves memory");
+            dropped += kids.len();
+            for c in kids {
+                if let Some(n) = inner.remove(c)
+                    && n.staged
+                {
+                    self.staging.remove(c);
+                }
+                batch.del_inodes.push(c);
+            }
+            if let Ok(d) = inner.get_mut(dir) {
+                d.listed_at = None;
+                d.listed = false;
+            }
+            let _ = inner.persist(dir, &mut batch);
+        }
+        let _ = self.commit(&inner, batch, false);
+        drop(inner);
+        lock(&self.evicted).extend(later);
+        if dropped >= 10_000 {
+            // The allocator keeps freed memory for reuse; hand a large release back.
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only releases free memory; no pointer is touched.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+
+    /// Finds `name` in `parent`, listing the folder from the bucket when its listing is
+    /// older than the TTL.
+    pub async fn find(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        self.evict_listings();
         if name.len() > 255 {
             return Err(FsError::NameTooLong);
         }
@@ -1150,6 +1347,8 @@ impl Fs {
             return Err(FsError::NotFound);
         }
         let fresh = self.listing_fresh(parent)?;
+        // Recently used, for the listings' LRU order.
+        let _ = self.listings.get(&parent);
         // Past the TTL, ask the bucket again: names and versions may have changed there.
         if !fresh && let Err(e) = self.refresh_dir(parent).await {
             // Unreachable bucket: answer from what we know, fail only what we don't.
@@ -1287,6 +1486,8 @@ impl Fs {
         let ino = inner.alloc_ino(&mut batch);
         let mut n = Inode::new(ino, parent, name.to_string(), kind, perm, uid, gid);
         n.dirty = true;
+        // The kernel gets an entry for it.
+        n.lookups = 1;
         match kind {
             Kind::Dir => {
                 n.listed_at = Some(Instant::now());
@@ -1335,7 +1536,7 @@ impl Fs {
         if let Some(i) = lock(&self.inner).child(parent, name) {
             return Ok(i);
         }
-        self.lookup(parent, name).await.map(|a| a.ino)
+        self.find(parent, name).await.map(|a| a.ino)
     }
 
     pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
@@ -1486,6 +1687,7 @@ impl Fs {
             n.name = newname.to_string();
             n.ctime_ns = now_ns();
         }
+        inner.held.remove(&newparent);
         inner.children.entry(newparent).or_default().insert(newname.to_string(), ino);
         for p in [parent, newparent] {
             if let Ok(p) = inner.get_mut(p) {
@@ -1822,7 +2024,9 @@ impl Fs {
     // ---- folders --------------------------------------------------------------------
 
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        self.evict_listings();
         let fresh = self.listing_fresh(ino)?;
+        let _ = self.listings.get(&ino);
         if !fresh && let Err(e) = self.refresh_dir(ino).await {
             if !lock(&self.inner).get(ino)?.listed {
                 return Err(e);
@@ -1888,6 +2092,7 @@ impl Fs {
             pending_ops: inner.queue.len(),
             pending_bytes,
             staged_bytes: self.staging.bytes(),
+            inodes: inner.inodes.len(),
             uploads_done: c.uploads_done,
             conflicts: c.conflicts,
             last_error: c.last_error.clone(),

@@ -63,6 +63,10 @@ pub struct Inode {
     pub generation: u64,
     #[serde(skip)]
     pub open: u32,
+    /// In-memory only: the kernel's lookup count (entries replied minus forgotten). Only
+    /// an inode the kernel has forgotten may leave memory.
+    #[serde(skip)]
+    pub lookups: u64,
     /// In-memory only: writes between their generation bump and the end of their pwrite.
     #[serde(skip)]
     pub writing: u32,
@@ -93,6 +97,7 @@ impl Inode {
             generation: 0,
             open: 0,
             writing: 0,
+            lookups: 0,
         }
     }
 

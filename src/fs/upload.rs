@@ -730,6 +730,7 @@ impl Fs {
                 }
                 n.attrs_known = true;
                 let name_now = n.name.clone();
+                inner.held.remove(&parent);
                 inner.children.entry(parent).or_default().insert(name_now, node.ino);
                 inner.set_remote(node.ino, Some(remote));
                 inner.persist(node.ino, &mut batch)?;
