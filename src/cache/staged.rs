@@ -1,7 +1,8 @@
 //! Sealed staging files: content not yet in the bucket, kept on local disk in 64 KiB blocks,
 //! each sealed with AES-256-GCM. A block is rewritten into the other of its two slots, so a
-//! write torn by a crash never destroys the version written before it. It knows bytes and
-//! offsets, not inodes or objects.
+//! write torn by a crash never destroys the version written before it. Small writes gather
+//! in one block kept in memory until another block, a resize or a sync needs it sealed. It
+//! knows bytes and offsets, not inodes or objects.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -48,10 +49,23 @@ fn invalid(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
+/// A block being written in small pieces: its plaintext, sealed when left.
+#[derive(Debug)]
+struct Pending {
+    index: u64,
+    /// The sequence of the block's valid slot (0: none yet).
+    seq: u64,
+    plain: Vec<u8>,
+}
+
 #[derive(Debug, Default)]
 struct State {
+    /// The plaintext length, with writes not yet recorded on disk.
     len: u64,
+    /// `len` differs from the length record on disk.
+    len_dirty: bool,
     len_seq: u64,
+    pending: Option<Pending>,
     /// The sequence of the valid slot of each block read or written since open; 0 for a
     /// block never written (a hole, read as zeros).
     seqs: HashMap<u64, u64>,
@@ -85,6 +99,23 @@ impl SealedFile {
         let f = SealedFile { file, id, sealer, state: Mutex::new(State::default()) };
         f.write_len(&mut f.lock(), 0)?;
         Ok(f)
+    }
+
+    /// Seals the block gathered in memory, if any.
+    fn flush_pending(&self, st: &mut State) -> io::Result<()> {
+        if let Some(p) = st.pending.take() {
+            self.write_block(st, p.index, p.seq + 1, &p.plain)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is only in memory: the gathered block, then the length.
+    fn flush(&self, st: &mut State) -> io::Result<()> {
+        self.flush_pending(st)?;
+        if st.len_dirty {
+            self.write_len(st, st.len)?;
+        }
+        Ok(())
     }
 
     /// Opens an existing staging file. After a crash it drops blocks past the recorded
@@ -191,6 +222,7 @@ impl SealedFile {
         buf[NONCE_LEN + 16..].copy_from_slice(&tag);
         self.file.write_all_at(&buf, LEN_AT[(seq % 2) as usize])?;
         st.len = len;
+        st.len_dirty = false;
         st.len_seq = seq;
         Ok(())
     }
@@ -219,6 +251,9 @@ impl SealedFile {
     /// The block's current sequence and plaintext (`None`: a hole, all zeros). A torn
     /// newer slot falls back to the older one; if no slot opens, the block is lost.
     fn load_block(&self, st: &mut State, index: u64) -> io::Result<(u64, Option<Vec<u8>>)> {
+        if let Some(p) = st.pending.as_ref().filter(|p| p.index == index) {
+            return Ok((p.seq, Some(p.plain.clone())));
+        }
         if index >= st.len.div_ceil(STAGE_BLOCK) && !st.seqs.contains_key(&index) {
             return Ok((0, None));
         }
@@ -292,9 +327,13 @@ impl SealedFile {
             let from = (pos - start) as usize;
             let to = ((end - start) as usize).min(STAGE_BLOCK as usize);
             let out = &mut buf[(pos - offset) as usize..(pos - offset) as usize + (to - from)];
-            match self.load_block(&mut st, index)?.1 {
-                Some(plain) => out.copy_from_slice(&plain[from..to]),
-                None => out.fill(0),
+            if let Some(p) = st.pending.as_ref().filter(|p| p.index == index) {
+                out.copy_from_slice(&p.plain[from..to]);
+            } else {
+                match self.load_block(&mut st, index)?.1 {
+                    Some(plain) => out.copy_from_slice(&plain[from..to]),
+                    None => out.fill(0),
+                }
             }
             pos = start + to as u64;
         }
@@ -312,22 +351,33 @@ impl SealedFile {
             let from = (pos - start) as usize;
             let to = ((end - start) as usize).min(STAGE_BLOCK as usize);
             let whole = from == 0 && to == STAGE_BLOCK as usize;
-            let (seq, old) = match st.seqs.get(&index) {
-                // A whole block over a known slot needs nothing of the old content.
-                Some(&seq) if whole => (seq, None),
-                _ => self.load_block(&mut st, index)?,
-            };
-            let mut slot = vec![0u8; SLOT];
-            if let Some(old) = old {
-                slot[SLOT_HEAD..SLOT_HEAD + STAGE_BLOCK as usize].copy_from_slice(&old);
-            }
             let src = &data[(pos - offset) as usize..(pos - offset) as usize + (to - from)];
-            slot[SLOT_HEAD + from..SLOT_HEAD + to].copy_from_slice(src);
-            self.seal_slot(&mut st, index, seq + 1, slot)?;
             pos = start + to as u64;
+            if let Some(p) = st.pending.as_mut().filter(|p| p.index == index) {
+                p.plain[from..to].copy_from_slice(src);
+                continue;
+            }
+            self.flush_pending(&mut st)?;
+            if whole {
+                // A whole block over a known slot needs nothing of the old content.
+                let seq = match st.seqs.get(&index) {
+                    Some(&seq) => seq,
+                    None => self.load_block(&mut st, index)?.0,
+                };
+                let mut slot = vec![0u8; SLOT];
+                slot[SLOT_HEAD..SLOT_HEAD + STAGE_BLOCK as usize].copy_from_slice(src);
+                self.seal_slot(&mut st, index, seq + 1, slot)?;
+            } else {
+                // A piece of a block: gathered in memory until another block is written.
+                let (seq, old) = self.load_block(&mut st, index)?;
+                let mut plain = old.unwrap_or_else(|| vec![0u8; STAGE_BLOCK as usize]);
+                plain[from..to].copy_from_slice(src);
+                st.pending = Some(Pending { index, seq, plain });
+            }
         }
         if end > st.len {
-            self.write_len(&mut st, end)?;
+            st.len = end;
+            st.len_dirty = true;
         }
         Ok(())
     }
@@ -335,6 +385,7 @@ impl SealedFile {
     /// Truncates or extends (with zeros) to `len` bytes.
     pub fn set_len(&self, len: u64) -> io::Result<()> {
         let mut st = self.lock();
+        self.flush(&mut st)?;
         if len > st.len {
             // The tail of the last block is zeros already, and blocks past it are holes.
             return self.write_len(&mut st, len);
@@ -358,6 +409,7 @@ impl SealedFile {
 
     /// Makes every write so far durable.
     pub fn sync_data(&self) -> io::Result<()> {
+        self.flush(&mut self.lock())?;
         self.file.sync_data()
     }
 
@@ -386,6 +438,17 @@ impl SealedFile {
         let n = self.read_at(&mut buf, 0)?;
         buf.truncate(n);
         Ok(buf)
+    }
+}
+
+impl Drop for SealedFile {
+    /// What is only in memory goes to disk (not synced): a file closed without `fsync`
+    /// keeps its writes, as on a local disk.
+    fn drop(&mut self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = self.flush(&mut st) {
+            tracing::warn!("a staging file could not write its last block: {e}");
+        }
     }
 }
 
@@ -471,6 +534,7 @@ mod tests {
         f.write_all_at(&[1u8; 100_000], 0).unwrap();
         f.sync_data().unwrap();
         f.write_all_at(&[2u8; 10], 500).unwrap();
+        f.sync_data().unwrap();
         let seq = f.lock().seqs[&0];
         drop(f);
         // Tear the newest slot of block 0: half of it never reached the disk.
@@ -485,6 +549,28 @@ mod tests {
         assert_eq!(read(&f), want);
         drop(f);
         assert_eq!(read(&SealedFile::open(&p, sealer(1)).unwrap()), want);
+    }
+
+    /// A crash loses at most what was written after the last sync; what a sync made
+    /// durable stays, even in the block being written when the crash came.
+    #[test]
+    fn a_crash_keeps_what_was_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = SealedFile::create(&p, sealer(1)).unwrap();
+        f.write_all_at(&[1u8; 30_000], 0).unwrap();
+        f.write_all_at(b"synced", 10).unwrap();
+        f.sync_data().unwrap();
+        // Gathered in memory (all in block 0), with the longer length: not on disk yet.
+        f.write_all_at(b"lost", 20).unwrap();
+        f.write_all_at(b"tail", 29_998).unwrap();
+        assert_eq!(f.len(), 30_002);
+        // The process dies: nothing in memory reaches the disk.
+        std::mem::forget(f);
+        let f = SealedFile::open(&p, sealer(1)).unwrap();
+        let mut want = vec![1u8; 30_000];
+        want[10..16].copy_from_slice(b"synced");
+        assert_eq!(read(&f), want);
     }
 
     #[test]
