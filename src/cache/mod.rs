@@ -136,6 +136,9 @@ pub struct BlockCache {
     capacity: u64,
     index: Mutex<Index>,
     warned_write: AtomicBool,
+    /// Whether block files are still written with `O_DIRECT` (cleared when the filesystem
+    /// refuses it).
+    direct: AtomicBool,
 }
 
 impl std::fmt::Debug for BlockCache {
@@ -234,6 +237,7 @@ impl BlockCache {
             capacity,
             index: Mutex::new(Index::default()),
             warned_write: AtomicBool::new(false),
+            direct: AtomicBool::new(true),
             root,
         };
         let mut found = cache.scan();
@@ -376,11 +380,16 @@ impl BlockCache {
     /// because it cannot fit (larger than the capacity, or the rest is being written now).
     pub fn try_put(&self, id: &BlockId, data: &[u8]) -> Result<(), CacheError> {
         let name = self.sealer.name(id);
-        let sealed = self.sealer.seal(id, data)?;
-        let size = sealed.len() as u64;
+        let size = (OVERHEAD + data.len()) as u64;
         if size > self.capacity {
             return Ok(());
         }
+        SEAL_BUF.with_borrow_mut(|buf| self.put_sealed(id, name, data, aligned(buf, size as usize)))
+    }
+
+    fn put_sealed(&self, id: &BlockId, name: BlockName, data: &[u8], sealed: &mut [u8]) -> Result<(), CacheError> {
+        self.sealer.seal_into(id, data, sealed)?;
+        let size = sealed.len() as u64;
         {
             let mut ix = self.lock();
             while ix.bytes + ix.reserved + size > self.capacity && self.evict_one(&mut ix) {}
@@ -390,12 +399,10 @@ impl BlockCache {
             ix.reserved += size;
         }
         let tmp = self.root.join(TMP_DIR).join(format!("{}-{:016x}", hex(&name), rand::random::<u64>()));
-        let written = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-            f.write_all(&sealed)?;
+        let written = write_new(&tmp, sealed, &self.direct).and_then(|f| {
             // The LRU order after a remount comes from mtimes; set it at full precision.
             f.set_modified(SystemTime::now())
-        })();
+        });
         let mut ix = self.lock();
         ix.reserved -= size;
         let dest = self.path(&name);
@@ -440,6 +447,64 @@ impl BlockCache {
         ix.bytes = 0;
         Ok(())
     }
+}
+
+/// Alignment of the buffer and length of `O_DIRECT` writes: a multiple of the logical block
+/// size of the disks this runs on (512 or 4096 bytes).
+const DIRECT_ALIGN: usize = 4096;
+
+thread_local! {
+    /// The buffer a thread seals blocks into, kept between puts: a fresh megabyte for every
+    /// block costs page faults, and on a VM first touches of memory are slow.
+    static SEAL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `len` bytes of `buf` starting at an address aligned for `O_DIRECT`.
+fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len + DIRECT_ALIGN {
+        buf.resize(len + DIRECT_ALIGN, 0);
+    }
+    let off = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    &mut buf[off..off + len]
+}
+
+/// Writes a new file holding `data`. The aligned bulk goes with `O_DIRECT`, past the page
+/// cache: copying a sealed block into fresh page-cache pages costs more CPU than sealing it
+/// (here), and the cache's own readers are the next mount. The unaligned tail goes through
+/// the page cache. A filesystem that refuses `O_DIRECT` (EINVAL) gets plain writes from then
+/// on.
+fn write_new(path: &Path, data: &[u8], direct: &AtomicBool) -> std::io::Result<File> {
+    use std::os::unix::fs::FileExt;
+    let bulk = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let create = || {
+        let mut o = OpenOptions::new();
+        o.write(true).create_new(true).mode(0o600);
+        o
+    };
+    if direct.load(Ordering::Relaxed) && bulk > 0 && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+        let einval = |e: &std::io::Error| e.raw_os_error() == Some(libc::EINVAL);
+        match create().custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => match f.write_at(&data[..bulk], 0) {
+                Ok(n) if n == bulk => {
+                    let tail = OpenOptions::new().write(true).open(path)?;
+                    tail.write_all_at(&data[bulk..], bulk as u64)?;
+                    return Ok(tail);
+                }
+                Ok(_) => return Err(std::io::Error::new(ErrorKind::WriteZero, "short O_DIRECT write")),
+                Err(e) if einval(&e) => {
+                    drop(f);
+                    std::fs::remove_file(path)?;
+                    direct.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            },
+            Err(e) if einval(&e) => direct.store(false, Ordering::Relaxed),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut f = create().open(path)?;
+    f.write_all(data)?;
+    Ok(f)
 }
 
 /// Reads a whole file and sets its mtime to now (its place in the LRU order after a

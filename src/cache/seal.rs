@@ -89,19 +89,29 @@ impl Sealer {
 
     /// The complete block file for `plain`: header, fresh random nonce, ciphertext, tag.
     pub fn seal(&self, id: &BlockId, plain: &[u8]) -> Result<Vec<u8>, CacheError> {
-        let mut out = Vec::with_capacity(OVERHEAD + plain.len());
-        out.extend_from_slice(&BLOCK_MAGIC);
-        out.push(FORMAT_VERSION);
-        let mut nonce = [0u8; NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plain);
+        let mut out = vec![0u8; OVERHEAD + plain.len()];
+        self.seal_into(id, plain, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Sealer::seal`] into `out`, which must be exactly `OVERHEAD + plain.len()` bytes long
+    /// (so a caller can keep one buffer, aligned as it needs, for every block).
+    pub fn seal_into(&self, id: &BlockId, plain: &[u8], out: &mut [u8]) -> Result<(), CacheError> {
+        if out.len() != OVERHEAD + plain.len() {
+            return Err(CacheError::TooLarge { len: plain.len() });
+        }
+        let (head, rest) = out.split_at_mut(HEADER_LEN);
+        let (body, tag_out) = rest.split_at_mut(plain.len());
+        head[..4].copy_from_slice(&BLOCK_MAGIC);
+        head[4] = FORMAT_VERSION;
+        rand::rng().fill_bytes(&mut head[5..]);
+        body.copy_from_slice(plain);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(GenericArray::from_slice(&nonce), &Self::aad(id), &mut out[HEADER_LEN..])
+            .encrypt_in_place_detached(GenericArray::from_slice(&head[5..]), &Self::aad(id), body)
             .map_err(|_| CacheError::TooLarge { len: plain.len() })?;
-        out.extend_from_slice(&tag);
-        Ok(out)
+        tag_out.copy_from_slice(&tag);
+        Ok(())
     }
 
     /// Opens a block file in place and returns the plaintext's range within `file`.

@@ -364,3 +364,23 @@ fn default_capacity_is_clamped() {
         assert!((MIN_DEFAULT_CAPACITY..=MAX_DEFAULT_CAPACITY).contains(&c), "{c}");
     }
 }
+
+#[test]
+fn block_files_are_written_whole_with_or_without_o_direct() {
+    let d = tempfile::tempdir().unwrap();
+    let mut buf = Vec::new();
+    for len in [0, 100, DIRECT_ALIGN, DIRECT_ALIGN + 33, (1 << 20) + OVERHEAD] {
+        let data = aligned(&mut buf, len);
+        assert_eq!(data.as_ptr() as usize % DIRECT_ALIGN, 0);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 253) as u8;
+        }
+        // O_DIRECT asked for (and dropped if this filesystem refuses it), then not.
+        for direct in [true, false] {
+            let flag = AtomicBool::new(direct);
+            let p = d.path().join(format!("f-{len}-{direct}"));
+            drop(write_new(&p, data, &flag).unwrap());
+            assert!(std::fs::read(&p).unwrap() == *data, "{len} bytes, O_DIRECT {direct}");
+        }
+    }
+}

@@ -1,14 +1,20 @@
 //! Reads of remote content by fixed-size blocks: decrypted blocks in memory (moka, bounded by
 //! bytes), sealed blocks on disk ([`BlockCache`]), one shared fetch per block however many
-//! reads miss it at once, and read-ahead that grows while a handle reads sequentially.
+//! reads miss it at once, and read-ahead that grows while a handle reads sequentially and
+//! fetches several consecutive blocks per ranged GET. Fetched blocks reach the disk cache
+//! through one writer thread at the lowest CPU priority, off the path of the read.
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::channel::oneshot;
+use futures::future::{FutureExt, Shared};
 use object_store::{GetOptions, GetRange};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
 use super::error::{FsError, FsResult};
 use super::types::Remote;
@@ -16,8 +22,21 @@ use super::{CacheReport, etag_same, obj_path, stale};
 use crate::cache::{BlockCache, BlockId};
 use crate::store::Store;
 
-/// How many blocks read-ahead fetches at once, across the mount.
+/// How many read-ahead fetches (runs of blocks, or blocks from disk) run at once, across the
+/// mount.
 const PREFETCH_PARALLEL: usize = 8;
+
+/// Read-ahead fetches up to this many bytes of consecutive blocks in one ranged GET: fewer,
+/// larger requests cost the server (and the daemon) less CPU per byte than one GET per block.
+const PREFETCH_RUN: u64 = 8 << 20;
+
+/// Bytes of fetched blocks waiting for the disk writer (at least one block). A read-ahead run
+/// waits for room (so read-ahead slows down to what the disk cache can take); a block fetched
+/// by a read itself is handed over by a waiting task, up to [`DISK_OVERFLOW_BYTES`] of them,
+/// and past that not kept on disk. Both count against the memory a mount may hold beyond its
+/// `--memory-limit`, if the writer falls behind and memory evicts what it still holds.
+const DISK_QUEUE_BYTES: u64 = 32 << 20;
+const DISK_OVERFLOW_BYTES: u64 = 8 << 20;
 
 /// Where a block comes from: the object, the version its bytes belong to, its index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,17 +63,46 @@ impl Default for BlockConfig {
     }
 }
 
+/// A block a read-ahead run is fetching: resolves to its bytes, or `Err` if the run failed
+/// before delivering it (the reader then fetches the block itself).
+type Pending = Shared<oneshot::Receiver<Bytes>>;
+
+/// Blocks on their way into memory.
+#[derive(Default)]
+struct Inflight {
+    /// Registered by a read-ahead run that has not delivered them yet.
+    pending: HashMap<BlockKey, Pending>,
+    /// Being loaded one by one (from disk, or by a GET of their own), with how many callers
+    /// wait for each: read-ahead leaves them out of its runs.
+    loading: HashMap<BlockKey, usize>,
+}
+
+/// A fetched block on its way to the disk cache.
+struct DiskJob {
+    key: String,
+    version: Arc<str>,
+    index: u64,
+    data: Bytes,
+}
+
 pub(crate) struct BlockReader {
     store: Store,
     disk: Option<Arc<BlockCache>>,
     mem: moka::future::Cache<BlockKey, Bytes>,
     pub(crate) cfg: BlockConfig,
     prefetch: Arc<Semaphore>,
-    disk_writes: Arc<Semaphore>,
+    /// Blocks on their way into memory; one lock, so a block is never fetched twice.
+    inflight: Mutex<Inflight>,
+    /// The disk writer's queue (`None` without a disk cache, or if its thread did not start).
+    disk_tx: Option<mpsc::Sender<DiskJob>>,
+    disk_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    disk_overflow: Arc<Semaphore>,
     /// Reads that reached the mount, and blocks (bytes) fetched from the bucket.
     pub(crate) reads: AtomicU64,
     fetched: AtomicU64,
     fetched_bytes: AtomicU64,
+    /// GETs sent for blocks (a run is one).
+    gets: AtomicU64,
 }
 
 /// The version a remote's bytes are known by: its ETag, else its store version. Without
@@ -62,10 +110,6 @@ pub(crate) struct BlockReader {
 pub(crate) fn version_of(remote: &Remote) -> Option<&str> {
     remote.etag.as_deref().or(remote.version.as_deref())
 }
-
-/// Background writes of fetched blocks to disk at once; past that, a block is not kept on
-/// disk (it stays in memory), so a slow disk cannot pile up blocks in memory.
-const DISK_WRITES_PARALLEL: usize = 8;
 
 impl BlockReader {
     pub(crate) fn new(store: Store, disk: Option<Arc<BlockCache>>, cfg: BlockConfig) -> Arc<Self> {
@@ -78,16 +122,33 @@ impl BlockReader {
             .build();
         // Read-ahead may not push out what it fetched before it is read.
         let cfg = BlockConfig { readahead_max: cfg.readahead_max.min(cfg.memory_limit / 4), ..cfg };
+        let blocks_in = |bytes: u64| usize::try_from((bytes / cfg.block_size.max(1)).max(1)).unwrap_or(1);
+        let (disk_tx, disk_writer) = match &disk {
+            Some(d) => match spawn_disk_writer(Arc::clone(d), blocks_in(DISK_QUEUE_BYTES)) {
+                Ok((tx, handle)) => (Some(tx), Some(handle)),
+                Err(e) => {
+                    tracing::warn!(
+                        "block cache: cannot start the disk writer thread ({e}): blocks are not kept on disk"
+                    );
+                    (None, None)
+                }
+            },
+            None => (None, None),
+        };
         Arc::new(BlockReader {
             store,
             disk,
             mem,
             cfg,
             prefetch: Arc::new(Semaphore::new(PREFETCH_PARALLEL)),
-            disk_writes: Arc::new(Semaphore::new(DISK_WRITES_PARALLEL)),
+            inflight: Mutex::new(Inflight::default()),
+            disk_tx,
+            disk_writer: Mutex::new(disk_writer),
+            disk_overflow: Arc::new(Semaphore::new(blocks_in(DISK_OVERFLOW_BYTES))),
             reads: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
+            gets: AtomicU64::new(0),
         })
     }
 
@@ -134,10 +195,25 @@ impl BlockReader {
         range.start / bs..(range.end - 1) / bs + 1
     }
 
-    /// Block `index` of `remote`: from memory, else from the disk cache, else fetched (one
-    /// fetch shared by every caller that misses it meanwhile).
+    /// Block `index` of `remote`: from memory, else from the read-ahead run fetching it, else
+    /// from the disk cache, else fetched (one fetch shared by every caller that misses it
+    /// meanwhile).
     pub(crate) async fn block(self: &Arc<Self>, remote: &Remote, index: u64) -> FsResult<Bytes> {
         let Some(key) = self.key(remote, index) else { return self.fetch(remote, index).await };
+        if let Some(b) = self.mem.get(&key).await {
+            return Ok(b);
+        }
+        // A run delivers into memory before it unregisters, and no run takes a block that is
+        // loading: a block neither pending nor in memory (looked up again through moka) is
+        // fetched once, here or by whoever loads it already.
+        let _loading = match Loading::register(&self.inflight, &key) {
+            Ok(l) => l,
+            Err(p) => match p.await {
+                Ok(b) => return Ok(b),
+                // The run failed before this block: load it here.
+                Err(_) => Loading::new(&self.inflight, key.clone()),
+            },
+        };
         let this = Arc::clone(self);
         let remote = remote.clone();
         let version = Arc::clone(&key.version);
@@ -161,15 +237,18 @@ impl BlockReader {
             }
         }
         let data = self.fetch(remote, index).await?;
-        if let Some(disk) = &self.disk
-            && let Ok(permit) = Arc::clone(&self.disk_writes).try_acquire_owned()
+        // The reader has its bytes already; a task waits for room in the writer's queue.
+        if let Some(tx) = &self.disk_tx
+            && let Ok(permit) = Arc::clone(&self.disk_overflow).try_acquire_owned()
         {
-            // Kept in the background: the reader has its bytes already.
-            let (disk, key, version, data) = (Arc::clone(disk), remote.key.clone(), Arc::clone(version), data.clone());
-            drop(tokio::task::spawn_blocking(move || {
-                disk.put(&BlockId { key: &key, version: &version, index }, &data);
+            let (tx, job) = (
+                tx.clone(),
+                DiskJob { key: remote.key.clone(), version: Arc::clone(version), index, data: data.clone() },
+            );
+            tokio::spawn(async move {
+                let _ = tx.send(job).await;
                 drop(permit);
-            }));
+            });
         }
         Ok(data)
     }
@@ -186,6 +265,7 @@ impl BlockReader {
             range: Some(GetRange::Bounded(start..end)),
             ..Default::default()
         };
+        self.gets.fetch_add(1, Ordering::Relaxed);
         let res = self.store.get_opts(&obj_path(&remote.key)?, opts).await.map_err(stale)?;
         if remote.etag.is_some() && !etag_same(remote.etag.as_deref(), res.meta.e_tag.as_deref()) {
             return Err(FsError::Stale(remote.key.clone()));
@@ -197,23 +277,268 @@ impl BlockReader {
     }
 
     /// Starts fetching `blocks` of `remote` in the background, as far as the read-ahead
-    /// slots allow; blocks already in memory are skipped.
+    /// slots allow; blocks already in memory or being fetched are skipped. Blocks on disk are
+    /// loaded one by one; the others are fetched in runs of consecutive blocks, one ranged GET
+    /// per run. A run shorter than [`PREFETCH_RUN`] waits for more of the window to open
+    /// unless it ends the object or starts within a run of `blocks.start` (the next read
+    /// needs it soon).
     pub(crate) fn prefetch(self: &Arc<Self>, remote: &Remote, blocks: Range<u64>) {
-        for index in blocks {
-            match self.key(remote, index) {
-                Some(key) if !self.mem.contains_key(&key) => {}
-                _ => continue,
-            }
-            let Ok(permit) = Arc::clone(&self.prefetch).try_acquire_owned() else { return };
-            let (this, remote) = (Arc::clone(self), remote.clone());
-            tokio::spawn(async move {
-                if let Err(e) = this.block(&remote, index).await {
-                    tracing::debug!(key = %remote.key, index, "read-ahead failed: {e}");
+        let run_blocks = (PREFETCH_RUN / self.cfg.block_size.max(1)).max(1);
+        let last = self.span(0..remote.size).end;
+        let mut run: Vec<BlockKey> = Vec::new();
+        // Held throughout: what is pending or loading cannot change between the look and the
+        // registration of a run.
+        let mut inflight = lock(&self.inflight);
+        for index in blocks.clone() {
+            let Some(key) = self.key(remote, index) else { return };
+            let skip = self.mem.contains_key(&key)
+                || inflight.pending.contains_key(&key)
+                || inflight.loading.contains_key(&key);
+            let on_disk = !skip
+                && self
+                    .disk
+                    .as_ref()
+                    .is_some_and(|d| d.contains(&BlockId { key: &remote.key, version: &key.version, index }));
+            if skip || on_disk {
+                let run = std::mem::take(&mut run);
+                if !self.start_run(&mut inflight, remote, run, &blocks, run_blocks, last) {
+                    return;
                 }
-                drop(permit);
-            });
+                if on_disk && !self.start_block(remote, index) {
+                    return;
+                }
+                continue;
+            }
+            run.push(key);
+            if run.len() as u64 >= run_blocks {
+                let run = std::mem::take(&mut run);
+                if !self.start_run(&mut inflight, remote, run, &blocks, run_blocks, last) {
+                    return;
+                }
+            }
+        }
+        self.start_run(&mut inflight, remote, run, &blocks, run_blocks, last);
+    }
+
+    /// Loads one block in the background (from disk, as a rule). False when no slot is free.
+    fn start_block(self: &Arc<Self>, remote: &Remote, index: u64) -> bool {
+        let Ok(permit) = Arc::clone(&self.prefetch).try_acquire_owned() else { return false };
+        let (this, remote) = (Arc::clone(self), remote.clone());
+        tokio::spawn(async move {
+            if let Err(e) = this.block(&remote, index).await {
+                tracing::debug!(key = %remote.key, index, "read-ahead failed: {e}");
+            }
+            drop(permit);
+        });
+        true
+    }
+
+    /// Starts fetching a run of consecutive missing blocks with one GET, if it is worth a
+    /// request now (see [`BlockReader::prefetch`]). False when no slot is free.
+    fn start_run(
+        self: &Arc<Self>,
+        inflight: &mut Inflight,
+        remote: &Remote,
+        run: Vec<BlockKey>,
+        window: &Range<u64>,
+        run_blocks: u64,
+        last: u64,
+    ) -> bool {
+        let (Some(first), Some(end)) = (run.first().map(|k| k.index), run.last().map(|k| k.index + 1)) else {
+            return true;
+        };
+        let urgent = first < window.start.saturating_add(run_blocks);
+        if (run.len() as u64) < run_blocks && end < last && !urgent {
+            return true;
+        }
+        let Ok(permit) = Arc::clone(&self.prefetch).try_acquire_owned() else { return false };
+        let mut senders = Vec::with_capacity(run.len());
+        for key in &run {
+            let (tx, rx) = oneshot::channel();
+            inflight.pending.insert(key.clone(), rx.shared());
+            senders.push(Some(tx));
+        }
+        let (this, remote) = (Arc::clone(self), remote.clone());
+        tokio::spawn(async move {
+            let mut run = Run { reader: &this, keys: run, senders, delivered: 0 };
+            if let Err(e) = run.fetch(&remote).await {
+                tracing::debug!(key = %remote.key, first, end, "read-ahead failed: {e}");
+            }
+            drop(run);
+            drop(permit);
+        });
+        true
+    }
+}
+
+/// A read-ahead run being fetched: its blocks, and the senders that wake the reads waiting for
+/// them. Dropping it (done, failed or cancelled) unregisters what it did not deliver.
+struct Run<'a> {
+    reader: &'a Arc<BlockReader>,
+    keys: Vec<BlockKey>,
+    senders: Vec<Option<oneshot::Sender<Bytes>>>,
+    delivered: usize,
+}
+
+impl Run<'_> {
+    /// One ranged GET for the whole run (conditional on the ETag, like [`BlockReader::fetch`]);
+    /// each block is delivered as soon as its last byte arrives.
+    async fn fetch(&mut self, remote: &Remote) -> FsResult<()> {
+        let r = self.reader;
+        let (Some(first), Some(last)) = (self.keys.first(), self.keys.last()) else { return Ok(()) };
+        let range = r.bounds(remote, first.index).start..r.bounds(remote, last.index).end;
+        let opts = GetOptions {
+            if_match: remote.etag.clone(),
+            range: Some(GetRange::Bounded(range.clone())),
+            ..Default::default()
+        };
+        r.gets.fetch_add(1, Ordering::Relaxed);
+        let res = r.store.get_opts(&obj_path(&remote.key)?, opts).await.map_err(stale)?;
+        if remote.etag.is_some() && !etag_same(remote.etag.as_deref(), res.meta.e_tag.as_deref()) {
+            return Err(FsError::Stale(remote.key.clone()));
+        }
+        if res.range != range {
+            return Err(FsError::Stale(remote.key.clone()));
+        }
+        let mut body = res.into_stream();
+        let sizes: Vec<usize> =
+            self.keys.iter().map(|k| r.bounds(remote, k.index)).map(|b| (b.end - b.start) as usize).collect();
+        let want = |i: usize| sizes.get(i).copied().unwrap_or(0);
+        // Each block gets an allocation of exactly its size: a chunk that straddles two blocks
+        // is split, so no block holds (and hides from the memory bound) the next one's bytes.
+        let mut buf = BytesMut::with_capacity(want(0));
+        while self.delivered < self.keys.len() {
+            let Some(chunk) = body.next().await else { return Err(FsError::Stale(remote.key.clone())) };
+            let mut chunk = chunk.map_err(stale)?;
+            while !chunk.is_empty() && self.delivered < self.keys.len() {
+                let take = (want(self.delivered) - buf.len()).min(chunk.len());
+                buf.extend_from_slice(&chunk.split_to(take));
+                if buf.len() == want(self.delivered) {
+                    let block = std::mem::replace(&mut buf, BytesMut::with_capacity(want(self.delivered + 1))).freeze();
+                    self.deliver(block).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the next block of the run to memory, to the reads waiting for it, and to the disk
+    /// writer (waiting for room there: this holds a read-ahead slot, which slows read-ahead
+    /// down to what the disk cache takes).
+    async fn deliver(&mut self, block: Bytes) {
+        let r = self.reader;
+        let i = self.delivered;
+        let key = self.keys[i].clone();
+        r.fetched.fetch_add(1, Ordering::Relaxed);
+        r.fetched_bytes.fetch_add(block.len() as u64, Ordering::Relaxed);
+        // In memory before it leaves `pending`: a load that misses `pending` finds it there.
+        r.mem.insert(key.clone(), block.clone()).await;
+        if let Some(tx) = self.senders.get_mut(i).and_then(Option::take) {
+            let _ = tx.send(block.clone());
+        }
+        lock(&r.inflight).pending.remove(&key);
+        self.delivered += 1;
+        if let Some(tx) = &r.disk_tx {
+            let job = DiskJob { key: key.key.to_string(), version: key.version, index: key.index, data: block };
+            let _ = tx.send(job).await;
         }
     }
+}
+
+impl Drop for Run<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(&self.reader.inflight);
+        for key in &self.keys[self.delivered.min(self.keys.len())..] {
+            inflight.pending.remove(key);
+        }
+    }
+}
+
+/// Starts the thread that seals and writes fetched blocks to the disk cache, at the lowest CPU
+/// priority: sealing costs about as much CPU as receiving the block, and while a cold read
+/// keeps the CPUs busy, the read (and the server it reads from) should have them first. The
+/// thread ends when the queue's senders are gone and the queue is empty.
+fn spawn_disk_writer(
+    disk: Arc<BlockCache>,
+    queue: usize,
+) -> std::io::Result<(mpsc::Sender<DiskJob>, std::thread::JoinHandle<()>)> {
+    let (tx, mut rx) = mpsc::channel::<DiskJob>(queue);
+    let handle = std::thread::Builder::new().name("autosync-cache-write".into()).spawn(move || {
+        lower_priority();
+        while let Some(job) = rx.blocking_recv() {
+            disk.put(&BlockId { key: &job.key, version: &job.version, index: job.index }, &job.data);
+        }
+    })?;
+    Ok((tx, handle))
+}
+
+/// Gives the calling thread the lowest scheduling priority (nice 19). Only this thread is
+/// affected: on Linux each thread has its own nice value. Failing is harmless.
+fn lower_priority() {
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    let res = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
+    };
+    if res != 0 {
+        tracing::debug!("block cache writer keeps its priority: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for BlockReader {
+    /// Lets the writer finish the blocks queued for disk before the reader goes away (at
+    /// unmount), so that what was read is normally on disk for the next mount. Not inside the
+    /// runtime: a task that still holds a sender could need this very thread to finish.
+    fn drop(&mut self) {
+        self.disk_tx = None;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        let handle = self.disk_writer.get_mut().map(Option::take).unwrap_or_else(|e| e.into_inner().take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Marks a block as being loaded while it lives: from before its moka lookup until the
+/// value is in memory (or the load failed).
+struct Loading<'a> {
+    inflight: &'a Mutex<Inflight>,
+    key: BlockKey,
+}
+
+impl<'a> Loading<'a> {
+    fn new(inflight: &'a Mutex<Inflight>, key: BlockKey) -> Self {
+        *lock(inflight).loading.entry(key.clone()).or_insert(0) += 1;
+        Loading { inflight, key }
+    }
+
+    /// Marks `key` as loading, unless a run is fetching it: then the run's pending delivery.
+    fn register(inflight: &'a Mutex<Inflight>, key: &BlockKey) -> Result<Self, Pending> {
+        let mut i = lock(inflight);
+        if let Some(p) = i.pending.get(key) {
+            return Err(p.clone());
+        }
+        *i.loading.entry(key.clone()).or_insert(0) += 1;
+        Ok(Loading { inflight, key: key.clone() })
+    }
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(self.inflight);
+        if let Some(n) = inflight.loading.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                inflight.loading.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Read-ahead state of one handle: where the next sequential read would start, and how far
@@ -274,6 +599,50 @@ mod tests {
         assert_eq!(r.advance(again.clone(), bs, max), 0);
         assert_eq!(r.advance((900 << 20)..(900 << 20) + step, bs, max), 0);
         assert_eq!(r.advance((900 << 20) + 2 * step..(900 << 20) + 3 * step, bs, max), 4 * bs);
+    }
+
+    /// Reads `data` of `remote` from start to end in `step`-byte reads, the way `Fs::read`
+    /// drives the reader: note the read, start the read-ahead, then take the blocks it spans.
+    async fn read_sequentially(r: &Arc<BlockReader>, remote: &Remote, step: u64) -> Vec<u8> {
+        let (bs, max) = (r.cfg.block_size, r.cfg.readahead_max);
+        let mut ra = Readahead::default();
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < remote.size {
+            let range = off..(off + step).min(remote.size);
+            let ahead = ra.advance(range.clone(), bs, max);
+            let span = r.span(range.clone());
+            if ahead > 0 {
+                let end = range.end.saturating_add(ahead).min(remote.size);
+                r.prefetch(remote, span.end..r.span(range.start..end).end);
+            }
+            for index in span {
+                let b = r.block(remote, index).await.unwrap();
+                let start = index * bs;
+                let from = (range.start.max(start) - start) as usize;
+                let to = ((range.end - start) as usize).min(b.len());
+                out.extend_from_slice(&b[from..to]);
+            }
+            off = range.end;
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sequential_reads_fetch_each_block_once_in_runs() {
+        use object_store::{ObjectStoreExt, PutPayload};
+        let store: Store = Arc::new(object_store::memory::InMemory::new());
+        let data: Vec<u8> = (0..(40u32 << 20) + 12345).map(|i| (i % 251) as u8).collect();
+        let put = store.put(&"f.bin".into(), PutPayload::from(data.clone())).await.unwrap();
+        let remote =
+            Remote { key: "f.bin".into(), etag: put.e_tag, version: None, size: data.len() as u64, modified: None };
+        let r = BlockReader::new(store, None, BlockConfig::default());
+        assert!(read_sequentially(&r, &remote, 256 << 10).await == data);
+        let blocks = r.span(0..remote.size).end;
+        assert_eq!(r.fetched.load(Ordering::Relaxed), blocks, "a block fetched twice, or not at all");
+        let gets = r.gets.load(Ordering::Relaxed);
+        // Runs of up to 8 blocks once the window is open: far fewer GETs than blocks.
+        assert!(gets <= blocks / 4, "{gets} GETs for {blocks} blocks");
     }
 
     #[test]

@@ -1904,7 +1904,9 @@ impl Fs {
             let ahead_end = range.end.saturating_add(ahead).min(remote.size);
             blocks.prefetch(&remote, span.end..blocks.span(range.start..ahead_end).end);
         }
-        let mut out = Vec::with_capacity(len);
+        // A read within one block is answered with a slice of it, without a copy.
+        let single = span.end - span.start == 1;
+        let mut out = Vec::with_capacity(if single { 0 } else { len });
         for index in span {
             let b = match blocks.block(&remote, index).await {
                 // The uploader moved the object meanwhile: read it where it is now.
@@ -1926,6 +1928,9 @@ impl Fs {
             let to = ((range.end - block_start) as usize).min(b.len());
             if from >= to {
                 break;
+            }
+            if single {
+                return Ok(b.slice(from..to));
             }
             out.extend_from_slice(&b[from..to]);
         }
