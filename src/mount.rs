@@ -41,6 +41,23 @@ pub struct MountOptions {
     pub announce_ready: bool,
 }
 
+/// The kernel reads ahead of a FUSE mount by its backing device's `read_ahead_kb`, 128 by
+/// default: sequential reads then reach the daemon in 256 KiB requests. Raising it to
+/// the largest request the mount takes (1 MiB) quarters the requests of a big read.
+/// Root only (sysfs); anything that fails leaves the default, logged at debug.
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    const READ_AHEAD_KB: &str = "1024";
+    let Ok(meta) = std::fs::metadata(mountpoint) else { return };
+    let dev = meta.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&knob, READ_AHEAD_KB) {
+        Ok(()) => tracing::debug!(%knob, "kernel read-ahead raised to {READ_AHEAD_KB} KiB"),
+        Err(e) => tracing::debug!(%knob, "kernel read-ahead left at its default: {e}"),
+    }
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -351,6 +368,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         let _ = done_tx.send(r);
     })?;
     tracing::info!(mountpoint = %mountpoint.display(), source = %source.identity(), "mounted");
+    raise_readahead(&mountpoint);
     sd_notify("READY=1");
     if opts.announce_ready {
         println!("ready");

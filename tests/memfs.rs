@@ -22,6 +22,8 @@ struct Harness {
     dir: tempfile::TempDir,
     caps: Caps,
     fs: Option<Arc<Fs>>,
+    /// Every inode looked up, once per lookup: what the kernel would hold.
+    held: std::sync::Mutex<Vec<u64>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     cfg: FsConfig,
@@ -45,7 +47,7 @@ impl Harness {
     async fn with_config(store: Store, caps: Caps, cfg: FsConfig) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (fs, stop, task) = Self::start(&store, &dir, caps, &cfg);
-        Harness { store, dir, caps, fs: Some(fs), stop, task, cfg }
+        Harness { store, dir, caps, fs: Some(fs), held: Default::default(), stop, task, cfg }
     }
 
     async fn memory() -> Self {
@@ -72,6 +74,7 @@ impl Harness {
         (&mut self.task).await.expect("uploader task");
         // The old instance must be gone before its database can be opened again.
         self.fs = None;
+        self.held.lock().unwrap().clear();
         let (fs, stop, task) = Self::start(&self.store, &self.dir, self.caps, &self.cfg);
         self.fs = Some(fs);
         self.stop = stop;
@@ -91,6 +94,7 @@ impl Harness {
         let mut ino = ROOT_INO;
         for part in path.split('/').filter(|p| !p.is_empty()) {
             ino = self.fs().lookup(ino, part).await?.ino;
+            self.held.lock().unwrap().push(ino);
         }
         Ok(ino)
     }
@@ -574,6 +578,8 @@ enum Step {
     RemoteDelete(usize),
     Restart,
     Flush,
+    /// The kernel forgets every entry it holds (a tiny `max_inodes` lets folders go).
+    Forget,
 }
 
 const NAMES: [&str; 8] = ["a", "b", "d1/a", "d1/b", "d2/a", "d1", "d2", "d2/d3/c"];
@@ -590,6 +596,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => n.clone().prop_map(Step::RemoteDelete),
         1 => Just(Step::Restart),
         1 => Just(Step::Flush),
+        1 => Just(Step::Forget),
     ]
 }
 
@@ -677,7 +684,7 @@ fn model_apply(m: &mut Model, s: &Step) -> bool {
             m.remove(p);
             true
         }
-        Step::Restart | Step::Flush => true,
+        Step::Restart | Step::Flush | Step::Forget => true,
     }
 }
 
@@ -687,7 +694,9 @@ async fn run_model(steps: Vec<Step>) {
 
 async fn run_model_with(steps: Vec<Step>, upload_delay: Duration) {
     let store: Store = Arc::new(InMemory::new());
-    let mut h = Harness::with_config(store, Caps { create: true, update: true }, cfg_with_delay(upload_delay)).await;
+    // A tiny bound, so that forgotten folders leave memory and are listed again.
+    let cfg = FsConfig { max_inodes: 4, listing_min_age: Duration::ZERO, ..cfg_with_delay(upload_delay) };
+    let mut h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
     let mut m = Model::new();
     let mut done = Vec::new();
     for s in &steps {
@@ -712,6 +721,13 @@ async fn run_model_with(steps: Vec<Step>, upload_delay: Duration) {
             }
             Step::Restart => h.restart().await,
             Step::Flush => h.flush().await,
+            Step::Forget => {
+                // The kernel forgets everything it was given; idle listings may leave.
+                for ino in std::mem::take(&mut *h.held.lock().unwrap()) {
+                    h.fs().forget(ino, 1);
+                }
+                h.fs().evict_listings();
+            }
         }
         let seen = h.try_tree().await.unwrap_or_else(|e| panic!("after steps {done:?}: {e}"));
         assert_eq!(seen, m, "after steps {done:?}");

@@ -68,6 +68,9 @@ pub struct FsConfig {
     /// Entries of folder listings kept in memory (and the state database) beyond what the
     /// kernel holds and what has local changes: least recently used listings go first.
     pub max_inodes: u64,
+    /// A listing stays at least its TTL and never less than this: a request that just
+    /// listed a folder is still using its entries (tests without concurrency use zero).
+    pub listing_min_age: Duration,
 }
 
 impl Default for FsConfig {
@@ -84,6 +87,7 @@ impl Default for FsConfig {
             disk_cache: None,
             key: None,
             max_inodes: DEFAULT_MAX_INODES,
+            listing_min_age: LISTING_MIN_AGE,
         }
     }
 }
@@ -1288,7 +1292,7 @@ impl Fs {
             }
             // A listing within its TTL stays: a folder larger than the bound is not listed
             // again for every lookup of a first `ls -l`.
-            if open_dirs.contains(&dir) || d.is_listed_fresh(self.cfg.metadata_ttl.max(LISTING_MIN_AGE)) {
+            if open_dirs.contains(&dir) || d.is_listed_fresh(self.cfg.metadata_ttl.max(self.cfg.listing_min_age)) {
                 later.push(dir);
                 continue;
             }
