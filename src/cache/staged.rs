@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -320,22 +321,16 @@ impl SealedFile {
             return Ok(0);
         }
         let end = (offset + buf.len() as u64).min(st.len);
-        let mut pos = offset;
-        while pos < end {
-            let index = pos / STAGE_BLOCK;
-            let start = index * STAGE_BLOCK;
-            let from = (pos - start) as usize;
-            let to = ((end - start) as usize).min(STAGE_BLOCK as usize);
-            let out = &mut buf[(pos - offset) as usize..(pos - offset) as usize + (to - from)];
+        for (index, inside, at) in pieces(offset, end) {
+            let out = &mut buf[at];
             if let Some(p) = st.pending.as_ref().filter(|p| p.index == index) {
-                out.copy_from_slice(&p.plain[from..to]);
+                out.copy_from_slice(&p.plain[inside]);
             } else {
                 match self.load_block(&mut st, index)?.1 {
-                    Some(plain) => out.copy_from_slice(&plain[from..to]),
+                    Some(plain) => out.copy_from_slice(&plain[inside]),
                     None => out.fill(0),
                 }
             }
-            pos = start + to as u64;
         }
         Ok((end - offset) as usize)
     }
@@ -344,17 +339,12 @@ impl SealedFile {
     pub fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let mut st = self.lock();
         let end = offset + data.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let index = pos / STAGE_BLOCK;
-            let start = index * STAGE_BLOCK;
-            let from = (pos - start) as usize;
-            let to = ((end - start) as usize).min(STAGE_BLOCK as usize);
+        for (index, inside, at) in pieces(offset, end) {
+            let (from, to) = (inside.start, inside.end);
             let whole = from == 0 && to == STAGE_BLOCK as usize;
-            let src = &data[(pos - offset) as usize..(pos - offset) as usize + (to - from)];
-            pos = start + to as u64;
+            let src = &data[at];
             if let Some(p) = st.pending.as_mut().filter(|p| p.index == index) {
-                p.plain[from..to].copy_from_slice(src);
+                p.plain[inside].copy_from_slice(src);
                 continue;
             }
             self.flush_pending(&mut st)?;
@@ -450,6 +440,24 @@ impl Drop for SealedFile {
             tracing::warn!("a staging file could not write its last block: {e}");
         }
     }
+}
+
+/// `offset..end` cut at block boundaries: each piece's block index, its range within the
+/// block, and its range within a buffer that starts at `offset`.
+fn pieces(offset: u64, end: u64) -> impl Iterator<Item = (u64, Range<usize>, Range<usize>)> {
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let index = pos / STAGE_BLOCK;
+        let start = index * STAGE_BLOCK;
+        let from = (pos - start) as usize;
+        let to = ((end - start) as usize).min(STAGE_BLOCK as usize);
+        let at = (pos - offset) as usize;
+        pos = start + to as u64;
+        Some((index, from..to, at..at + (to - from)))
+    })
 }
 
 /// `read_at` until `buf` is full or the file ends; returns the bytes read.
