@@ -43,6 +43,9 @@ pub enum Command {
         /// not yet uploaded (about 1 KiB each): least recently used folders go first.
         #[arg(long, default_value_t = crate::fs::DEFAULT_MAX_INODES)]
         max_inodes: u64,
+        /// Seconds a read waits for the bucket (data not cached) before it fails with EIO.
+        #[arg(long, default_value = "30")]
+        io_timeout: f64,
         /// The 32-byte key that seals the cache (raw, or 64 hex digits) [default:
         /// $CREDENTIALS_DIRECTORY/autosync.key, else STATE_DIR/cache.key, made on first use].
         #[arg(long)]
@@ -174,6 +177,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             memory_limit,
             block_size,
             max_inodes,
+            io_timeout,
             key_file,
             daemon,
             upload_delay,
@@ -192,6 +196,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 memory_limit,
                 block_size,
                 max_inodes,
+                io_timeout: match secs(io_timeout, "io-timeout")? {
+                    d if d.is_zero() => bail!("--io-timeout must be more than 0 seconds, e.g. 30"),
+                    d => d,
+                },
                 key_file,
                 upload_delay: secs(upload_delay, "upload-delay")?,
                 metadata_ttl: secs(metadata_ttl, "metadata-ttl")?,

@@ -32,6 +32,7 @@ pub struct MountOptions {
     pub memory_limit: u64,
     pub block_size: u64,
     pub max_inodes: u64,
+    pub io_timeout: Duration,
     pub key_file: Option<PathBuf>,
     pub upload_delay: Duration,
     pub metadata_ttl: Duration,
@@ -312,6 +313,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         disk_cache: Some(Arc::new(disk_cache)),
         key: Some(key),
         max_inodes: opts.max_inodes,
+        io_timeout: opts.io_timeout,
         // The local store writes NAME#N first: that has to fit in 255 bytes too.
         max_name_len: if matches!(source, Source::Local { .. }) { 250 } else { 255 },
         ..FsConfig::default()

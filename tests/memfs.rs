@@ -507,6 +507,33 @@ async fn idle_listings_leave_memory_within_the_bound() {
     assert_eq!(h.bucket().await.get("local/pending").map(|v| v.as_slice()), Some(&b"not uploaded yet"[..]));
 }
 
+/// A bucket that stops answering: a read of data not cached fails with EIO after
+/// `io_timeout`, never hangs; cached data still reads; once it answers again, so does the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_an_unresponsive_bucket_fail_after_the_io_timeout() {
+    let sw = FaultSwitch::default();
+    let store = FaultyStore::wrap(Arc::new(InMemory::new()), sw.clone());
+    let cfg = FsConfig { io_timeout: Duration::from_millis(300), ..cfg() };
+    let h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
+    h.remote_put("cached", b"read before").await;
+    h.remote_put("cold", b"never read").await;
+    assert_eq!(h.read("cached").await.unwrap(), b"read before");
+    let cold = h.resolve("cold").await.unwrap();
+    sw.set_stalled(true);
+    let (fh, _) = h.fs().open(cold).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = h.fs().read(fh, 0, 100).await.unwrap_err();
+    assert!(matches!(err, FsError::TimedOut(_)), "{err:?}");
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(started.elapsed() < Duration::from_secs(10), "the read waited {:?}", started.elapsed());
+    // What was read before still reads.
+    let cached = h.resolve("cached").await.unwrap();
+    let (cfh, _) = h.fs().open(cached).await.unwrap();
+    assert_eq!(h.fs().read(cfh, 0, 100).await.unwrap().as_ref(), b"read before");
+    sw.set_stalled(false);
+    assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"never read");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inode_numbers_are_stable_across_restarts() {
     let mut h = Harness::memory().await;

@@ -32,6 +32,8 @@ pub enum FsError {
     State(#[from] StateError),
     #[error("the mount is read-only: {0}")]
     ReadOnly(String),
+    #[error("the bucket did not answer within --io-timeout ({0:?})")]
+    TimedOut(std::time::Duration),
     /// The error of a fetch several reads waited for.
     #[error("{0}")]
     Shared(std::sync::Arc<FsError>),
@@ -62,6 +64,7 @@ impl FsError {
             },
             FsError::State(_) => libc::EIO,
             FsError::ReadOnly(_) => libc::EROFS,
+            FsError::TimedOut(_) => libc::EIO,
             FsError::Shared(e) => e.errno(),
         }
     }

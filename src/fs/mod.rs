@@ -33,6 +33,8 @@ use crate::layout::{self, PosixAttrs};
 use crate::state::{Batch, StateDb, StateError};
 use crate::store::Store;
 
+/// How long a read waits for the bucket by default.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Listing entries kept in memory by default: about 1 KiB each.
 pub const DEFAULT_MAX_INODES: u64 = 100_000;
 /// A listing not used for this long leaves memory (when nothing in it is held).
@@ -71,6 +73,8 @@ pub struct FsConfig {
     /// A listing stays at least its TTL and never less than this: a request that just
     /// listed a folder is still using its entries (tests without concurrency use zero).
     pub listing_min_age: Duration,
+    /// How long a read waits for the bucket before it fails with EIO.
+    pub io_timeout: Duration,
 }
 
 impl Default for FsConfig {
@@ -88,6 +92,7 @@ impl Default for FsConfig {
             key: None,
             max_inodes: DEFAULT_MAX_INODES,
             listing_min_age: LISTING_MIN_AGE,
+            io_timeout: DEFAULT_IO_TIMEOUT,
         }
     }
 }
@@ -1094,7 +1099,8 @@ impl Fs {
                     let Ok(path) = obj_path(&key) else { return (ino, None) };
                     let opts = GetOptions { head: true, ..Default::default() };
                     // Keep the answer, not its body: on the local store that is an open file.
-                    (ino, self.store.get_opts(&path, opts).await.ok().map(Head::from))
+                    let head = tokio::time::timeout(self.cfg.io_timeout, self.store.get_opts(&path, opts)).await;
+                    (ino, head.ok().and_then(|r| r.ok()).map(Head::from))
                 })
                 .buffer_unordered(32)
                 .collect()
@@ -1787,7 +1793,9 @@ impl Fs {
         };
         let Ok(path) = obj_path(&remote.key) else { return };
         let opts = GetOptions { head: true, ..Default::default() };
-        let Ok(head) = self.store.get_opts(&path, opts).await else { return };
+        // An unresponsive bucket: open with what is known, after --io-timeout at most.
+        let head = tokio::time::timeout(self.cfg.io_timeout, self.store.get_opts(&path, opts)).await;
+        let Ok(Ok(head)) = head else { return };
         let meta = head.meta.clone();
         if etag_same(remote.etag.as_deref(), meta.e_tag.as_deref()) {
             // Only the attributes may have changed (see `refresh_dir`); the content stays,
@@ -1851,7 +1859,9 @@ impl Fs {
             && r.size > 0
         {
             let opts = GetOptions { if_match: r.etag.clone(), ..Default::default() };
-            let res = self.store.get_opts(&obj_path(&r.key)?, opts).await.map_err(stale)?;
+            let path = obj_path(&r.key)?;
+            // The answer is bounded by --io-timeout; the body of a big file may take longer.
+            let res = self.bounded(async { self.store.get_opts(&path, opts).await.map_err(stale) }).await?;
             let mut out = BlockWriter::new(&file);
             let mut stream = res.into_stream();
             while let Some(chunk) = stream.next().await {
@@ -1864,6 +1874,18 @@ impl Fs {
         let f = self.staging.install(ino, &tmp, file)?;
         n.staged = true;
         Ok(f)
+    }
+
+    /// `fut`, or [`FsError::TimedOut`] (EIO) once `--io-timeout` passed without it: a
+    /// read of data that is not cached never hangs on an unresponsive bucket.
+    async fn bounded<T>(&self, fut: impl std::future::Future<Output = FsResult<T>>) -> FsResult<T> {
+        match tokio::time::timeout(self.cfg.io_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!("a read from the bucket took longer than --io-timeout ({:?}): EIO", self.cfg.io_timeout);
+                Err(FsError::TimedOut(self.cfg.io_timeout))
+            }
+        }
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
@@ -1912,13 +1934,13 @@ impl Fs {
         let single = span.end - span.start == 1;
         let mut out = Vec::with_capacity(if single { 0 } else { len });
         for index in span {
-            let b = match blocks.block(&remote, index).await {
+            let b = match self.bounded(blocks.block(&remote, index)).await {
                 // The uploader moved the object meanwhile: read it where it is now.
                 Err(e) if e.is_gone() => {
                     let now = lock(&self.inner).get(ino)?.remote.clone();
                     match now {
                         Some(now) if now != remote => {
-                            let b = blocks.block(&now, index).await?;
+                            let b = self.bounded(blocks.block(&now, index)).await?;
                             remote = now;
                             b
                         }

@@ -1,5 +1,6 @@
 //! Fault injection for tests: a store wrapper that refuses every request while switched off,
-//! so outages can be simulated without stopping a server.
+//! or leaves reads unanswered while stalled, so outages can be simulated without stopping a
+//! server.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,12 +21,23 @@ use super::Store;
 #[derive(Debug, Clone, Default)]
 pub struct FaultSwitch {
     down: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
     refused: Arc<AtomicU64>,
 }
 
 impl FaultSwitch {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+    /// While stalled, reads (`get`) wait without an answer, like a server that stopped
+    /// responding; they go on once it is lifted.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::SeqCst);
+    }
+    async fn stall(&self) {
+        while self.stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
     /// How many requests were refused while down.
     pub fn refused(&self) -> u64 {
@@ -72,6 +84,7 @@ impl ObjectStore for FaultyStore {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         self.switch.check()?;
+        self.switch.stall().await;
         self.inner.get_opts(location, options).await
     }
 
