@@ -53,6 +53,9 @@ const UPLOAD_DELAY: &str = "0.1";
 const METADATA_TTL: &str = "1";
 /// The folders the files spread over.
 const FOLDERS: u64 = 4;
+/// Beyond this many files, the writer only rewrites: the full scans after each kill stay
+/// bounded however many kills a run has.
+const MAX_PATHS: usize = 400;
 /// The folder marker autosync puts in the bucket for an empty folder (`layout.rs`).
 const FOLDER_MARKER: &str = ".autosync-folder";
 
@@ -152,7 +155,7 @@ impl Writer {
                 let path = match l.pending.first().cloned() {
                     Some(p) => p,
                     None if drain => return,
-                    None if !l.acked.is_empty() && rng.below(100) < 40 => {
+                    None if !l.acked.is_empty() && (l.acked.len() >= MAX_PATHS || rng.below(100) < 40) => {
                         let i = rng.below(l.acked.len() as u64) as usize;
                         l.acked.keys().nth(i).cloned().unwrap_or_default()
                     }
