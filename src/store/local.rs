@@ -14,8 +14,8 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
     Attribute, AttributeValue, Attributes, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
-    ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
-    UploadPart,
+    ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+    Result, UploadPart,
 };
 
 use crate::layout::{PosixAttrs, metadata_map};
@@ -47,30 +47,79 @@ fn generic(e: impl std::error::Error + Send + Sync + 'static) -> object_store::E
 /// Applies the metadata to the backing file; the xattr keeps the exact values (including a
 /// symlink's type bits) while mode/owner/mtime make the folder itself look right.
 fn apply(inner: &LocalFileSystem, location: &Path, attributes: &Attributes) -> Result<()> {
-    let path = inner.path_to_filesystem(location)?;
+    apply_at(&inner.path_to_filesystem(location)?, attributes)
+}
+
+fn apply_at(path: &std::path::Path, attributes: &Attributes) -> Result<()> {
     let map: BTreeMap<String, String> = metadata_map(attributes).into_iter().collect();
     if map.is_empty() {
         return Ok(());
     }
     let json = serde_json::to_vec(&map).map_err(generic)?;
     // Filesystems without user xattrs still get mode and mtime below.
-    let _ = xattr::set(&path, XATTR, &json);
+    let _ = xattr::set(path, XATTR, &json);
     let (attrs, _) = PosixAttrs::from_attributes(attributes);
     if let Some(mode) = attrs.mode {
         // Keep the owner able to read and replace the backing file whatever the mode says.
         let perm = (mode & 0o7777) | 0o600;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(perm)).map_err(generic)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(perm)).map_err(generic)?;
     }
     if attrs.uid.is_some() || attrs.gid.is_some() {
         // Only root may give files away; the xattr still carries the owner.
-        let _ = std::os::unix::fs::chown(&path, attrs.uid, attrs.gid);
+        let _ = std::os::unix::fs::chown(path, attrs.uid, attrs.gid);
     }
     if let Some(t) = attrs.mtime {
         let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
-        let f = std::fs::File::options().write(true).open(&path).map_err(generic)?;
+        let f = std::fs::File::options().write(true).open(path).map_err(generic)?;
         f.set_modified(when).map_err(generic)?;
     }
     Ok(())
+}
+
+/// Writes `payload` to a staging file next to `dest` (`NAME#N`, which `LocalFileSystem`
+/// leaves out of listings), applies the metadata to it, then publishes it: a rename for
+/// `Overwrite`, a hard link for `Create`. So an object never becomes visible without its
+/// metadata, whatever kills the process in between: a crashed upload read back by the next
+/// mount still carries its `autosync-hash` and is recognised as ours.
+fn put_staged(dest: &std::path::Path, payload: &PutPayload, create: bool, attributes: &Attributes) -> Result<()> {
+    use std::io::Write;
+    let (mut file, staged) = {
+        let mut n = 1u32;
+        loop {
+            let mut p = dest.as_os_str().to_owned();
+            p.push(format!("#{n}"));
+            let p = std::path::PathBuf::from(p);
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+                Ok(f) => break (f, p),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && n == 1 => {
+                    let parent = dest.parent().ok_or_else(|| generic(e))?;
+                    std::fs::create_dir_all(parent).map_err(generic)?;
+                    n += 1;
+                }
+                Err(e) => return Err(generic(e)),
+            }
+        }
+    };
+    let mut publish = || -> Result<()> {
+        payload.iter().try_for_each(|chunk| file.write_all(chunk)).map_err(generic)?;
+        apply_at(&staged, attributes)?;
+        if !create {
+            return std::fs::rename(&staged, dest).map_err(generic);
+        }
+        match std::fs::hard_link(&staged, dest) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(object_store::Error::AlreadyExists { path: dest.display().to_string(), source: Box::new(e) })
+            }
+            Err(e) => Err(generic(e)),
+        }
+    };
+    let res = publish();
+    if res.is_err() || create {
+        let _ = std::fs::remove_file(&staged);
+    }
+    res
 }
 
 /// Reads the attributes back: the xattr when autosync wrote the file, `stat` otherwise.
@@ -102,8 +151,19 @@ async fn finish_put(inner: &LocalFileSystem, location: &Path, attributes: &Attri
 impl ObjectStore for LocalAttrStore {
     async fn put_opts(&self, location: &Path, payload: PutPayload, mut opts: PutOptions) -> Result<PutResult> {
         let attributes = std::mem::take(&mut opts.attributes);
-        self.inner.put_opts(location, payload, opts).await?;
-        finish_put(&self.inner, location, &attributes).await
+        let create = match opts.mode {
+            PutMode::Overwrite => false,
+            PutMode::Create => true,
+            // `LocalFileSystem` answers NotImplemented, which the probe relies on.
+            PutMode::Update(_) => return self.inner.put_opts(location, payload, opts).await,
+        };
+        let dest = self.inner.path_to_filesystem(location)?;
+        tokio::task::spawn_blocking(move || put_staged(&dest, &payload, create, &attributes))
+            .await
+            .map_err(generic)??;
+        // The mtime set before publishing is part of the local ETag: report the one it has.
+        let meta = self.inner.head(location).await?;
+        Ok(PutResult { e_tag: meta.e_tag, version: meta.version, extensions: Default::default() })
     }
 
     async fn put_multipart_opts(
@@ -167,5 +227,51 @@ impl MultipartUpload for LocalUpload {
 
     async fn abort(&mut self) -> Result<()> {
         self.upload.abort().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(hash: &str) -> Attributes {
+        let mut a = Attributes::new();
+        a.insert(Attribute::Metadata("autosync-hash".into()), AttributeValue::from(hash.to_string()));
+        a.insert(Attribute::Metadata("mtime".into()), AttributeValue::from("1614834367".to_string()));
+        a
+    }
+
+    /// A put publishes the object with its metadata already on it (a crash can no longer
+    /// leave our own upload without its `autosync-hash`), leaves no staging file, and keeps
+    /// `Create` exclusive and `Update` unsupported.
+    #[tokio::test]
+    async fn put_publishes_the_object_with_its_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalAttrStore::new(dir.path()).unwrap();
+        let key = Path::from("a/b/file");
+        let opts = |mode, a| PutOptions { mode, attributes: a, ..Default::default() };
+        let r = store.put_opts(&key, PutPayload::from_static(b"one"), opts(PutMode::Create, attrs("h1"))).await;
+        let etag = r.unwrap().e_tag;
+        let file = dir.path().join("a/b/file");
+        let meta: BTreeMap<String, String> =
+            serde_json::from_slice(&xattr::get(&file, XATTR).unwrap().unwrap()).unwrap();
+        assert_eq!(meta.get("autosync-hash").map(String::as_str), Some("h1"));
+        assert_eq!(store.head(&key).await.unwrap().e_tag, etag, "the ETag reported is the object's");
+
+        let again = store.put_opts(&key, PutPayload::from_static(b"two"), opts(PutMode::Create, attrs("h2"))).await;
+        assert!(matches!(again, Err(object_store::Error::AlreadyExists { .. })), "{again:?}");
+        let r = store.put_opts(&key, PutPayload::from_static(b"three"), opts(PutMode::Overwrite, attrs("h3"))).await;
+        r.unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"three");
+        let got = store.get_opts(&key, GetOptions::default()).await.unwrap();
+        let (_, hash) = PosixAttrs::from_attributes(&got.attributes);
+        assert_eq!(hash.as_deref(), Some("h3"));
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path().join("a/b")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, ["file"], "no staging file stays behind");
+
+        let update = PutMode::Update(object_store::UpdateVersion { e_tag: None, version: None });
+        let r = store.put_opts(&key, PutPayload::from_static(b"four"), opts(update, Attributes::new())).await;
+        assert!(matches!(r, Err(object_store::Error::NotImplemented { .. })), "{r:?}");
     }
 }
