@@ -175,7 +175,11 @@ impl Harness {
                 match e.kind {
                     Kind::Dir => {
                         out.insert(path.clone(), None);
-                        stack.push((e.ino, path));
+                        // As the kernel does: an entry of a plain readdir is used only
+                        // after a lookup (which the kernel then holds).
+                        let child = self.fs().lookup(ino, &e.name).await?.ino;
+                        self.held.lock().unwrap().push(child);
+                        stack.push((child, path));
                     }
                     _ => {
                         let data = self.read(&path).await?;
