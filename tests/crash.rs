@@ -39,15 +39,7 @@ use std::time::{Duration, Instant};
 use common::servers::{Backend, Other, Server};
 use common::{Mount, Rng, TestDir, Tier, alive, daemon_pids, mounted, sigkill, wait_for};
 
-static TIER: Tier = Tier {
-    temp_prefix: "autosync-crash-",
-    shutdown_grace: "20",
-    flush_timeout: "90",
-    drop_unmount_timeout: Duration::from_secs(60),
-    drop_exit_timeout: Duration::from_secs(30),
-    cli_env_remove: &["AWS_CA_BUNDLE"],
-    show_other_logs: true,
-};
+static TIER: Tier = Tier::real_mount("autosync-crash-");
 
 /// Short: uploads run between the kills, so kills also land in the middle of uploads.
 const UPLOAD_DELAY: &str = "0.1";

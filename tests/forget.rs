@@ -12,15 +12,7 @@ use std::time::Duration;
 use common::servers::{Backend, Server};
 use common::{Mount, MountSpec, TestDir, Tier, UPLOAD_DELAY, read, run_ok, wait_for};
 
-static TIER: Tier = Tier {
-    temp_prefix: "autosync-forget-",
-    shutdown_grace: "20",
-    flush_timeout: "90",
-    drop_unmount_timeout: Duration::from_secs(60),
-    drop_exit_timeout: Duration::from_secs(30),
-    cli_env_remove: &[],
-    show_other_logs: true,
-};
+static TIER: Tier = Tier::real_mount("autosync-forget-");
 
 fn inodes(m: &Mount) -> u64 {
     let out = run_ok(m.cli("status").arg("--json"));

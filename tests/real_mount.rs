@@ -33,15 +33,7 @@ use common::{
 /// Short re-listing delay so that re-listings happen within the tests' time.
 const METADATA_TTL: &str = "1";
 
-static TIER: Tier = Tier {
-    temp_prefix: "autosync-",
-    shutdown_grace: "20",
-    flush_timeout: "90",
-    drop_unmount_timeout: Duration::from_secs(60),
-    drop_exit_timeout: Duration::from_secs(30),
-    cli_env_remove: &["AWS_CA_BUNDLE"],
-    show_other_logs: true,
-};
+static TIER: Tier = Tier::real_mount("autosync-");
 
 fn sh(prog: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
     let mut c = Command::new(prog);

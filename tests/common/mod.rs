@@ -46,6 +46,21 @@ pub struct Tier {
     pub show_other_logs: bool,
 }
 
+impl Tier {
+    /// The settings of the real-mount test binaries, with temp dirs named `temp_prefix...`.
+    pub const fn real_mount(temp_prefix: &'static str) -> Tier {
+        Tier {
+            temp_prefix,
+            shutdown_grace: "20",
+            flush_timeout: "90",
+            drop_unmount_timeout: Duration::from_secs(60),
+            drop_exit_timeout: Duration::from_secs(30),
+            cli_env_remove: &["AWS_CA_BUNDLE"],
+            show_other_logs: true,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Running commands with a deadline
 // ---------------------------------------------------------------------------------------------
