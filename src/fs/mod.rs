@@ -1307,14 +1307,15 @@ impl Fs {
                 continue;
             }
             let kids: Vec<u64> = inner.children.get(&dir).map(|c| c.values().copied().collect()).unwrap_or_default();
+            // None is held by the kernel (counted above); none is busy here.
             let idle = |inner: &Inner, c: u64| {
-                inner.get(c).is_ok_and(|n| n.lookups == 0 && n.writing == 0)
+                inner.get(c).is_ok_and(|n| n.writing == 0)
                     && inner.is_settled(c)
                     && inner.children.get(&c).is_none_or(|g| g.is_empty())
                     && !open_dirs.contains(&c)
             };
             if kids.is_empty() || !kids.iter().all(|&c| idle(&inner, c)) {
-                tracing::debug!(dir, entries = kids.len(), "listing evicted from memory's LRU, but entries are held");
+                tracing::debug!(dir, entries = kids.len(), "listing evicted from memory's LRU, but entries are in use");
                 continue;
             }
             tracing::debug!(dir, entries = kids.len(), "listing leaves memory");
