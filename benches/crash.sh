@@ -12,4 +12,4 @@ export AUTOSYNC_CRASH_KILLS=${1:-200}
 export AUTOSYNC_CRASH_BACKEND=${2:-local}
 export AUTOSYNC_CRASH_SEED=${3:-$(date +%s)}
 cd "$root"
-cargo test --release --test crash -- --ignored --nocapture 2>&1 | grep -E -A3 '^crash harness|panicked|keeping|test result'
+cargo test --release --test crash -- --nocapture 2>&1 | grep -E -A3 '^crash harness|panicked|keeping|test result'

@@ -24,6 +24,9 @@ pub const META_GID: &str = "gid";
 pub const META_MTIME: &str = "mtime";
 /// blake3 of the content, to settle ambiguous conditional writes by reading back.
 pub const META_HASH: &str = "autosync-hash";
+/// `WRITER:INO`: the mount state (a random id per state dir) and the inode that uploaded
+/// the object, so a mount recognises its own upload that a crash kept it from recording.
+pub const META_ORIGIN: &str = "autosync-origin";
 
 /// Why a listed key cannot become a file name.
 pub fn invalid_name(name: &str) -> Option<&'static str> {
@@ -84,7 +87,7 @@ pub struct PosixAttrs {
 }
 
 impl PosixAttrs {
-    pub fn to_attributes(self, hash: Option<&str>) -> Attributes {
+    pub fn to_attributes(self, hash: Option<&str>, origin: Option<&str>) -> Attributes {
         let mut a = Attributes::new();
         let mut put = |k: &'static str, v: String| {
             a.insert(Attribute::Metadata(k.into()), AttributeValue::from(v));
@@ -104,6 +107,9 @@ impl PosixAttrs {
         if let Some(h) = hash {
             put(META_HASH, h.to_string());
         }
+        if let Some(o) = origin {
+            put(META_ORIGIN, o.to_string());
+        }
         a
     }
 
@@ -117,6 +123,11 @@ impl PosixAttrs {
             mtime: num(META_MTIME),
         };
         (attrs, map.get(META_HASH).cloned())
+    }
+
+    /// The `autosync-origin` an object carries, if any.
+    pub fn origin(a: &Attributes) -> Option<String> {
+        metadata_map(a).remove(META_ORIGIN)
     }
 
     pub fn is_symlink(&self) -> bool {
@@ -153,7 +164,7 @@ mod tests {
     #[test]
     fn attributes_round_trip_with_s3fs_names() {
         let a = PosixAttrs { mode: Some(S_IFREG | 0o640), uid: Some(1000), gid: Some(100), mtime: Some(1_700_000_000) };
-        let attrs = a.to_attributes(Some("abc"));
+        let attrs = a.to_attributes(Some("abc"), None);
         let map = metadata_map(&attrs);
         assert_eq!(map["mode"], (0o100640).to_string());
         assert_eq!(map["mtime"], "1700000000");

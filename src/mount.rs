@@ -403,6 +403,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
                 "stopping with changes not yet in the bucket; they stay in the journal and upload at the next mount"
             );
         }
+        let mut ended = unmounted_externally;
         if !unmounted_externally {
             if let Err(e) = unmounter.unmount() {
                 // Busy (a program still has files open): detach, so the path is free and
@@ -410,9 +411,9 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
                 tracing::warn!("unmount: {e}; detaching the mount instead");
                 let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
-            let _ = tokio::time::timeout(Duration::from_secs(10), done_rx).await;
+            ended = tokio::time::timeout(Duration::from_secs(10), done_rx).await.is_ok();
         }
-        anyhow::Ok(())
+        anyhow::Ok(ended)
     });
     let _ = stop_tx.send(true);
     let _ = rt.block_on(uploader);
@@ -424,10 +425,16 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     if std::fs::metadata(&socket).ok().map(|m| m.ino()) == socket_ino {
         let _ = std::fs::remove_file(&socket);
     }
-    let _ = fs.sync_journal();
+    // A session still running (files open on a detached mount) may write on: only a mount
+    // the kernel let go of is closed clean.
+    if matches!(result, Ok(true)) {
+        let _ = fs.close_state();
+    } else {
+        let _ = fs.sync_journal();
+    }
     drop(_guard);
     rt.shutdown_timeout(Duration::from_secs(2));
-    result
+    result.map(|_| ())
 }
 
 /// `--daemon`: re-runs this command in the background and returns once it is mounted.

@@ -287,12 +287,8 @@ fn backend() -> Backend {
     }
 }
 
-/// Not in the default run yet: an open bug (docs/FORMAT.md, Durability, item 5) can put an
-/// acknowledged version in a conflict copy when a kill lands between an upload and its
-/// journal commit and the file is written again after the remount. Run it with
-/// `benches/crash.sh` or `cargo test --release --test crash -- --ignored`.
+/// The journal's promise under SIGKILL: 24 kills at CI size, `benches/crash.sh` for more.
 #[test]
-#[ignore]
 fn sigkill_at_random_moments_loses_no_acknowledged_write() {
     let kills = env_u64("AUTOSYNC_CRASH_KILLS", 24);
     let seed = env_u64("AUTOSYNC_CRASH_SEED", 0x5EED_C4A5);
@@ -363,7 +359,13 @@ fn sigkill_at_random_moments_loses_no_acknowledged_write() {
         // (A name never looked up: the kernel may answer the mount point's own stat from its
         // attribute cache.)
         let probe = dir.m(&format!("never-looked-up-{round}"));
-        assert_eq!(stat_errno(&probe), Some(libc::ENOTCONN), "round {round}: stat in the dead mount");
+        // ENOTCONN, or ECONNABORTED when the request raced with the kernel aborting the
+        // connection: both say the daemon is gone.
+        let errno = stat_errno(&probe);
+        assert!(
+            matches!(errno, Some(libc::ENOTCONN | libc::ECONNABORTED)),
+            "round {round}: stat in the dead mount gave errno {errno:?}"
+        );
         assert!(daemon_pids(&state).is_empty(), "round {round}: a daemon survived SIGKILL");
         scanned += check_bucket(&bucket, &ledger, None, &mut conflicts, &format!("round {round}, after the kill"));
     }

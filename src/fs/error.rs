@@ -34,6 +34,10 @@ pub enum FsError {
     ReadOnly(String),
     #[error("the bucket did not answer within --io-timeout ({0:?})")]
     TimedOut(std::time::Duration),
+    /// A failpoint stopped the work here, as a crash would (tests only: failpoints are
+    /// compiled in only by `cargo test`).
+    #[error("stopped at failpoint {0}")]
+    Halted(&'static str),
     /// The error of a fetch several reads waited for.
     #[error("{0}")]
     Shared(std::sync::Arc<FsError>),
@@ -64,7 +68,7 @@ impl FsError {
             },
             FsError::State(_) => libc::EIO,
             FsError::ReadOnly(_) => libc::EROFS,
-            FsError::TimedOut(_) => libc::EIO,
+            FsError::TimedOut(_) | FsError::Halted(_) => libc::EIO,
             FsError::Shared(e) => e.errno(),
         }
     }

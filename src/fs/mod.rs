@@ -245,6 +245,9 @@ pub struct Fs {
     prefix: String,
     cfg: FsConfig,
     caps: Caps,
+    /// This state dir's writer id, stamped on every object it uploads (`autosync-origin`), so
+    /// an upload cut short by a crash is recognised as ours after the next mount.
+    writer: String,
     db: StateDb,
     staging: Staging,
     inner: Mutex<Inner>,
@@ -579,6 +582,7 @@ impl Fs {
         // a cache dir never mix their inodes.
         let state_id = meta.get("state_id").copied().unwrap_or_else(rand::random);
         let staging = Staging::new(cache_dir, Arc::clone(&sealer), state_id)?;
+        let writer_id = meta.get("writer_id").copied().unwrap_or_else(rand::random);
         let mut inner = Inner {
             inodes: HashMap::new(),
             children: HashMap::new(),
@@ -597,6 +601,7 @@ impl Fs {
         };
         let mut batch = Batch::default();
         batch.meta.push(("state_id", state_id));
+        batch.meta.push(("writer_id", writer_id));
         let mut nodes = loaded.inodes;
         if !nodes.iter().any(|n: &Inode| n.ino == ROOT_INO) {
             let mut root = Inode::new(ROOT_INO, ROOT_INO, String::new(), Kind::Dir, 0o755, cfg.uid, cfg.gid);
@@ -660,6 +665,26 @@ impl Fs {
         for (seq, op) in loaded.ops {
             inner.register(seq, op, ready);
         }
+        // After a crash, the staged copy of a file with no change pending may hold writes
+        // that no `fsync` or `close` acknowledged (and that will never upload): the bucket's
+        // copy is the file's content. A clean stop leaves nothing unacknowledged.
+        if meta.get("clean") != Some(&1) {
+            let unacked: Vec<u64> = inner
+                .inodes
+                .values()
+                .filter(|n| n.staged && !n.dirty && !inner.queued_sync.contains_key(&n.ino))
+                .map(|n| n.ino)
+                .collect();
+            for ino in unacked {
+                if let Some(n) = inner.inodes.get_mut(&ino) {
+                    n.staged = false;
+                    n.size = n.remote.as_ref().map_or(0, |r| r.size);
+                    batch.inode(ino, n)?;
+                    staging.remove(ino);
+                }
+            }
+        }
+        batch.meta.push(("clean", 0));
         db.commit(&batch, true)?;
         let pending = inner.queue.len();
         let (tx, _) = watch::channel(pending);
@@ -690,6 +715,7 @@ impl Fs {
             prefix: prefix.trim_matches('/').to_string(),
             cfg,
             caps,
+            writer: format!("{writer_id:016x}"),
             db,
             staging,
             inner: Mutex::new(inner),
@@ -710,8 +736,14 @@ impl Fs {
         if let Some(why) = &lock(&self.counters).read_only {
             return Err(FsError::ReadOnly(why.clone()));
         }
+        let written = || -> Result<(), StateError> {
+            fail::fail_point!("journal-write-error", |_| Err(StateError::Db(redb::Error::Io(
+                std::io::Error::from_raw_os_error(libc::EIO)
+            ))));
+            self.db.commit(&batch, durable)
+        };
         if (!batch.is_empty() || durable)
-            && let Err(e) = self.db.commit(&batch, durable)
+            && let Err(e) = written()
         {
             // A journal that cannot be written must not pretend: stop taking writes.
             let why = format!("journal write failed: {e}");
@@ -2025,12 +2057,17 @@ impl Fs {
             // A staging file created since the last sync needs its directory entry too.
             self.staging.sync_dir()?;
         }
-        let mut inner = lock(&self.inner);
-        let mut batch = Batch::default();
-        if inner.get(ino).is_ok_and(|n| n.parent != 0) {
-            inner.touch(ino, self.cfg.upload_delay, &mut batch)?;
+        fail::fail_point!("fsync-after-staging", |_| Err(FsError::Halted("fsync-after-staging")));
+        {
+            let mut inner = lock(&self.inner);
+            let mut batch = Batch::default();
+            if inner.get(ino).is_ok_and(|n| n.parent != 0) {
+                inner.touch(ino, self.cfg.upload_delay, &mut batch)?;
+            }
+            self.commit(&inner, batch, true)?;
         }
-        self.commit(&inner, batch, true)
+        fail::fail_point!("fsync-after-commit", |_| Err(FsError::Halted("fsync-after-commit")));
+        Ok(())
     }
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
@@ -2164,6 +2201,15 @@ impl Fs {
     pub fn sync_journal(&self) -> FsResult<()> {
         let inner = lock(&self.inner);
         self.commit(&inner, Batch::default(), true)
+    }
+
+    /// The last commit of a mount, once the kernel let go of it: everything is durable, and
+    /// the next mount may trust the staged copies of files without pending changes.
+    pub fn close_state(&self) -> FsResult<()> {
+        let inner = lock(&self.inner);
+        let mut batch = Batch::default();
+        batch.meta.push(("clean", 1));
+        self.commit(&inner, batch, true)
     }
 }
 

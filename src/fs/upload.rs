@@ -37,6 +37,16 @@ impl From<std::io::Error> for PutError {
     }
 }
 
+/// Whose the object at a key is, when it is not the version a change was based on.
+enum Claim {
+    /// It holds exactly our content: the put already happened.
+    Same(object_store::PutResult),
+    /// Our own unrecorded upload: write over this version.
+    Rebase(Remote),
+    /// Someone else's change.
+    Theirs,
+}
+
 /// Where the bytes of an upload come from.
 enum Content {
     /// A sealed snapshot in the cache dir's temp folder, removed with this value.
@@ -112,6 +122,10 @@ impl Fs {
                 continue;
             }
             match self.process(seq, &op).await {
+                Err(FsError::Halted(at)) => {
+                    tracing::warn!(at, "uploader stopped at a failpoint");
+                    return;
+                }
                 Ok(_) => {
                     backoff = Duration::from_millis(500);
                     lock(&self.counters).last_error = None;
@@ -398,7 +412,7 @@ impl Fs {
         let attrs = node.posix_attrs();
         let marker = obj_path(&layout::marker_key(key))?;
         lock(&self.inner).in_flight.insert(key.to_string());
-        let opts = PutOptions { attributes: attrs.to_attributes(None), ..Default::default() };
+        let opts = PutOptions { attributes: attrs.to_attributes(None, None), ..Default::default() };
         self.store.put_opts(&marker, PutPayload::new(), opts).await?;
         let mut batch = Batch::default();
         {
@@ -504,12 +518,13 @@ impl Fs {
     ) -> FsResult<()> {
         lock(&self.inner).in_flight.insert(key.to_string());
         tracing::debug!(key, ?base, ?moved_from, "put");
-        let result = self.conditional_put(key, base.as_ref(), &content, attrs).await;
+        let result = self.conditional_put(node.ino, key, base.as_ref(), &content, attrs).await;
         let put = match result {
             Ok(p) => p,
             Err(PutError::Diverged) => return self.resolve_conflict(seq, node, key, moved_from, content).await,
             Err(PutError::Other(e)) => return Err(e),
         };
+        fail::fail_point!("upload-before-commit", |_| Err(FsError::Halted("upload-before-commit")));
         let mut batch = Batch::default();
         {
             let mut inner = lock(&self.inner);
@@ -558,16 +573,47 @@ impl Fs {
 
     /// Writes `content` at `key` only if the object there is still `base` (or absent when
     /// `base` is None). Uses the store's conditional writes where the probe found them, and
-    /// compare-then-write elsewhere (a race window: see docs/SEMANTICS.md).
+    /// compare-then-write elsewhere (a race window: see docs/SEMANTICS.md). An object there
+    /// that is our own upload which a crash kept us from recording is written over.
     async fn conditional_put(
         &self,
+        ino: u64,
+        key: &str,
+        base: Option<&Remote>,
+        content: &Content,
+        attrs: PosixAttrs,
+    ) -> Result<object_store::PutResult, PutError> {
+        let mut base = base.cloned();
+        // Each rebase follows one more object of ours; a bucket that keeps changing under
+        // us ends as a conflict.
+        for _ in 0..3 {
+            match self.try_put(ino, key, base.as_ref(), content, attrs).await {
+                Err(PutError::Diverged) => {}
+                other => return other,
+            }
+            match self.claim(ino, &obj_path(key)?, content).await? {
+                Claim::Same(put) => return Ok(put),
+                Claim::Rebase(current) => {
+                    tracing::info!(key, "the object is this mount's own upload from before a restart; writing over it");
+                    base = Some(current);
+                }
+                Claim::Theirs => return Err(PutError::Diverged),
+            }
+        }
+        Err(PutError::Diverged)
+    }
+
+    async fn try_put(
+        &self,
+        ino: u64,
         key: &str,
         base: Option<&Remote>,
         content: &Content,
         attrs: PosixAttrs,
     ) -> Result<object_store::PutResult, PutError> {
         let path = obj_path(key)?;
-        let attributes = attrs.to_attributes(Some(content.hash()));
+        let origin = format!("{}:{ino}", self.writer);
+        let attributes = attrs.to_attributes(Some(content.hash()), Some(&origin));
         let multipart = content.size() > self.cfg.multipart_threshold;
         let native = match base {
             None => self.caps.create,
@@ -586,11 +632,7 @@ impl Fs {
                 _ => false,
             };
             if !matches {
-                return if self.already_ours(&path, content).await {
-                    self.settle(&path).await
-                } else {
-                    Err(PutError::Diverged)
-                };
+                return Err(PutError::Diverged);
             }
         }
         let mode = if native && !multipart {
@@ -625,6 +667,12 @@ impl Fs {
                         offset += chunk.len() as u64;
                         writer.wait_for_capacity(4).await?;
                         writer.put(chunk.into());
+                        if offset > 16 << 20 {
+                            // At least one part has gone up; the upload is never completed.
+                            fail::fail_point!("upload-multipart-middle", |_| {
+                                Err(PutError::Other(FsError::Halted("upload-multipart-middle")))
+                            });
+                        }
                     }
                 }
             }
@@ -645,29 +693,47 @@ impl Fs {
         };
         match res {
             Ok(r) => Ok(r),
+            // Ambiguous after a retry or a crash: the caller reads back to settle it.
             Err(object_store::Error::Precondition { .. }) | Err(object_store::Error::AlreadyExists { .. }) => {
-                // Ambiguous after a retry or a crash: settle it by reading back.
-                if self.already_ours(&path, content).await { self.settle(&path).await } else { Err(PutError::Diverged) }
+                Err(PutError::Diverged)
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// The object at `path` already holds exactly this content (our own earlier attempt).
-    async fn already_ours(&self, path: &Path, content: &Content) -> bool {
+    /// Whose is the object at `path`, which is not the version our change was based on.
+    async fn claim(&self, ino: u64, path: &Path, content: &Content) -> Result<Claim, PutError> {
         let opts = GetOptions { head: true, ..Default::default() };
-        match self.store.get_opts(path, opts).await {
-            Ok(r) => {
-                let (_, hash) = PosixAttrs::from_attributes(&r.attributes);
-                hash.as_deref() == Some(content.hash()) && r.meta.size == content.size()
-            }
-            Err(_) => false,
+        let r = match self.store.get_opts(path, opts).await {
+            Ok(r) => r,
+            // Deleted by someone else since we read it: a conflict, like an edit.
+            Err(object_store::Error::NotFound { .. }) => return Ok(Claim::Theirs),
+            Err(e) => return Err(e.into()),
+        };
+        let (_, hash) = PosixAttrs::from_attributes(&r.attributes);
+        let meta = r.meta;
+        if hash.as_deref() == Some(content.hash()) && meta.size == content.size() {
+            // Exactly this content: our own earlier attempt, after a retry or a crash.
+            let put = object_store::PutResult {
+                e_tag: meta.e_tag.clone(),
+                version: meta.version.clone(),
+                extensions: Default::default(),
+            };
+            return Ok(Claim::Same(put));
         }
-    }
-
-    async fn settle(&self, path: &Path) -> Result<object_store::PutResult, PutError> {
-        let m = self.store.head(path).await?;
-        Ok(object_store::PutResult { e_tag: m.e_tag, version: m.version, extensions: Default::default() })
+        let ours = PosixAttrs::origin(&r.attributes).and_then(|o| {
+            let (writer, of) = o.rsplit_once(':')?;
+            (writer == self.writer).then(|| of.parse::<u64>().ok()).flatten()
+        });
+        let Some(of) = ours else { return Ok(Claim::Theirs) };
+        // Written by this mount state, for this inode or for one that no longer lives at this
+        // key: an upload a crash kept us from recording, which nobody changed since.
+        let key = path.as_ref();
+        let orphan = of == ino || !lock(&self.inner).key_of(&self.prefix, of).is_ok_and(|k| k == key);
+        if orphan {
+            return Ok(Claim::Rebase(remote_of(&meta)));
+        }
+        Ok(Claim::Theirs)
     }
 
     /// keep-both: the bucket's version keeps the path; ours is saved next to it as
@@ -691,7 +757,7 @@ impl Fs {
         let put = loop {
             let copy_key = if dir_key.is_empty() { copy_name.clone() } else { format!("{dir_key}/{copy_name}") };
             lock(&self.inner).in_flight.insert(copy_key.clone());
-            match self.conditional_put(&copy_key, None, &content, attrs).await {
+            match self.conditional_put(node.ino, &copy_key, None, &content, attrs).await {
                 Ok(p) => break (copy_key, p),
                 Err(PutError::Diverged) if attempt < 20 => {
                     attempt += 1;

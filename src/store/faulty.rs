@@ -23,6 +23,9 @@ pub struct FaultSwitch {
     down: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
     refused: Arc<AtomicU64>,
+    /// Writes that reached the store, per key: single puts that succeeded, and multipart
+    /// uploads started.
+    writes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
 }
 
 impl FaultSwitch {
@@ -42,6 +45,13 @@ impl FaultSwitch {
     /// How many requests were refused while down.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
+    }
+    /// Writes that reached the store, per key (see the field).
+    pub fn writes(&self) -> std::collections::BTreeMap<String, u64> {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn wrote(&self, location: &Path) {
+        *self.writes.lock().unwrap_or_else(|e| e.into_inner()).entry(location.to_string()).or_default() += 1;
     }
     fn check(&self) -> Result<()> {
         if self.down.load(Ordering::SeqCst) {
@@ -74,12 +84,20 @@ impl fmt::Display for FaultyStore {
 impl ObjectStore for FaultyStore {
     async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
         self.switch.check()?;
-        self.inner.put_opts(location, payload, opts).await
+        let r = self.inner.put_opts(location, payload, opts).await;
+        if r.is_ok() {
+            self.switch.wrote(location);
+        }
+        r
     }
 
     async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
         self.switch.check()?;
-        self.inner.put_multipart_opts(location, opts).await
+        let r = self.inner.put_multipart_opts(location, opts).await;
+        if r.is_ok() {
+            self.switch.wrote(location);
+        }
+        r
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
