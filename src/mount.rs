@@ -398,10 +398,16 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         sd_notify("STOPPING=1");
         let left = fs.flush_all(grace).await;
         if left > 0 {
+            let st = fs.status();
+            let why = st.last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
             tracing::warn!(
                 pending = left,
-                "stopping with changes not yet in the bucket; they stay in the journal and upload at the next mount"
+                bytes = st.pending_bytes,
+                "stopping after the {grace:?} shutdown grace with {left} change(s) ({} bytes) not yet in the bucket{why}; they stay in the journal and upload at the next mount",
+                st.pending_bytes
             );
+        } else {
+            tracing::info!("every change is in the bucket");
         }
         let mut ended = unmounted_externally;
         if !unmounted_externally {
