@@ -342,6 +342,78 @@ async fn reads_of_an_unresponsive_bucket_fail_after_the_io_timeout() {
     assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"never read");
 }
 
+/// While the bucket refuses every request, writes, renames and cached reads go on, and the
+/// status shows the backlog and why; once it answers, the backlog drains with each file
+/// written once, however often it changed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_keeps_writes_working_and_the_backlog_drains_once() {
+    for caps in [Caps { create: true, update: true }, Caps::default()] {
+        let sw = FaultSwitch::default();
+        let store = FaultyStore::wrap(Arc::new(InMemory::new()), sw.clone());
+        let h = Harness::with_config(store, caps, cfg()).await;
+        h.remote_put("cached", b"read before").await;
+        h.remote_put("cold", b"never read").await;
+        h.write("edited", b"v0").await.unwrap();
+        h.flush().await;
+        assert_eq!(h.read("cached").await.unwrap(), b"read before");
+        let before = sw.writes();
+
+        sw.set_down(true);
+        for i in 1..=5 {
+            h.write("edited", format!("v{i}").as_bytes()).await.unwrap();
+            h.write("new", format!("new {i}").as_bytes()).await.unwrap();
+        }
+        h.mkdir("d").await.unwrap();
+        h.write("d/inside", b"in a new folder").await.unwrap();
+        h.write("renamed-away", b"moved").await.unwrap();
+        h.rename("renamed-away", "d/moved").await.unwrap();
+        let status = {
+            let fs = Arc::clone(h.fs());
+            let mut tries = 0;
+            loop {
+                let st = fs.status();
+                if st.last_error.is_some() {
+                    break st;
+                }
+                tries += 1;
+                assert!(tries < 2000, "no upload attempt reported: {st:?}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        assert!(status.pending_ops >= 4, "{status:?}");
+        assert!(status.pending_bytes > 0, "{status:?}");
+        assert!(status.last_error.as_deref().unwrap().contains("injected outage"), "{status:?}");
+        // Local data reads on; the bucket's own (not cached) does not.
+        assert_eq!(h.read("edited").await.unwrap(), b"v5");
+        assert_eq!(h.read("cached").await.unwrap(), b"read before");
+        assert_eq!(h.read("cold").await.unwrap_err().errno(), libc::EIO);
+
+        sw.set_down(false);
+        h.flush().await;
+        let b = h.bucket().await;
+        let want: BTreeMap<String, Vec<u8>> = [
+            ("cached", &b"read before"[..]),
+            ("cold", b"never read"),
+            ("edited", b"v5"),
+            ("new", b"new 5"),
+            ("d/inside", b"in a new folder"),
+            ("d/moved", b"moved"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_vec()))
+        .collect();
+        assert_eq!(b, want);
+        let after = sw.writes();
+        for key in ["edited", "new", "d/inside", "d/moved"] {
+            let n = after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0);
+            assert_eq!(n, 1, "{key} written {n} times after the outage ({after:?})");
+        }
+        assert!(!after.contains_key("renamed-away"), "uploaded under its old name: {after:?}");
+        let st = h.fs().status();
+        assert_eq!((st.pending_ops, st.conflicts, st.last_error), (0, 0, None));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inode_numbers_are_stable_across_restarts() {
     let mut h = Harness::memory().await;

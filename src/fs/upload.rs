@@ -136,6 +136,13 @@ impl Fs {
                         inner.uploading = None;
                         inner.in_flight.clear();
                         inner.upload_epoch += 1;
+                        // The op stays first in line and takes a fresh snapshot when retried:
+                        // changes made meanwhile join it instead of queueing another upload.
+                        if let Op::Sync { ino } = op
+                            && inner.queue.contains_key(&seq)
+                        {
+                            inner.queued_sync.entry(ino).or_insert(seq);
+                        }
                     }
                     self.upload_done.notify_waiters();
                     let what = self.describe(&op);
@@ -281,8 +288,19 @@ impl Fs {
             if inner.queued_sync.get(&ino) == Some(&seq) {
                 inner.queued_sync.remove(&ino);
             }
-            inner.uploading = Some(ino);
             let key = inner.key_of(&self.prefix, ino)?;
+            // Already in the bucket as it is (an earlier op of the same inode took in the
+            // changes this one was queued for): nothing to write again.
+            let in_sync = n.kind != Kind::Dir
+                && !n.dirty
+                && n.overwrites.is_none()
+                && n.remote.as_ref().is_some_and(|r| r.key == key);
+            if in_sync {
+                drop(inner);
+                self.finish(seq, Batch::default())?;
+                return Ok(());
+            }
+            inner.uploading = Some(ino);
             let content = match n.kind {
                 Kind::Dir => None,
                 Kind::Symlink => {
