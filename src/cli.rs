@@ -18,6 +18,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 pub enum Command {
     /// Mount SOURCE (s3://, gs://, az://, file://, a local path, memory://) at MOUNTPOINT.
     Mount {
@@ -33,6 +34,12 @@ pub enum Command {
         /// space of the cache dir's filesystem, within 256M..20G].
         #[arg(long, value_parser = size)]
         cache_size: Option<u64>,
+        /// Bound of staged file contents (changes not yet uploaded, and local copies of
+        /// files written here), e.g. 20G. Past it, copies already in the bucket leave the
+        /// cache dir, and writes get ENOSPC if that is not enough [default: the disk, less
+        /// a reserve of 1/16 of it, at most 64M].
+        #[arg(long, value_parser = size)]
+        staging_size: Option<u64>,
         /// Bound of the decrypted blocks kept in memory.
         #[arg(long, value_parser = size, default_value = "128M")]
         memory_limit: u64,
@@ -174,6 +181,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             cache_dir,
             cache_size,
+            staging_size,
             memory_limit,
             block_size,
             max_inodes,
@@ -193,6 +201,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir,
                 cache_dir,
                 cache_size,
+                staging_size,
                 memory_limit,
                 block_size,
                 max_inodes,

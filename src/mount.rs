@@ -29,6 +29,8 @@ pub struct MountOptions {
     pub cache_dir: Option<PathBuf>,
     /// Bound of the block cache on disk; `None` picks one from the free space.
     pub cache_size: Option<u64>,
+    /// Bound of staged contents; `None`: the disk, less its reserve.
+    pub staging_size: Option<u64>,
     pub memory_limit: u64,
     pub block_size: u64,
     pub max_inodes: u64,
@@ -314,6 +316,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         key: Some(key),
         max_inodes: opts.max_inodes,
         io_timeout: opts.io_timeout,
+        staging_limit: opts.staging_size,
         // The local store writes NAME#N first: that has to fit in 255 bytes too.
         max_name_len: if matches!(source, Source::Local { .. }) { 250 } else { 255 },
         ..FsConfig::default()

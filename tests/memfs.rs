@@ -414,6 +414,33 @@ async fn an_outage_keeps_writes_working_and_the_backlog_drains_once() {
     }
 }
 
+/// At `--staging-size`, a write gets ENOSPC and what is staged stays intact; once uploads
+/// put the staged files in the bucket, their local copies make room and writes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_at_its_limit_gives_enospc_until_uploads_make_room() {
+    let cfg = FsConfig { staging_limit: Some(1 << 20), ..cfg_with_delay(Duration::from_secs(3600)) };
+    let h = Harness::with_config(Arc::new(InMemory::new()), Caps { create: true, update: true }, cfg).await;
+    let a: Vec<u8> = (0..600u32 << 10).map(|i| (i % 251) as u8).collect();
+    let b: Vec<u8> = (0..600u32 << 10).map(|i| (i % 241) as u8).collect();
+    h.write("a", &a).await.unwrap();
+    let err = h.write("b", &b).await.unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC, "{err:?}");
+    assert!(err.to_string().contains("--staging-size"), "{err}");
+    assert!(h.read("a").await.unwrap() == a, "staged data changed");
+    // `a` cannot leave staging before it is uploaded: still no room.
+    assert_eq!(h.write("b", &b).await.unwrap_err().errno(), libc::ENOSPC);
+    h.flush().await;
+    h.write("b", &b).await.unwrap();
+    h.flush().await;
+    let bucket = h.bucket().await;
+    assert!(bucket["a"] == a && bucket["b"] == b);
+    assert!(h.read("a").await.unwrap() == a, "a read from the bucket after its copy left staging");
+    // Only b's copy is left: 600 KiB in a file of two slots per block (about 1.25 MiB
+    // apparent size); with a's it would be twice that.
+    let staged = h.fs().status().staged_bytes;
+    assert!((600 << 10..1536 << 10).contains(&staged), "{staged} bytes staged");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inode_numbers_are_stable_across_restarts() {
     let mut h = Harness::memory().await;

@@ -954,6 +954,61 @@ fn block_cache_stays_under_its_bound() {
     m.unmount();
 }
 
+/// Unmounts a tmpfs (lazily, so a failed test cannot leave it busy) when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        run_ok(sh("mount", &[&"-t", &"tmpfs", &"-o", &format!("size={size}"), &"autosync-test", &at]));
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The cache dir's disk fills up: writes get ENOSPC, what was acknowledged stays intact,
+/// and once the uploads are done their local copies make room, so writing works again.
+#[test]
+fn a_full_cache_disk_gives_enospc_and_writes_resume_after_uploads() {
+    let fx = Fixture::new("enospc", Backend::Local);
+    let _tmpfs = Tmpfs::mount(&fx.cache, "64m");
+    // Nothing uploads (so nothing leaves staging) until the flush.
+    let mut opts = fx.server.mount_opts();
+    opts.extend(["--cache-size", "1M"].map(String::from));
+    let m = fx.server.mount_with_opts(
+        &fx.dir,
+        &fx.source,
+        (&fx.state, &fx.cache),
+        ("3600", METADATA_TTL),
+        fx.server.creds(),
+        opts,
+    );
+    let a = Rng(31).bytes(24 << 20);
+    write_file(&fx.m("a.bin"), &a);
+    let out = run(sh(
+        "dd",
+        &[&"if=/dev/urandom", &format!("of={}", fx.m("b.bin").display()), &"bs=1M", &"count=80", &"conv=fsync"],
+    ));
+    assert!(!out.ok() && out.stderr.contains("No space left on device"), "{out}");
+    assert!(read(&fx.m("a.bin")) == a, "acknowledged data changed");
+    assert!(fs::read_to_string(&fx.dir.log).unwrap().contains("writes get ENOSPC"), "nothing in the log");
+    m.flush();
+    // b holds what went in before the disk filled; both are in the bucket now.
+    let b = read(&fx.m("b.bin"));
+    assert!(b.len() >= 8 << 20 && b.len() < 80 << 20, "{} bytes of b", b.len());
+    let c = Rng(32).bytes(24 << 20);
+    write_file(&fx.m("c.bin"), &c);
+    m.flush();
+    assert!(fx.bucket.get("a.bin").data == a && fx.bucket.get("b.bin").data == b && fx.bucket.get("c.bin").data == c);
+    assert!(read(&fx.m("c.bin")) == c);
+    m.unmount();
+}
+
 #[test]
 fn a_remote_change_invalidates_cached_blocks_and_the_page_cache() {
     let fx = Fixture::new("cacheinval", Backend::Local);

@@ -104,8 +104,13 @@ impl SealedFile {
 
     /// Seals the block gathered in memory, if any.
     fn flush_pending(&self, st: &mut State) -> io::Result<()> {
-        if let Some(p) = st.pending.take() {
-            self.write_block(st, p.index, p.seq + 1, &p.plain)?;
+        if let Some(p) = st.pending.take()
+            && let Err(e) = self.write_block(st, p.index, p.seq + 1, &p.plain)
+        {
+            // Kept for the next flush (a full disk may have room again): a later `fsync`
+            // must not report these bytes durable when they never reached the disk.
+            st.pending = Some(p);
+            return Err(e);
         }
         Ok(())
     }

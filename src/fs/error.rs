@@ -34,6 +34,9 @@ pub enum FsError {
     ReadOnly(String),
     #[error("the bucket did not answer within --io-timeout ({0:?})")]
     TimedOut(std::time::Duration),
+    /// Staging is at `--staging-size`, or the cache dir's disk is down to its reserve.
+    #[error("no space for staged changes: {0}")]
+    NoSpace(String),
     /// A failpoint stopped the work here, as a crash would (tests only: failpoints are
     /// compiled in only by `cargo test`).
     #[error("stopped at failpoint {0}")]
@@ -69,6 +72,7 @@ impl FsError {
             FsError::State(_) => libc::EIO,
             FsError::ReadOnly(_) => libc::EROFS,
             FsError::TimedOut(_) | FsError::Halted(_) => libc::EIO,
+            FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Shared(e) => e.errno(),
         }
     }

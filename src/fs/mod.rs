@@ -75,6 +75,9 @@ pub struct FsConfig {
     pub listing_min_age: Duration,
     /// How long a read waits for the bucket before it fails with EIO.
     pub io_timeout: Duration,
+    /// Most bytes of staged contents; past it, copies already in the bucket leave staging,
+    /// and writes get ENOSPC if that is not enough. None: bounded by the disk only.
+    pub staging_limit: Option<u64>,
 }
 
 impl Default for FsConfig {
@@ -93,6 +96,7 @@ impl Default for FsConfig {
             max_inodes: DEFAULT_MAX_INODES,
             listing_min_age: LISTING_MIN_AGE,
             io_timeout: DEFAULT_IO_TIMEOUT,
+            staging_limit: None,
         }
     }
 }
@@ -276,6 +280,8 @@ pub struct Fs {
     evicted: Arc<Mutex<HashSet<u64>>>,
     /// Folders whose last entry held by the kernel was forgotten.
     recheck: Mutex<HashSet<u64>>,
+    /// Writes are being refused for lack of space (logged once per episode).
+    out_of_space: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -710,6 +716,7 @@ impl Fs {
             listings,
             evicted,
             recheck: Mutex::new(HashSet::new()),
+            out_of_space: std::sync::atomic::AtomicBool::new(false),
             blocks,
             store,
             prefix: prefix.trim_matches('/').to_string(),
@@ -1909,6 +1916,68 @@ impl Fs {
         Ok(f)
     }
 
+    /// Room for `grow` more staged bytes, within `--staging-size` and with the cache dir's
+    /// disk keeping a reserve (for the journal, and for rewrites, which go to a block's
+    /// other slot). Short of it, copies of files already in the bucket leave staging; if
+    /// that is not enough, ENOSPC, and nothing staged is touched.
+    fn make_room(&self, grow: u64) -> FsResult<()> {
+        let short = |recount: bool| -> Option<String> {
+            if let Some(limit) = self.cfg.staging_limit {
+                let used = self.staging.used(recount);
+                if used.saturating_add(grow) > limit {
+                    return Some(format!("staging holds {used} bytes of its --staging-size {limit}"));
+                }
+            }
+            let (free, total) = self.staging.disk_space()?;
+            let reserve = (total / 16).min(64 << 20);
+            (free < grow.saturating_add(reserve))
+                .then(|| format!("the cache dir's disk has {free} bytes free and keeps {reserve} in reserve"))
+        };
+        if short(false).is_some() {
+            let freed = self.drop_clean_copies();
+            if let Some(why) = short(true) {
+                if !self.out_of_space.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        "writes get ENOSPC: {why}; they resume once uploads finish (their local copies can then go) or files are removed"
+                    );
+                }
+                return Err(FsError::NoSpace(why));
+            }
+            tracing::info!(freed, "made room in staging: local copies of files already in the bucket left it");
+        }
+        if self.out_of_space.swap(false, Ordering::SeqCst) {
+            tracing::info!("there is room for staged changes again");
+        }
+        self.staging.grow(grow);
+        Ok(())
+    }
+
+    /// Drops the staged copies of files whose content is in the bucket as it is (no local
+    /// change, nothing open): their reads go to the bucket and the block cache. Returns
+    /// the bytes freed.
+    fn drop_clean_copies(&self) -> u64 {
+        let mut inner = lock(&self.inner);
+        let clean: Vec<u64> = inner
+            .inodes
+            .values()
+            .filter(|n| n.staged && n.remote.as_ref().is_some_and(|r| r.size == n.size))
+            .map(|n| n.ino)
+            .filter(|&ino| inner.is_settled(ino))
+            .collect();
+        let mut batch = Batch::default();
+        let mut freed = 0;
+        for ino in clean {
+            if let Ok(n) = inner.get_mut(ino) {
+                n.staged = false;
+                freed += n.size;
+                self.staging.remove(ino);
+                let _ = inner.persist(ino, &mut batch);
+            }
+        }
+        let _ = self.commit(&inner, batch, false);
+        freed
+    }
+
     /// `fut`, or [`FsError::TimedOut`] (EIO) once `--io-timeout` passed without it: a
     /// read of data that is not cached never hangs on an unresponsive bucket.
     async fn bounded<T>(&self, fut: impl std::future::Future<Output = FsResult<T>>) -> FsResult<T> {
@@ -2002,6 +2071,13 @@ impl Fs {
         if let Some(why) = &lock(&self.counters).read_only {
             return Err(FsError::ReadOnly(why.clone()));
         }
+        let grow = {
+            let inner = lock(&self.inner);
+            let n = inner.get(ino)?;
+            let fill = if n.staged { 0 } else { n.remote.as_ref().map_or(0, |r| r.size) };
+            (offset + data.len() as u64).saturating_sub(n.size) + fill
+        };
+        self.make_room(grow)?;
         let file = self.ensure_staged(ino).await?;
         // The generation moves before and after the write, and `writing` counts it while
         // its bytes go in, so an upload snapshot that overlaps it is always seen as stale.

@@ -23,7 +23,20 @@ pub struct Staging {
     tmp: PathBuf,
     sealer: Arc<Sealer>,
     open: Mutex<HashMap<u64, Arc<SealedFile>>>,
+    usage: Mutex<Usage>,
 }
+
+/// Staged bytes: the sum of the staged files' lengths, taken at `at`, plus what writes
+/// added since.
+#[derive(Debug)]
+struct Usage {
+    at: std::time::Instant,
+    bytes: u64,
+    added: u64,
+}
+
+/// How often the staged bytes are summed again.
+const USAGE_REFRESH: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Staging {
     /// The staging folder of the state dir `state_id` under the cache dir `root`.
@@ -34,7 +47,8 @@ impl Staging {
         // Snapshots from a previous run are never needed again: the journal re-snapshots.
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        Ok(Self { dir, tmp, sealer, open: Mutex::new(HashMap::new()) })
+        let usage = Usage { at: std::time::Instant::now() - USAGE_REFRESH, bytes: 0, added: 0 };
+        Ok(Self { dir, tmp, sealer, open: Mutex::new(HashMap::new()), usage: Mutex::new(usage) })
     }
 
     fn path(&self, ino: u64) -> PathBuf {
@@ -120,6 +134,30 @@ impl Staging {
     /// Makes file creations and renames in the staging folder durable.
     pub fn sync_dir(&self) -> std::io::Result<()> {
         File::open(&self.dir)?.sync_all()
+    }
+
+    /// Bytes of staged contents (the files' lengths; on disk, each block takes two slots
+    /// at most). Summed again every 200 ms; writes in between add what they grow by.
+    pub fn used(&self, recount: bool) -> u64 {
+        let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        if recount || u.at.elapsed() >= USAGE_REFRESH {
+            u.bytes = self.lock().values().map(|f| f.len()).sum();
+            u.added = 0;
+            u.at = std::time::Instant::now();
+        }
+        u.bytes + u.added
+    }
+
+    /// A write is about to add `bytes` to the staged contents.
+    pub fn grow(&self, bytes: u64) {
+        self.usage.lock().unwrap_or_else(|e| e.into_inner()).added += bytes;
+    }
+
+    /// Bytes the staging folder's filesystem still has for us, and its size.
+    pub fn disk_space(&self) -> Option<(u64, u64)> {
+        let st = nix::sys::statvfs::statvfs(&self.dir).ok()?;
+        let unit = st.fragment_size() as u64;
+        Some((st.blocks_available() as u64 * unit, st.blocks() as u64 * unit))
     }
 
     /// Bytes held in staging, for `status`.
