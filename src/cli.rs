@@ -173,6 +173,57 @@ fn call(mountpoint: &Path, state_dir: Option<&Path>, req: Request) -> anyhow::Re
     rt.block_on(control::call(&socket, &req))
 }
 
+/// `flush` on a terminal: a progress bar of the changes and bytes sent (from the mount's
+/// status, asked every 200 ms while the flush runs), then one summary line.
+fn flush_with_progress(mountpoint: &Path, state_dir: Option<&Path>, req: Request) -> anyhow::Result<control::Reply> {
+    let socket = socket_for(mountpoint, state_dir);
+    if !socket.exists() {
+        bail!("no autosync mount at {}: mount it first (or pass the mount's --state-dir)", mountpoint.display());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let status =
+            || async { control::call(&socket, &Request::Status).await.ok().and_then(|r| r.status).unwrap_or_default() };
+        let start = status().await;
+        let started = std::time::Instant::now();
+        let bar = indicatif::ProgressBar::new(start.pending_bytes).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg} ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let (mut len, mut files_done) = (start.pending_bytes, 0);
+        let mut show = |st: &crate::fs::Status| {
+            files_done = st.uploads_done.saturating_sub(start.uploads_done);
+            len = len.max(bar.position() + st.pending_bytes);
+            bar.set_length(len);
+            bar.set_position(len - st.pending_bytes);
+            bar.set_message(format!("{files_done}/{} changes", files_done + st.pending_ops as u64));
+        };
+        show(&start);
+        let flush = control::call(&socket, &req);
+        tokio::pin!(flush);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let reply = loop {
+            tokio::select! {
+                r = &mut flush => break r?,
+                _ = tick.tick() => show(&status().await),
+            }
+        };
+        if let Some(st) = &reply.status {
+            show(st);
+        }
+        bar.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64();
+        let sent = bar.position();
+        eprintln!(
+            "flushed {files_done} change(s), {sent} bytes in {secs:.1} s ({:.1} MiB/s)",
+            sent as f64 / secs.max(1e-3) / (1 << 20) as f64
+        );
+        Ok(reply)
+    })
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Mount {
@@ -253,8 +304,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Flush { mountpoint, timeout, state_dir } => {
             let timeout = secs(timeout, "timeout")?;
-            let reply =
-                call(&mountpoint, state_dir.as_deref(), Request::Flush { timeout_secs: timeout.as_secs_f64() })?;
+            let req = Request::Flush { timeout_secs: timeout.as_secs_f64() };
+            let reply = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                flush_with_progress(&mountpoint, state_dir.as_deref(), req)?
+            } else {
+                call(&mountpoint, state_dir.as_deref(), req)?
+            };
             if reply.ok {
                 return Ok(());
             }

@@ -954,6 +954,30 @@ fn block_cache_stays_under_its_bound() {
     m.unmount();
 }
 
+/// `autosync flush` on a terminal (a pty from `script`) draws a progress bar of changes and
+/// bytes, then prints one summary line.
+#[test]
+fn flush_on_a_terminal_shows_progress_and_a_summary() {
+    let fx = Fixture::new("flushbar", Backend::Local);
+    let m = fx.mount_with(&fx.state, &fx.cache, "3600");
+    for i in 0..3 {
+        write_file(&fx.m(&format!("f{i}")), &Rng(40 + i).bytes(4 << 20));
+    }
+    let cmd = format!("{BIN} flush {} --state-dir {}", fx.dir.mnt.display(), fx.state.display());
+    let out = run_ok(sh("script", &[&"-qec", &cmd, &"/dev/null"]));
+    let screen = out.stdout.replace('\r', "\n");
+    assert!(screen.contains("3/3 changes") && screen.contains("12.00 MiB/12.00 MiB"), "no progress bar:\n{screen}");
+    assert!(screen.contains("flushed 3 change(s), 12582912 bytes in"), "no summary:\n{screen}");
+    for i in 0..3 {
+        assert!(fx.bucket.get(&format!("f{i}")).data == Rng(40 + i).bytes(4 << 20));
+    }
+    // Not on a terminal: nothing but the exit status.
+    write_file(&fx.m("f0"), b"again");
+    let out = run_ok(m.cli("flush"));
+    assert_eq!((out.stdout.as_str(), out.stderr.as_str()), ("", ""));
+    m.unmount();
+}
+
 /// Unmounts a tmpfs (lazily, so a failed test cannot leave it busy) when dropped.
 struct Tmpfs(PathBuf);
 

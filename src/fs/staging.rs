@@ -160,10 +160,12 @@ impl Staging {
         Some((st.blocks_available() as u64 * unit, st.blocks() as u64 * unit))
     }
 
-    /// Bytes held in staging, for `status`.
+    /// Disk space the staging files take (allocated blocks: a block's second slot is a
+    /// hole until it is first rewritten), for `status`.
     pub fn bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
         std::fs::read_dir(&self.dir)
-            .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+            .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.blocks() * 512).sum())
             .unwrap_or(0)
     }
 }
