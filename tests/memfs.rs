@@ -440,6 +440,43 @@ async fn staging_at_its_limit_gives_enospc_until_uploads_make_room() {
     assert!((600 << 10..900 << 10).contains(&staged), "{staged} bytes staged");
 }
 
+/// Writes alone queue no upload: a file being rewritten goes up after its `close` or
+/// `fsync`, never half-written, even when a flush asks for everything queued at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_is_uploaded_only_after_close_or_fsync() {
+    let sw = FaultSwitch::default();
+    let store = FaultyStore::wrap(Arc::new(InMemory::new()), sw.clone());
+    let h = Harness::with_config(store, Caps { create: true, update: true }, cfg()).await;
+    h.write("f", b"saved version, whole").await.unwrap();
+    h.flush().await;
+    let ino = h.resolve("f").await.unwrap();
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    h.fs().write(fh, 0, b"HALF").await.unwrap();
+    h.flush().await;
+    assert_eq!(h.bucket().await["f"], b"saved version, whole", "a half-written file went up");
+    h.fs().write(fh, 4, b"-WRITTEN, NOW WHOLE").await.unwrap();
+    h.fs().flush(fh).await.unwrap();
+    h.flush().await;
+    assert_eq!(h.bucket().await["f"], b"HALF-WRITTEN, NOW WHOLE");
+    h.fs().release(fh).await.unwrap();
+    assert_eq!(sw.writes()["f"], 2, "{:?}", sw.writes());
+}
+
+/// A file saved again and again within the upload delay goes up once, as last saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_keeps_changing_is_uploaded_once() {
+    let sw = FaultSwitch::default();
+    let store = FaultyStore::wrap(Arc::new(InMemory::new()), sw.clone());
+    let cfg = cfg_with_delay(Duration::from_secs(3600));
+    let h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
+    for i in 0..20 {
+        h.write("f", format!("save {i}").as_bytes()).await.unwrap();
+    }
+    h.flush().await;
+    assert_eq!(h.bucket().await["f"], b"save 19");
+    assert_eq!(sw.writes()["f"], 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inode_numbers_are_stable_across_restarts() {
     let mut h = Harness::memory().await;
