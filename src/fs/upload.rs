@@ -317,7 +317,14 @@ impl Fs {
             match self.snapshot(seq, ino).await? {
                 Some((c, generation)) => {
                     content = Some(c);
-                    node.generation = generation;
+                    // The attributes go up with the content: take them as of the same state
+                    // (a chmod between the plan and the copy bumped the generation too).
+                    match lock(&self.inner).inodes.get(&ino) {
+                        Some(now) if now.generation == generation && now.parent == node.parent => {
+                            node = now.clone();
+                        }
+                        _ => node.generation = generation,
+                    }
                 }
                 None => {
                     // Deleted while we copied it.
