@@ -1955,7 +1955,7 @@ impl Fs {
     /// Drops the staged copies of files whose content is in the bucket as it is (no local
     /// change, nothing open): their reads go to the bucket and the block cache. Returns
     /// the bytes freed.
-    fn drop_clean_copies(&self) -> u64 {
+    pub(super) fn drop_clean_copies(&self) -> u64 {
         let mut inner = lock(&self.inner);
         let clean: Vec<u64> = inner
             .inodes

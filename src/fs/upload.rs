@@ -401,6 +401,10 @@ impl Fs {
             let (snap, size, hash) = match copied {
                 Ok(c) => c,
                 Err(_) if state(self).is_none() => return Ok(None),
+                // A big file's copy needs room in the cache dir: make some from copies of
+                // files already in the bucket, and try again (else the upload waits and
+                // retries until there is room, shown in `status`).
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && self.drop_clean_copies() > 0 => continue,
                 Err(e) => return Err(e.into()),
             };
             // No write started or was under way while we copied: the copy is one state.
