@@ -440,6 +440,29 @@ async fn staging_at_its_limit_gives_enospc_until_uploads_make_room() {
     assert!((600 << 10..900 << 10).contains(&staged), "{staged} bytes staged");
 }
 
+/// Uploads back off while the bucket refuses them: a few attempts in seconds, not a
+/// busy loop (0.5 s doubling up to 30 s, with jitter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_back_off_during_an_outage() {
+    let sw = FaultSwitch::default();
+    let store = FaultyStore::wrap(Arc::new(InMemory::new()), sw.clone());
+    let h = Harness::with_config(store, Caps { create: true, update: true }, cfg()).await;
+    // Listed before the outage: new names there are known to be free.
+    h.tree().await;
+    sw.set_down(true);
+    h.write("f", b"waits for the bucket").await.unwrap();
+    let started = std::time::Instant::now();
+    // A deliberate wait: the rate of attempts over time is what is measured.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let attempts = sw.refused();
+    // Without backoff this would be thousands; with it, attempts at about 0, 0.5, 1.5 and
+    // 3.5 s (each at most two requests).
+    assert!((1..=8).contains(&attempts), "{attempts} refused requests in {:?}", started.elapsed());
+    sw.set_down(false);
+    h.flush().await;
+    assert_eq!(h.bucket().await["f"], b"waits for the bucket");
+}
+
 /// Writes alone queue no upload: a file being rewritten goes up after its `close` or
 /// `fsync`, never half-written, even when a flush asks for everything queued at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
