@@ -100,6 +100,15 @@ pub enum Command {
         #[command(subcommand)]
         action: CacheCommand,
     },
+    /// List the conflicts this mount met: when, which file, both versions, the policy and
+    /// what it did.
+    Conflicts {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Show pending uploads, the last error and cache use.
     Status {
         mountpoint: PathBuf,
@@ -352,6 +361,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cache { action: CacheCommand::Warm { paths } } => warm(&paths),
+        Command::Conflicts { mountpoint, json, state_dir } => {
+            let reply = call(&mountpoint, state_dir.as_deref(), Request::Conflicts)?;
+            if !reply.ok {
+                bail!("the mount could not read its conflict records: {}", reply.error.unwrap_or_default());
+            }
+            let list = reply.conflicts.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if list.is_empty() {
+                println!("no conflicts");
+            }
+            for c in list {
+                let when = chrono::DateTime::from_timestamp(c.time, 0)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                    .unwrap_or_else(|| c.time.to_string());
+                println!("{when}  {}  [{}] {}", c.path, c.policy, c.outcome);
+            }
+            Ok(())
+        }
         Command::Status { mountpoint, json, state_dir } => {
             let reply = call(&mountpoint, state_dir.as_deref(), Request::Status)?;
             let st = reply.status.ok_or_else(|| anyhow!("the mount sent no status"))?;

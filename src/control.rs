@@ -12,7 +12,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::fs::{Fs, Status};
+use crate::fs::{ConflictRecord, Fs, Status};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -24,14 +24,18 @@ pub enum Request {
     Unmount,
     /// Empty the block caches (memory and disk).
     CacheClear,
+    /// The conflict records.
+    Conflicts,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Reply {
     pub ok: bool,
     pub status: Option<Status>,
     pub pending: Option<usize>,
     pub error: Option<String>,
+    #[serde(default)]
+    pub conflicts: Option<Vec<ConflictRecord>>,
 }
 
 pub fn serve(fs: Arc<Fs>, socket: &Path, unmount: mpsc::Sender<()>) -> anyhow::Result<JoinHandle<()>> {
@@ -56,21 +60,41 @@ async fn handle(fs: Arc<Fs>, stream: UnixStream, unmount: mpsc::Sender<()>) -> a
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Status) => Reply { ok: true, status: Some(fs.status()), pending: None, error: None },
+        Ok(Request::Status) => {
+            Reply { ok: true, status: Some(fs.status()), pending: None, error: None, ..Default::default() }
+        }
         Ok(Request::Flush { timeout_secs }) => {
             let left = fs.flush_all(Duration::from_secs_f64(timeout_secs.max(0.0))).await;
             let status = fs.status();
-            Reply { ok: left == 0, pending: Some(left), error: status.last_error.clone(), status: Some(status) }
+            Reply {
+                ok: left == 0,
+                pending: Some(left),
+                error: status.last_error.clone(),
+                status: Some(status),
+                ..Default::default()
+            }
         }
         Ok(Request::CacheClear) => match fs.clear_cache().await {
-            Ok(()) => Reply { ok: true, status: Some(fs.status()), pending: None, error: None },
-            Err(e) => Reply { ok: false, status: None, pending: None, error: Some(e.to_string()) },
+            Ok(()) => Reply { ok: true, status: Some(fs.status()), pending: None, error: None, ..Default::default() },
+            Err(e) => {
+                Reply { ok: false, status: None, pending: None, error: Some(e.to_string()), ..Default::default() }
+            }
+        },
+        Ok(Request::Conflicts) => match fs.conflicts() {
+            Ok(c) => Reply { ok: true, conflicts: Some(c), ..Default::default() },
+            Err(e) => Reply { ok: false, error: Some(e.to_string()), ..Default::default() },
         },
         Ok(Request::Unmount) => {
             let _ = unmount.send(()).await;
-            Reply { ok: true, status: None, pending: None, error: None }
+            Reply { ok: true, status: None, pending: None, error: None, ..Default::default() }
         }
-        Err(e) => Reply { ok: false, status: None, pending: None, error: Some(format!("bad request: {e}")) },
+        Err(e) => Reply {
+            ok: false,
+            status: None,
+            pending: None,
+            error: Some(format!("bad request: {e}")),
+            ..Default::default()
+        },
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');

@@ -120,7 +120,7 @@ async fn rmdir_refuses_non_empty_folders_including_remote_only_content() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_edit_conflict_keeps_both_versions() {
-    let h = Harness::memory().await;
+    let mut h = Harness::memory().await;
     h.write("notes.txt", b"base").await.unwrap();
     h.flush().await;
     // Edit locally while another client changes the bucket before our upload.
@@ -142,6 +142,23 @@ async fn edit_edit_conflict_keeps_both_versions() {
     let t = files(&h.tree().await);
     assert_eq!(t["notes.txt"], b"theirs");
     assert_eq!(t[copies[0].0], b"mine");
+    // Recorded, with both versions, and kept across a restart.
+    h.restart().await;
+    let recs = h.fs().conflicts().unwrap();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let r = &recs[0];
+    assert_eq!((r.path.as_str(), r.policy.as_str()), ("notes.txt", "keep-both"));
+    assert!(r.outcome.contains(copies[0].0.as_str()), "{}", r.outcome);
+    assert_eq!(r.local.path.as_deref(), Some(copies[0].0.as_str()));
+    assert_eq!(r.local.hash.as_deref(), Some(blake3::hash(b"mine").to_hex().as_str()));
+    assert_eq!((r.local.size, r.remote.size), (Some(4), Some(6)));
+    let theirs = h.store.head(&Path::from("notes.txt")).await.unwrap();
+    assert_eq!(r.remote.etag, theirs.e_tag);
+    assert!((unix_now() - r.time).abs() < 600, "{}", r.time);
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

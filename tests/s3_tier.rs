@@ -446,6 +446,21 @@ fn concurrent_edit_becomes_a_conflict_copy(backend: Backend) {
     assert_eq!(m.status_json()["conflicts"], 1);
     let log = fs::read_to_string(&fx.log).unwrap();
     assert!(log.lines().any(|l| l.contains("WARN") && l.contains("conflict")), "no conflict warning in:\n{log}");
+    // `autosync conflicts` lists it, with both versions (the path is the mount's: no prefix).
+    let out = run_ok(&mut m.cli("conflicts"));
+    let copy_rel = copies[0].strip_prefix("team/").unwrap();
+    assert!(
+        out.stdout.contains("f.txt") && out.stdout.contains("[keep-both]") && out.stdout.contains(copy_rel),
+        "{out}"
+    );
+    let out = run_ok(m.cli("conflicts").arg("--json"));
+    let recs: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(recs.as_array().map(Vec::len), Some(1), "{recs}");
+    assert_eq!(recs[0]["path"], "f.txt");
+    assert_eq!(recs[0]["local"]["path"], copy_rel);
+    assert_eq!(recs[0]["local"]["size"], ours.len());
+    assert_eq!(recs[0]["remote"]["size"], theirs.len());
+    assert_eq!(recs[0]["remote"]["etag"], their_etag.as_str());
 
     // In the mount: their version at the path, ours as the conflict copy.
     let copy_name = copies[0].strip_prefix("team/").unwrap().to_string();

@@ -25,7 +25,7 @@ pub use blocks::BlockConfig;
 use blocks::{BlockReader, Readahead};
 pub use error::{FsError, FsResult};
 use staging::{BlockWriter, Staging};
-pub use types::{Attr, DirEntry, Inode, Kind, Op, ROOT_INO, Remote, SetAttr};
+pub use types::{Attr, ConflictRecord, DirEntry, Inode, Kind, Op, ROOT_INO, Remote, SetAttr, Version};
 use types::{now_ns, to_ns};
 
 use crate::cache::{BlockCache, CacheKey, SealedFile, Sealer};
@@ -221,6 +221,8 @@ struct Inner {
     /// Per folder, how many of its entries the kernel holds; absent when unknown (a change
     /// in the folder forgets it; it is counted again when needed).
     held: HashMap<u64, u64>,
+    /// Sequence number of the next conflict record.
+    next_conflict: u64,
 }
 
 /// What tells a file's content apart: the bucket's version, and local changes since.
@@ -604,6 +606,7 @@ impl Fs {
             warned: HashSet::new(),
             last_open: HashMap::new(),
             held: HashMap::new(),
+            next_conflict: meta.get("next_conflict").copied().unwrap_or(1),
         };
         let mut batch = Batch::default();
         batch.meta.push(("state_id", state_id));
@@ -2246,6 +2249,19 @@ impl Fs {
             read_only: c.read_only.clone(),
             cache: self.blocks.report(),
         }
+    }
+
+    /// Every conflict this mount state met, oldest first.
+    pub fn conflicts(&self) -> FsResult<Vec<ConflictRecord>> {
+        Ok(self.db.conflicts::<ConflictRecord>()?.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// A key as a path in the mount (without the mount's prefix).
+    fn rel_path(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            return key.to_string();
+        }
+        key.strip_prefix(&self.prefix).and_then(|k| k.strip_prefix('/')).unwrap_or(key).to_string()
     }
 
     /// Empties the block caches, in memory and on disk.

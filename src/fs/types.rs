@@ -7,6 +7,34 @@ use serde::{Deserialize, Serialize};
 
 pub const ROOT_INO: u64 = 1;
 
+/// One conflict, as `autosync conflicts` shows it: when, where, both versions, the policy
+/// and what it did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    /// Seconds since the epoch.
+    pub time: i64,
+    /// The file's path in the mount.
+    pub path: String,
+    pub policy: String,
+    pub outcome: String,
+    /// The bucket's version when the conflict was found.
+    pub remote: Version,
+    /// This mount's version, and where it went.
+    pub local: Version,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Version {
+    /// Where this version is now (a path in the mount), if anywhere.
+    pub path: Option<String>,
+    pub size: Option<u64>,
+    pub etag: Option<String>,
+    /// blake3 of the content, when known.
+    pub hash: Option<String>,
+    /// Last modified, seconds since the epoch, when known.
+    pub modified: Option<i64>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     File,

@@ -798,7 +798,34 @@ impl Fs {
         };
         let (copy_key, put) = put;
         lock(&self.counters).conflicts += 1;
-        tracing::warn!(path = %key, copy = %copy_key, "conflict: the bucket's version changed since this file was read; it keeps the path and the local version was saved as a conflict copy");
+        let (path, copy_path) = (self.rel_path(key), self.rel_path(&copy_key));
+        tracing::warn!(
+            path = %path,
+            copy = %copy_path,
+            policy = "keep-both",
+            "conflict: the bucket's version of {path} changed since this file was read; it keeps the path, and this mount's version was saved as {copy_path}"
+        );
+        let theirs = self.store.head(&obj_path(key)?).await.ok();
+        let record = ConflictRecord {
+            time: chrono::Utc::now().timestamp(),
+            path: path.clone(),
+            policy: "keep-both".into(),
+            outcome: format!("the bucket's version kept the path; this mount's version was saved as {copy_path}"),
+            remote: Version {
+                path: theirs.as_ref().map(|_| path.clone()),
+                size: theirs.as_ref().map(|m| m.size),
+                etag: theirs.as_ref().and_then(|m| m.e_tag.clone()),
+                hash: None,
+                modified: theirs.as_ref().map(|m| m.last_modified.timestamp()),
+            },
+            local: Version {
+                path: Some(copy_path),
+                size: Some(content.size()),
+                etag: put.e_tag.clone(),
+                hash: Some(content.hash().to_string()),
+                modified: node.posix_attrs().mtime,
+            },
+        };
         if let Some(old) = &moved_from {
             // Our old location is no longer ours to keep: the content lives in the copy now.
             self.delete_checked(old).await?;
@@ -835,6 +862,10 @@ impl Fs {
                 }
             }
             inner.upload_epoch += 1;
+            let n = inner.next_conflict;
+            inner.next_conflict += 1;
+            batch.meta.push(("next_conflict", inner.next_conflict));
+            batch.conflict(n, &record)?;
         }
         self.finish(seq, batch)?;
         Ok(())

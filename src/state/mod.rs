@@ -14,6 +14,8 @@ use crate::cache::{CacheKey, Sealer};
 const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The record of every conflict, by sequence number.
+const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("conflicts");
 
 /// Bumped when the record encoding changes incompatibly. 2: sealed records.
 pub const FORMAT_VERSION: u64 = 2;
@@ -24,6 +26,7 @@ const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const INODE_TABLE: u8 = b'I';
 const JOURNAL_TABLE: u8 = b'J';
+const CONFLICT_TABLE: u8 = b'C';
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -65,6 +68,7 @@ pub struct Batch {
     pub put_ops: Vec<(u64, Vec<u8>)>,
     pub del_ops: Vec<u64>,
     pub meta: Vec<(&'static str, u64)>,
+    pub put_conflicts: Vec<(u64, Vec<u8>)>,
 }
 
 impl Batch {
@@ -74,6 +78,7 @@ impl Batch {
             && self.put_ops.is_empty()
             && self.del_ops.is_empty()
             && self.meta.is_empty()
+            && self.put_conflicts.is_empty()
     }
     pub fn inode<T: Serialize>(&mut self, ino: u64, rec: &T) -> Result<(), StateError> {
         self.put_inodes.push((ino, serde_json::to_vec(rec)?));
@@ -81,6 +86,10 @@ impl Batch {
     }
     pub fn op<T: Serialize>(&mut self, seq: u64, op: &T) -> Result<(), StateError> {
         self.put_ops.push((seq, serde_json::to_vec(op)?));
+        Ok(())
+    }
+    pub fn conflict<T: Serialize>(&mut self, seq: u64, rec: &T) -> Result<(), StateError> {
+        self.put_conflicts.push((seq, serde_json::to_vec(rec)?));
         Ok(())
     }
 }
@@ -123,6 +132,7 @@ impl StateDb {
         tx.set_durability(Durability::Immediate)?;
         {
             tx.open_table(INODES)?;
+            tx.open_table(CONFLICTS)?;
             let journal = tx.open_table(JOURNAL)?;
             let mut meta = tx.open_table(META)?;
             let found = meta.get("format")?.map(|v| v.value());
@@ -213,9 +223,26 @@ impl StateDb {
             for (k, v) in &batch.meta {
                 meta.insert(*k, v)?;
             }
+            if !batch.put_conflicts.is_empty() {
+                let mut conflicts = tx.open_table(CONFLICTS)?;
+                for (seq, v) in &batch.put_conflicts {
+                    conflicts.insert(seq, self.seal(CONFLICT_TABLE, *seq, v)?.as_slice())?;
+                }
+            }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Every conflict record, oldest first.
+    pub fn conflicts<T: DeserializeOwned>(&self) -> Result<Vec<(u64, T)>, StateError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in tx.open_table(CONFLICTS)?.iter()? {
+            let (k, v) = row?;
+            out.push((k.value(), self.open_record(CONFLICT_TABLE, k.value(), v.value())?));
+        }
+        Ok(out)
     }
 }
 
