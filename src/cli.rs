@@ -66,6 +66,15 @@ pub enum Command {
         /// Seconds a folder listing is trusted before asking the bucket again.
         #[arg(long, default_value_t = 5.0)]
         metadata_ttl: f64,
+        /// What decides a conflict (the bucket changed since this mount read the file):
+        /// keep-both (the bucket's version keeps the path, ours becomes a conflict copy),
+        /// newest (the later mtime wins), local (ours wins), remote (the bucket's wins).
+        #[arg(long, value_parser = policy, default_value = "keep-both")]
+        conflict: crate::fs::Policy,
+        /// What happens to the losing version with --conflict newest, local or remote:
+        /// keep (saved as a conflict copy) or discard.
+        #[arg(long, value_parser = ["keep", "discard"], default_value = "keep")]
+        conflict_loser: String,
         /// Seconds to keep uploading after SIGTERM/Ctrl-C before unmounting.
         #[arg(long, default_value_t = 30.0)]
         shutdown_grace: f64,
@@ -117,6 +126,10 @@ pub enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+}
+
+fn policy(s: &str) -> Result<crate::fs::Policy, String> {
+    s.parse()
 }
 
 /// A size such as 512M, 10G or 4096 (K, M, G, T: powers of 1024).
@@ -250,11 +263,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             daemon,
             upload_delay,
             metadata_ttl,
+            conflict,
+            conflict_loser,
             shutdown_grace,
             endpoint,
             region,
             allow_http,
         } => {
+            let discard_loser = conflict_loser == "discard";
+            if discard_loser && conflict == crate::fs::Policy::KeepBoth {
+                bail!(
+                    "--conflict-loser discard needs --conflict newest, local or remote (keep-both keeps both versions)"
+                );
+            }
             let opts = MountOptions {
                 source,
                 mountpoint,
@@ -273,6 +294,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 upload_delay: secs(upload_delay, "upload-delay")?,
                 metadata_ttl: secs(metadata_ttl, "metadata-ttl")?,
                 shutdown_grace: secs(shutdown_grace, "shutdown-grace")?,
+                conflict: crate::fs::ConflictConfig { policy: conflict, discard_loser },
                 endpoint: Endpoint { endpoint, region, allow_http },
                 announce_ready: std::env::var_os("AUTOSYNC_ANNOUNCE_READY").is_some(),
             };

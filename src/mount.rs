@@ -39,6 +39,7 @@ pub struct MountOptions {
     pub upload_delay: Duration,
     pub metadata_ttl: Duration,
     pub shutdown_grace: Duration,
+    pub conflict: crate::fs::ConflictConfig,
     pub endpoint: Endpoint,
     /// Print `ready` on stdout once live (used by `--daemon`).
     pub announce_ready: bool,
@@ -317,6 +318,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         max_inodes: opts.max_inodes,
         io_timeout: opts.io_timeout,
         staging_limit: opts.staging_size,
+        conflict: opts.conflict,
         // The local store writes NAME#N first: that has to fit in 255 bytes too.
         max_name_len: if matches!(source, Source::Local { .. }) { 250 } else { 255 },
         ..FsConfig::default()

@@ -161,6 +161,86 @@ fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
+/// An edit–edit conflict under `policy`: the bucket had "base", another client wrote
+/// "theirs", this mount wrote "mine" with the given mtime offset from now. Returns the
+/// bucket, the mount's files and the conflict records.
+async fn edit_edit_with(
+    policy: autosync::fs::Policy,
+    discard_loser: bool,
+    mtime_offset: i64,
+) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>, Vec<autosync::fs::ConflictRecord>) {
+    let conflict = autosync::fs::ConflictConfig { policy, discard_loser };
+    let h = Harness::with_config(
+        Arc::new(InMemory::new()),
+        Caps { create: true, update: true },
+        FsConfig { conflict, ..cfg() },
+    )
+    .await;
+    h.write("notes.txt", b"base").await.unwrap();
+    h.flush().await;
+    let ino = h.resolve("notes.txt").await.unwrap();
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    h.remote_put("notes.txt", b"theirs").await;
+    h.fs().write(fh, 0, b"mine").await.unwrap();
+    let now = std::time::SystemTime::now();
+    let shift = Duration::from_secs(mtime_offset.unsigned_abs());
+    let when = if mtime_offset >= 0 { now + shift } else { now - shift };
+    h.fs().setattr(ino, SetAttr { mtime: Some(when), ..Default::default() }).await.unwrap();
+    h.fs().flush(fh).await.unwrap();
+    h.fs().release(fh).await.unwrap();
+    h.flush().await;
+    (h.bucket().await, files(&h.tree().await), h.fs().conflicts().unwrap())
+}
+
+fn copies(b: &BTreeMap<String, Vec<u8>>) -> Vec<(&String, &Vec<u8>)> {
+    b.iter().filter(|(k, _)| k.starts_with("notes.conflict-testhost-") && k.ends_with(".txt")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflict_policies_decide_who_keeps_the_path() {
+    use autosync::fs::Policy;
+    // local: ours at the path, theirs saved as a copy; the mount shows both.
+    let (b, t, recs) = edit_edit_with(Policy::Local, false, 0).await;
+    assert_eq!(b["notes.txt"], b"mine");
+    let c = copies(&b);
+    assert_eq!(c.len(), 1, "{b:?}");
+    assert_eq!(c[0].1, b"theirs");
+    assert_eq!((t["notes.txt"].as_slice(), t[c[0].0].as_slice()), (&b"mine"[..], &b"theirs"[..]));
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].policy, "local");
+    assert!(recs[0].outcome.contains(c[0].0.as_str()), "{}", recs[0].outcome);
+    assert_eq!(recs[0].remote.path.as_deref(), Some(c[0].0.as_str()));
+
+    // local, loser discarded: only ours.
+    let (b, _, recs) = edit_edit_with(Policy::Local, true, 0).await;
+    assert_eq!(b, BTreeMap::from([("notes.txt".to_string(), b"mine".to_vec())]));
+    assert!(recs[0].outcome.contains("discarded"), "{}", recs[0].outcome);
+
+    // remote, loser discarded: only theirs, and the mount shows it.
+    let (b, t, recs) = edit_edit_with(Policy::Remote, true, 0).await;
+    assert_eq!(b, BTreeMap::from([("notes.txt".to_string(), b"theirs".to_vec())]));
+    assert_eq!(t, b);
+    assert_eq!(
+        (recs[0].policy.as_str(), recs[0].local.hash.as_deref()),
+        ("remote", Some(blake3::hash(b"mine").to_hex().as_str()))
+    );
+
+    // remote, loser kept: like keep-both.
+    let (b, _, _) = edit_edit_with(Policy::Remote, false, 0).await;
+    assert_eq!(b["notes.txt"], b"theirs");
+    assert_eq!(copies(&b).len(), 1);
+    assert_eq!(copies(&b)[0].1, b"mine");
+
+    // newest: our mtime an hour ahead wins; an hour behind loses (and is kept as a copy).
+    let (b, _, recs) = edit_edit_with(Policy::Newest, false, 3600).await;
+    assert_eq!(b["notes.txt"], b"mine");
+    assert_eq!(copies(&b)[0].1, b"theirs");
+    assert_eq!(recs[0].policy, "newest");
+    let (b, _, _) = edit_edit_with(Policy::Newest, false, -3600).await;
+    assert_eq!(b["notes.txt"], b"theirs");
+    assert_eq!(copies(&b)[0].1, b"mine");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_delete_keeps_the_edit() {
     // The store is unreachable for the mount while the other client edits, so the order

@@ -579,6 +579,25 @@ fn bad_input_fails_with_one_line_and_mounts_nothing(backend: Backend) {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Conflict flags are checked before anything is mounted.
+#[test]
+fn bad_conflict_flags_are_refused_before_mounting() {
+    let fx = Fixture::new("badflags", Backend::Local);
+    let cases: [(&[&str], &str); 3] = [
+        (&["--conflict", "bogus"], "unknown conflict policy \"bogus\": use one of keep-both, newest, local, remote"),
+        (&["--conflict-loser", "discard"], "--conflict-loser discard needs --conflict newest, local or remote"),
+        (&["--conflict", "local", "--conflict-loser", "maybe"], "invalid value 'maybe' for '--conflict-loser"),
+    ];
+    for (flags, want) in cases {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount").arg(fx.root.join("b")).arg(&fx.dir.mnt).arg("--state-dir").arg(&fx.state);
+        cmd.arg("--cache-dir").arg(&fx.cache).args(flags).env_remove("RUST_LOG");
+        let out = try_run(&mut cmd, Duration::from_secs(30), None).unwrap();
+        assert!(!out.ok() && out.stderr.contains(want), "{flags:?}: {out}");
+        assert!(!mounted(&fx.dir.mnt), "{flags:?}: something got mounted");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. rename and link semantics
 // ---------------------------------------------------------------------------------------------

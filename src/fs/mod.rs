@@ -25,7 +25,9 @@ pub use blocks::BlockConfig;
 use blocks::{BlockReader, Readahead};
 pub use error::{FsError, FsResult};
 use staging::{BlockWriter, Staging};
-pub use types::{Attr, ConflictRecord, DirEntry, Inode, Kind, Op, ROOT_INO, Remote, SetAttr, Version};
+pub use types::{
+    Attr, ConflictConfig, ConflictRecord, DirEntry, Inode, Kind, Op, Policy, ROOT_INO, Remote, SetAttr, Version,
+};
 use types::{now_ns, to_ns};
 
 use crate::cache::{BlockCache, CacheKey, SealedFile, Sealer};
@@ -78,6 +80,8 @@ pub struct FsConfig {
     /// Most bytes of staged contents; past it, copies already in the bucket leave staging,
     /// and writes get ENOSPC if that is not enough. None: bounded by the disk only.
     pub staging_limit: Option<u64>,
+    /// How a conflict is resolved.
+    pub conflict: ConflictConfig,
 }
 
 impl Default for FsConfig {
@@ -97,6 +101,7 @@ impl Default for FsConfig {
             listing_min_age: LISTING_MIN_AGE,
             io_timeout: DEFAULT_IO_TIMEOUT,
             staging_limit: None,
+            conflict: ConflictConfig::default(),
         }
     }
 }
@@ -535,6 +540,15 @@ impl Inner {
             }
         }
         self.push_op(Op::Delete { remote }, delay, batch)?;
+        Ok(())
+    }
+
+    /// Adds a conflict record to `batch` under the next sequence number.
+    fn record_conflict(&mut self, record: ConflictRecord, batch: &mut Batch) -> FsResult<()> {
+        let n = self.next_conflict;
+        self.next_conflict += 1;
+        batch.meta.push(("next_conflict", self.next_conflict));
+        batch.conflict(n, &record)?;
         Ok(())
     }
 

@@ -7,6 +7,54 @@ use serde::{Deserialize, Serialize};
 
 pub const ROOT_INO: u64 = 1;
 
+/// What decides a conflict (`--conflict`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// The bucket's version keeps the path; ours becomes a conflict copy.
+    #[default]
+    KeepBoth,
+    /// The newer mtime wins.
+    Newest,
+    /// This mount's version wins.
+    Local,
+    /// The bucket's version wins.
+    Remote,
+}
+
+impl Policy {
+    pub const NAMES: [&'static str; 4] = ["keep-both", "newest", "local", "remote"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::KeepBoth => "keep-both",
+            Policy::Newest => "newest",
+            Policy::Local => "local",
+            Policy::Remote => "remote",
+        }
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep-both" => Ok(Policy::KeepBoth),
+            "newest" => Ok(Policy::Newest),
+            "local" => Ok(Policy::Local),
+            "remote" => Ok(Policy::Remote),
+            _ => Err(format!("unknown conflict policy {s:?}: use one of {}", Policy::NAMES.join(", "))),
+        }
+    }
+}
+
+/// How conflicts are resolved: the policy, and whether the losing version is kept as a
+/// conflict copy (always, with keep-both) or discarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConflictConfig {
+    pub policy: Policy,
+    pub discard_loser: bool,
+}
+
 /// One conflict, as `autosync conflicts` shows it: when, where, both versions, the policy
 /// and what it did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -554,6 +554,21 @@ impl Fs {
             Err(PutError::Other(e)) => return Err(e),
         };
         fail::fail_point!("upload-before-commit", |_| Err(FsError::Halted("upload-before-commit")));
+        self.record_put(seq, node, key, moved_from, &content, put, None)
+    }
+
+    /// Records a put of `content` at `key` (and a conflict record, if given), ends the op.
+    #[allow(clippy::too_many_arguments)]
+    fn record_put(
+        &self,
+        seq: u64,
+        node: &Inode,
+        key: &str,
+        moved_from: Option<Remote>,
+        content: &Content,
+        put: object_store::PutResult,
+        conflict: Option<ConflictRecord>,
+    ) -> FsResult<()> {
         let mut batch = Batch::default();
         {
             let mut inner = lock(&self.inner);
@@ -595,6 +610,9 @@ impl Fs {
                 inner.retire(&self.prefix, old, Duration::ZERO, &mut batch)?;
             }
             inner.upload_epoch += 1;
+            if let Some(record) = conflict {
+                inner.record_conflict(record, &mut batch)?;
+            }
         }
         self.finish(seq, batch)?;
         Ok(())
@@ -775,6 +793,32 @@ impl Fs {
         moved_from: Option<Remote>,
         content: Content,
     ) -> FsResult<()> {
+        // The bucket's version now, with its attributes (for `newest`, and the record).
+        let theirs = match self.store.get_opts(&obj_path(key)?, GetOptions { head: true, ..Default::default() }).await {
+            Ok(r) => Some(r),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let theirs = theirs.map(|r| {
+            let (attrs, hash) = PosixAttrs::from_attributes(&r.attributes);
+            let modified = attrs.mtime.unwrap_or(r.meta.last_modified.timestamp());
+            (r.meta, hash, modified)
+        });
+        let cc = self.cfg.conflict;
+        let ours_mtime = node.posix_attrs().mtime.unwrap_or(0);
+        let local_wins = match cc.policy {
+            Policy::KeepBoth | Policy::Remote => false,
+            Policy::Local => true,
+            // A deleted remote has nothing newer to offer.
+            Policy::Newest => theirs.as_ref().is_none_or(|t| ours_mtime > t.2),
+        };
+        if local_wins {
+            return self.local_wins(seq, node, key, moved_from, content, theirs).await;
+        }
+        // The edit of a file deleted in the bucket always survives (as a copy).
+        if cc.discard_loser && cc.policy != Policy::KeepBoth && theirs.is_some() {
+            return self.discard_local(seq, node, key, moved_from, &content, theirs).await;
+        }
         let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
         let (dir_key, name) = match key.rfind('/') {
             Some(i) => (&key[..i], &key[i + 1..]),
@@ -797,35 +841,24 @@ impl Fs {
             }
         };
         let (copy_key, put) = put;
-        lock(&self.counters).conflicts += 1;
         let (path, copy_path) = (self.rel_path(key), self.rel_path(&copy_key));
-        tracing::warn!(
-            path = %path,
-            copy = %copy_path,
-            policy = "keep-both",
-            "conflict: the bucket's version of {path} changed since this file was read; it keeps the path, and this mount's version was saved as {copy_path}"
-        );
-        let theirs = self.store.head(&obj_path(key)?).await.ok();
-        let record = ConflictRecord {
-            time: chrono::Utc::now().timestamp(),
-            path: path.clone(),
-            policy: "keep-both".into(),
-            outcome: format!("the bucket's version kept the path; this mount's version was saved as {copy_path}"),
-            remote: Version {
-                path: theirs.as_ref().map(|_| path.clone()),
-                size: theirs.as_ref().map(|m| m.size),
-                etag: theirs.as_ref().and_then(|m| m.e_tag.clone()),
-                hash: None,
-                modified: theirs.as_ref().map(|m| m.last_modified.timestamp()),
-            },
-            local: Version {
+        let outcome = match &theirs {
+            Some(_) => format!("the bucket's version kept the path; this mount's version was saved as {copy_path}"),
+            None => format!("the file was deleted in the bucket; this mount's version was saved as {copy_path}"),
+        };
+        let record = self.conflict_record(
+            &path,
+            outcome,
+            theirs.as_ref().map(|_| path.clone()),
+            &theirs,
+            Version {
                 path: Some(copy_path),
                 size: Some(content.size()),
                 etag: put.e_tag.clone(),
                 hash: Some(content.hash().to_string()),
                 modified: node.posix_attrs().mtime,
             },
-        };
+        );
         if let Some(old) = &moved_from {
             // Our old location is no longer ours to keep: the content lives in the copy now.
             self.delete_checked(old).await?;
@@ -862,10 +895,169 @@ impl Fs {
                 }
             }
             inner.upload_epoch += 1;
-            let n = inner.next_conflict;
-            inner.next_conflict += 1;
-            batch.meta.push(("next_conflict", inner.next_conflict));
-            batch.conflict(n, &record)?;
+            inner.record_conflict(record, &mut batch)?;
+        }
+        self.finish(seq, batch)?;
+        Ok(())
+    }
+
+    /// Builds the record of a conflict, counts it and logs it (one warn line).
+    fn conflict_record(
+        &self,
+        path: &str,
+        outcome: String,
+        remote_path: Option<String>,
+        theirs: &Option<(object_store::ObjectMeta, Option<String>, i64)>,
+        local: Version,
+    ) -> ConflictRecord {
+        lock(&self.counters).conflicts += 1;
+        let policy = self.cfg.conflict.policy.name();
+        tracing::warn!(
+            path,
+            policy,
+            "conflict: the bucket's version of {path} changed since this file was read; {outcome}"
+        );
+        ConflictRecord {
+            time: chrono::Utc::now().timestamp(),
+            path: path.to_string(),
+            policy: policy.to_string(),
+            outcome,
+            remote: Version {
+                path: remote_path,
+                size: theirs.as_ref().map(|t| t.0.size),
+                etag: theirs.as_ref().and_then(|t| t.0.e_tag.clone()),
+                hash: theirs.as_ref().and_then(|t| t.1.clone()),
+                modified: theirs.as_ref().map(|t| t.2),
+            },
+            local,
+        }
+    }
+
+    /// A free `NAME.conflict-HOST-STAMP.EXT` key next to `key`.
+    async fn free_copy_key(&self, key: &str) -> FsResult<String> {
+        let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
+        let (dir_key, name) = match key.rfind('/') {
+            Some(i) => (&key[..i], &key[i + 1..]),
+            None => ("", key),
+        };
+        for attempt in 1..=20 {
+            let stamp = if attempt == 1 { stamp.clone() } else { format!("{stamp}-{attempt}") };
+            let copy_name = layout::conflict_name(name, &self.cfg.host, &stamp);
+            let copy_key = if dir_key.is_empty() { copy_name } else { format!("{dir_key}/{copy_name}") };
+            match self.store.head(&obj_path(&copy_key)?).await {
+                Err(object_store::Error::NotFound { .. }) => return Ok(copy_key),
+                Ok(_) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FsError::Exists)
+    }
+
+    /// `local` (or `newest` with ours newer): the bucket's version is saved as a conflict
+    /// copy (unless `--conflict-loser discard`), then ours is written at the path,
+    /// conditional on the version just saved.
+    async fn local_wins(
+        &self,
+        seq: u64,
+        node: &Inode,
+        key: &str,
+        moved_from: Option<Remote>,
+        content: Content,
+        theirs: Option<(object_store::ObjectMeta, Option<String>, i64)>,
+    ) -> FsResult<()> {
+        let path = self.rel_path(key);
+        let saved = match &theirs {
+            Some(_) if !self.cfg.conflict.discard_loser => {
+                let copy_key = self.free_copy_key(key).await?;
+                lock(&self.inner).in_flight.insert(copy_key.clone());
+                self.store.copy(&obj_path(key)?, &obj_path(&copy_key)?).await?;
+                Some(copy_key)
+            }
+            _ => None,
+        };
+        let base = theirs.as_ref().map(|t| remote_of(&t.0));
+        let put = match self.conditional_put(node.ino, key, base.as_ref(), &content, node.posix_attrs()).await {
+            Ok(p) => p,
+            Err(PutError::Diverged) => {
+                // Changed again meanwhile: the op is retried and decides again.
+                return Err(FsError::Stale(format!(
+                    "{path} changed again in the bucket while a conflict was resolved"
+                )));
+            }
+            Err(PutError::Other(e)) => return Err(e),
+        };
+        let outcome = match (&saved, &theirs) {
+            (Some(copy), _) => {
+                format!("this mount's version kept the path; the bucket's version was saved as {}", self.rel_path(copy))
+            }
+            (None, Some(_)) => "this mount's version kept the path; the bucket's version was discarded".to_string(),
+            (None, None) => "the file was deleted in the bucket; this mount's version was written again".to_string(),
+        };
+        let remote_path = saved.as_deref().map(|c| self.rel_path(c));
+        let local = Version {
+            path: Some(path.clone()),
+            size: Some(content.size()),
+            etag: put.e_tag.clone(),
+            hash: Some(content.hash().to_string()),
+            modified: node.posix_attrs().mtime,
+        };
+        let record = self.conflict_record(&path, outcome, remote_path, &theirs, local);
+        if saved.is_some() {
+            // Relist so the saved copy shows.
+            let mut inner = lock(&self.inner);
+            if let Some(parent) = inner.get(node.ino).ok().map(|n| n.parent)
+                && let Ok(p) = inner.get_mut(parent)
+            {
+                p.listed_at = None;
+            }
+        }
+        self.record_put(seq, node, key, moved_from, &content, put, Some(record))
+    }
+
+    /// `remote` (or `newest` with theirs newer) with `--conflict-loser discard`: this
+    /// mount's version is dropped and the file shows the bucket's.
+    async fn discard_local(
+        &self,
+        seq: u64,
+        node: &Inode,
+        key: &str,
+        moved_from: Option<Remote>,
+        content: &Content,
+        theirs: Option<(object_store::ObjectMeta, Option<String>, i64)>,
+    ) -> FsResult<()> {
+        let Some(t) = &theirs else { return Err(FsError::NotFound) };
+        if let Some(old) = &moved_from {
+            // We moved away from there: that old object goes, as the move said.
+            self.delete_checked(old).await?;
+        }
+        let path = self.rel_path(key);
+        let local = Version {
+            path: None,
+            size: Some(content.size()),
+            etag: None,
+            hash: Some(content.hash().to_string()),
+            modified: node.posix_attrs().mtime,
+        };
+        let outcome = "the bucket's version kept the path; this mount's version was discarded".to_string();
+        let record = self.conflict_record(&path, outcome, Some(path.clone()), &theirs, local);
+        let mut batch = Batch::default();
+        {
+            let mut inner = lock(&self.inner);
+            if inner.get(node.ino).is_ok_and(|n| n.parent != 0) {
+                let n = inner.get_mut(node.ino)?;
+                if n.staged {
+                    n.staged = false;
+                    self.staging.remove(node.ino);
+                }
+                n.dirty = false;
+                n.size = t.0.size;
+                n.attrs_known = false;
+                n.overwrites = None;
+                inner.set_remote(node.ino, Some(remote_of(&t.0)));
+                inner.persist(node.ino, &mut batch)?;
+            }
+            inner.upload_epoch += 1;
+            inner.record_conflict(record, &mut batch)?;
         }
         self.finish(seq, batch)?;
         Ok(())
