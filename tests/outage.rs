@@ -11,7 +11,7 @@
 //! Then Garage is SIGKILLed for `AUTOSYNC_OUTAGE_SECS` seconds (default 20). Meanwhile a
 //! writer thread creates and rewrites files with `fsync` (paced, self-describing content),
 //! recording each acknowledged version in a manifest (in memory and in `manifest.txt`
-//! outside the mount); every write and `fsync` must succeed, each within 10 × io-timeout.
+//! outside the mount); every write and `fsync` must succeed, each within 12 × io-timeout.
 //! The test checks the warm and the pre-outage files read back, the cold one fails with
 //! `EIO` in less than 3 × io-timeout + 5 s, and `status --json` shows pending changes and a
 //! last error. `AUTOSYNC_OUTAGE_MODE=hang` makes the outage a hung server instead of a dead
@@ -61,10 +61,11 @@ const FOLDERS: u64 = 4;
 /// The folder marker autosync puts in the bucket for an empty folder (`layout.rs`).
 const FOLDER_MARKER: &str = ".autosync-folder";
 /// How long one write (mkdir -p, open, write, fsync) may take during the outage. No step
-/// needs the bucket, but the names are checked there first (the folder's listing, at lookup
-/// and again at create), and each check gives up after `--io-timeout`: a few of them, never
-/// a hang.
-const WRITE_LIMIT: Duration = Duration::from_secs(10 * IO_TIMEOUT.as_secs());
+/// needs the bucket, but each name on the path is checked there first once its listing is
+/// older than the metadata TTL (1 s, shorter than one check), and each check gives up after
+/// `--io-timeout`: for a new file two folders down, up to eight checks (`mkdir -p` looks the
+/// folders up twice, `open` once, then the new name, then `create`). A bound, never a hang.
+const WRITE_LIMIT: Duration = Duration::from_secs(12 * IO_TIMEOUT.as_secs());
 /// How long the first failed upload may take to show in `status`.
 const UPLOAD_FAILS_WITHIN: Duration = Duration::from_secs(60);
 /// How long the daemon may take to exit after SIGTERM, beyond nothing: grace (2 s) + margin.
