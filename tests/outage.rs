@@ -495,6 +495,7 @@ fn bucket_outage_loses_nothing_and_fails_cold_reads_fast() {
     let (out, _) = flush(&m);
     assert!(out.ok(), "flush after the remount: {out}");
     assert!(bucket.data("pre/after-sigterm") == last, "pre/after-sigterm is not in the bucket after the remount");
+    assert!(read(&dir.m("pre/after-sigterm")) == last, "pre/after-sigterm reads back wrong after the remount");
     bucket_keys(&bucket, "after the remount");
     let st = status_json(&m);
     assert_eq!(
@@ -503,6 +504,10 @@ fn bucket_outage_loses_nothing_and_fails_cold_reads_fast() {
         "status after the remount: {st}"
     );
     m.unmount();
+    // No FUSE request, upload or shutdown panicked along the way.
+    let log = fs::read_to_string(&dir.log).unwrap_or_default();
+    let panics: Vec<&str> = log.lines().filter(|l| l.contains("panicked")).collect();
+    assert!(panics.is_empty(), "the daemon panicked:\n{}", panics.join("\n"));
 
     println!(
         "outage harness (garage, {mode:?}): {:.1} s outage, {fsyncs} acknowledged fsyncs ({bytes} bytes, {files} files) during \
