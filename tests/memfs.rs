@@ -597,6 +597,30 @@ async fn a_file_that_keeps_changing_is_uploaded_once() {
     assert_eq!(sw.writes()["f"], 1);
 }
 
+/// A bucket that stops answering listings: lookups answer from what is known, and a new
+/// file is created, written and closed, each listing giving up after `io_timeout`, never
+/// hanging; once the bucket answers again, the file goes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_of_an_unresponsive_bucket_give_up_after_the_io_timeout() {
+    let sw = FaultSwitch::default();
+    let store = FaultyStore::wrap(Arc::new(InMemory::new()), sw.clone());
+    let cfg = FsConfig { io_timeout: Duration::from_millis(300), ..cfg() };
+    let h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
+    h.remote_put("d/known", b"listed before").await;
+    h.resolve("d/known").await.unwrap();
+    sw.set_stalled(true);
+    let started = std::time::Instant::now();
+    // (The metadata TTL is zero: each step lists the folder again, and gives up.)
+    assert!(h.resolve("d/known").await.is_ok(), "a known name, looked up from what is known");
+    assert!(matches!(h.resolve("d/new").await, Err(FsError::NotFound)), "a new name, not known");
+    h.write("d/new", b"written while the bucket hangs").await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "lookups and a create took {took:?} with listings unanswered");
+    sw.set_stalled(false);
+    h.flush().await;
+    assert_eq!(h.bucket().await.get("d/new").map(|v| v.as_slice()), Some(&b"written while the bucket hangs"[..]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inode_numbers_are_stable_across_restarts() {
     let mut h = Harness::memory().await;

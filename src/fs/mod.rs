@@ -797,19 +797,34 @@ impl Fs {
                 (inner.key_of(&self.prefix, ino)?, inner.upload_epoch)
             };
             let prefix = if key.is_empty() { None } else { Some(obj_path(&key)?) };
-            let listing = match self.store.list_with_delimiter(prefix.as_ref()).await {
-                Ok(l) => l,
-                // A key object_store cannot parse fails its whole listing: list raw, skip it.
-                Err(object_store::Error::InvalidPath { .. }) if self.raw_lister.get().is_some() => {
-                    self.raw_listing(&key).await?
+            let list = async {
+                match self.store.list_with_delimiter(prefix.as_ref()).await {
+                    Ok(l) => Ok(l),
+                    // A key object_store cannot parse fails its whole listing: list raw, skip it.
+                    Err(object_store::Error::InvalidPath { .. }) if self.raw_lister.get().is_some() => {
+                        self.raw_listing(&key).await
+                    }
+                    // A folder that exists only locally (pending upload) lists as empty.
+                    Err(object_store::Error::NotFound { .. }) => Ok(object_store::ListResult {
+                        common_prefixes: vec![],
+                        objects: vec![],
+                        extensions: Default::default(),
+                    }),
+                    Err(e) => Err(e.into()),
                 }
-                // A folder that exists only locally (pending upload) lists as empty.
-                Err(object_store::Error::NotFound { .. }) => object_store::ListResult {
-                    common_prefixes: vec![],
-                    objects: vec![],
-                    extensions: Default::default(),
-                },
-                Err(e) => return Err(e.into()),
+            };
+            // An unresponsive bucket: give up after --io-timeout (nothing is changed before
+            // the listing is in); lookups and creates then go on from what is known.
+            let listing = match tokio::time::timeout(self.cfg.io_timeout, list).await {
+                Ok(l) => l?,
+                Err(_) => {
+                    tracing::warn!(
+                        folder = %key,
+                        "a listing from the bucket took longer than --io-timeout ({:?})",
+                        self.cfg.io_timeout
+                    );
+                    return Err(FsError::TimedOut(self.cfg.io_timeout));
+                }
             };
             attempt += 1;
             let changed = lock(&self.inner).upload_epoch != epoch;

@@ -1,5 +1,5 @@
 //! Fault injection for tests: a store wrapper that refuses every request while switched off,
-//! or leaves reads unanswered while stalled, so outages can be simulated without stopping a
+//! or leaves reads and listings unanswered while stalled, so outages can be simulated without stopping a
 //! server.
 
 use std::fmt;
@@ -32,8 +32,8 @@ impl FaultSwitch {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
-    /// While stalled, reads (`get`) wait without an answer, like a server that stopped
-    /// responding; they go on once it is lifted.
+    /// While stalled, reads (`get`) and folder listings wait without an answer, like a
+    /// server that stopped responding; they go on once it is lifted.
     pub fn set_stalled(&self, stalled: bool) {
         self.stalled.store(stalled, Ordering::SeqCst);
     }
@@ -122,6 +122,7 @@ impl ObjectStore for FaultyStore {
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
         self.switch.check()?;
+        self.switch.stall().await;
         self.inner.list_with_delimiter(prefix).await
     }
 
