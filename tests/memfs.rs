@@ -621,6 +621,33 @@ async fn listings_of_an_unresponsive_bucket_give_up_after_the_io_timeout() {
     assert_eq!(h.bucket().await.get("d/new").map(|v| v.as_slice()), Some(&b"written while the bucket hangs"[..]));
 }
 
+/// After a listing gave up, folders listed before are answered from memory for a while
+/// instead of each lookup waiting for the bucket again; the bucket's answers come back
+/// when it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_listing_known_folders_answer_at_once() {
+    let sw = FaultSwitch::default();
+    let store = FaultyStore::wrap(Arc::new(InMemory::new()), sw.clone());
+    let cfg = FsConfig { io_timeout: Duration::from_millis(500), ..cfg() };
+    let h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
+    h.remote_put("a/b/known", b"x").await;
+    h.resolve("a/b/known").await.unwrap();
+    sw.set_stalled(true);
+    let first = std::time::Instant::now();
+    h.resolve("a/b/known").await.unwrap();
+    assert!(first.elapsed() >= Duration::from_millis(500), "the first lookup did not ask the bucket");
+    // Three folders deep, twenty times: without the pause, each would wait 0.5 s.
+    let rest = std::time::Instant::now();
+    for i in 0..20 {
+        h.resolve("a/b/known").await.unwrap();
+        h.write(&format!("a/b/new{i}"), b"offline").await.unwrap();
+    }
+    assert!(rest.elapsed() < Duration::from_secs(3), "known folders waited for the bucket: {:?}", rest.elapsed());
+    sw.set_stalled(false);
+    h.flush().await;
+    assert_eq!(h.bucket().await.len(), 21);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inode_numbers_are_stable_across_restarts() {
     let mut h = Harness::memory().await;

@@ -34,6 +34,9 @@ pub enum FsError {
     ReadOnly(String),
     #[error("the bucket did not answer within --io-timeout ({0:?})")]
     TimedOut(std::time::Duration),
+    /// A listing failed moments ago: folders known before are answered from memory.
+    #[error("the bucket did not answer a listing moments ago ({0}); answering from what is known")]
+    Unreachable(String),
     /// Staging is at `--staging-size`, or the cache dir's disk is down to its reserve.
     #[error("no space for staged changes: {0}")]
     NoSpace(String),
@@ -73,6 +76,7 @@ impl FsError {
             FsError::ReadOnly(_) => libc::EROFS,
             FsError::TimedOut(_) | FsError::Halted(_) => libc::EIO,
             FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::Unreachable(_) => libc::EIO,
             FsError::Shared(e) => e.errno(),
         }
     }

@@ -48,6 +48,9 @@ const LISTING_MIN_AGE: Duration = Duration::from_secs(1);
 /// Files above this size go up as multipart uploads.
 pub const MULTIPART_THRESHOLD: u64 = 32 << 20;
 
+/// How long folders listed before are answered from memory after a listing failed.
+const UNREACHABLE_PAUSE: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct FsConfig {
     /// How long a folder listing or attribute is trusted before asking the bucket again.
@@ -287,6 +290,9 @@ pub struct Fs {
     evicted: Arc<Mutex<HashSet<u64>>>,
     /// Folders whose last entry held by the kernel was forgotten.
     recheck: Mutex<HashSet<u64>>,
+    /// After a failed listing: until when folders listed before are not listed again, and
+    /// why.
+    unreachable: Mutex<Option<(Instant, String)>>,
     /// Writes are being refused for lack of space (logged once per episode).
     out_of_space: std::sync::atomic::AtomicBool,
 }
@@ -734,6 +740,7 @@ impl Fs {
             evicted,
             recheck: Mutex::new(HashSet::new()),
             out_of_space: std::sync::atomic::AtomicBool::new(false),
+            unreachable: Mutex::new(None),
             blocks,
             store,
             prefix: prefix.trim_matches('/').to_string(),
@@ -783,7 +790,20 @@ impl Fs {
     // ---- metadata -------------------------------------------------------------------
 
     /// Lists a folder from the bucket and merges it with what is known locally.
+    /// A listing failed: for [`UNREACHABLE_PAUSE`], folders listed before are answered from
+    /// what is known without asking the bucket (each failed listing costs retries, or up to
+    /// `--io-timeout`, and an outage would make every path step pay it).
+    fn set_unreachable(&self, e: &FsError) {
+        *lock(&self.unreachable) = Some((Instant::now() + UNREACHABLE_PAUSE, e.to_string()));
+    }
+
     async fn refresh_dir(&self, ino: u64) -> FsResult<()> {
+        let paused = lock(&self.unreachable).clone().filter(|(until, _)| Instant::now() < *until);
+        if let Some((_, why)) = paused
+            && lock(&self.inner).get(ino)?.listed
+        {
+            return Err(FsError::Unreachable(why));
+        }
         // A listing taken while an upload landed may predate it: list again (a few times)
         // rather than let an old listing undo our own upload.
         let mut attempt = 0;
@@ -816,16 +836,23 @@ impl Fs {
             // An unresponsive bucket: give up after --io-timeout (nothing is changed before
             // the listing is in); lookups and creates then go on from what is known.
             let listing = match tokio::time::timeout(self.cfg.io_timeout, list).await {
-                Ok(l) => l?,
+                Ok(Ok(l)) => l,
+                Ok(Err(e)) => {
+                    self.set_unreachable(&e);
+                    return Err(e);
+                }
                 Err(_) => {
                     tracing::warn!(
                         folder = %key,
                         "a listing from the bucket took longer than --io-timeout ({:?})",
                         self.cfg.io_timeout
                     );
-                    return Err(FsError::TimedOut(self.cfg.io_timeout));
+                    let e = FsError::TimedOut(self.cfg.io_timeout);
+                    self.set_unreachable(&e);
+                    return Err(e);
                 }
             };
+            *lock(&self.unreachable) = None;
             attempt += 1;
             let changed = lock(&self.inner).upload_epoch != epoch;
             if !changed || attempt >= 4 {
