@@ -669,6 +669,62 @@ fn two_mounts_of_one_bucket_keep_every_version_and_converge() {
     b.unmount();
 }
 
+/// Every file under `root` (recursively, autosync's folder markers left out), with its
+/// contents.
+fn all_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    walk(root)
+        .into_iter()
+        .filter(|p| root.join(p).is_file() && !p.ends_with(".autosync-folder"))
+        .map(|p| (p.to_string_lossy().into_owned(), read(&root.join(&p))))
+        .collect()
+}
+
+/// Two machines again: a rename on one while the other edits the file, and a folder
+/// renamed on one while the other adds a file inside it. Nothing written is lost, and
+/// both mounts converge to the bucket's view.
+#[test]
+fn two_mounts_rename_edit_and_folder_rename_add() {
+    let fx = Fixture::new("tworename", Backend::Local);
+    let dir_b = TestDir::new(&TIER, "tworename-b");
+    let a = fx.mount_with(&fx.state, &fx.cache, "3600");
+    let b = fx.server.mount(
+        &dir_b,
+        &fx.source,
+        (&dir_b.root.join("state"), &dir_b.root.join("cache")),
+        ("3600", METADATA_TTL),
+        fx.server.creds(),
+    );
+    write_file(&fx.m("f.txt"), b"v1\n");
+    write_file(&fx.m("d/one"), b"one\n");
+    a.flush();
+    wait_for("B sees A's files", Duration::from_secs(20), || (all_files(&dir_b.mnt).len() == 2).then_some(()));
+
+    // rename–edit: A renames f.txt to g.txt and uploads; B had edited f.txt (based on v1).
+    write_file(&dir_b.m("f.txt"), b"v2 from B\n");
+    fs::rename(fx.m("f.txt"), fx.m("g.txt")).unwrap();
+    // folder rename–add: A renames d to e; B adds d/two; A's rename goes up first.
+    write_file(&dir_b.m("d/two"), b"two from B\n");
+    fs::rename(fx.m("d"), fx.m("e")).unwrap();
+    a.flush();
+    b.flush();
+
+    let in_bucket = all_files(&fx.local_bucket().unwrap());
+    eprintln!("bucket after both uploads: {:?}", in_bucket.keys());
+    let has = |want: &[u8]| in_bucket.values().filter(|v| v.as_slice() == want).count();
+    assert_eq!(in_bucket.get("g.txt").map(Vec::as_slice), Some(&b"v1\n"[..]), "{:?}", in_bucket.keys());
+    assert_eq!(has(b"v2 from B\n"), 1, "B's edit is kept once: {:?}", in_bucket.keys());
+    assert_eq!(in_bucket.get("e/one").map(Vec::as_slice), Some(&b"one\n"[..]), "{:?}", in_bucket.keys());
+    assert_eq!(has(b"two from B\n"), 1, "B's new file is kept once: {:?}", in_bucket.keys());
+    assert!(!in_bucket.contains_key("d/one") && !in_bucket.contains_key("f.txt"), "{:?}", in_bucket.keys());
+    for (name, mnt) in [("A", &fx.dir.mnt), ("B", &dir_b.mnt)] {
+        wait_for(&format!("mount {name} shows the bucket's view"), Duration::from_secs(20), || {
+            (all_files(mnt) == in_bucket).then_some(())
+        });
+    }
+    a.unmount();
+    b.unmount();
+}
+
 /// The `HOST` part of conflict copy names, as autosync derives it from the hostname.
 fn conflict_host_name() -> String {
     let h = nix::unistd::gethostname().unwrap().to_string_lossy().into_owned();
