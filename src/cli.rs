@@ -75,6 +75,10 @@ pub enum Command {
         /// keep (saved as a conflict copy) or discard.
         #[arg(long, value_parser = ["keep", "discard"], default_value = "keep")]
         conflict_loser: String,
+        /// Per-path conflict rules: a file of `PATTERN POLICY [keep|discard]` lines (`#`
+        /// comments); the first pattern that matches a file's path decides for it.
+        #[arg(long)]
+        conflict_rules: Option<PathBuf>,
         /// Seconds to keep uploading after SIGTERM/Ctrl-C before unmounting.
         #[arg(long, default_value_t = 30.0)]
         shutdown_grace: f64,
@@ -265,6 +269,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             metadata_ttl,
             conflict,
             conflict_loser,
+            conflict_rules,
             shutdown_grace,
             endpoint,
             region,
@@ -276,6 +281,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     "--conflict-loser discard needs --conflict newest, local or remote (keep-both keeps both versions)"
                 );
             }
+            let rules = match &conflict_rules {
+                None => Vec::new(),
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .map_err(|e| anyhow!("--conflict-rules {}: cannot read it: {e}", p.display()))?;
+                    crate::fs::ConflictConfig::parse_rules(&text)
+                        .map_err(|e| anyhow!("--conflict-rules {}: {e}", p.display()))?
+                }
+            };
             let opts = MountOptions {
                 source,
                 mountpoint,
@@ -294,7 +308,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 upload_delay: secs(upload_delay, "upload-delay")?,
                 metadata_ttl: secs(metadata_ttl, "metadata-ttl")?,
                 shutdown_grace: secs(shutdown_grace, "shutdown-grace")?,
-                conflict: crate::fs::ConflictConfig { policy: conflict, discard_loser },
+                conflict: crate::fs::ConflictConfig {
+                    policy: conflict,
+                    discard_loser,
+                    rules: std::sync::Arc::new(rules),
+                },
                 endpoint: Endpoint { endpoint, region, allow_http },
                 announce_ready: std::env::var_os("AUTOSYNC_ANNOUNCE_READY").is_some(),
             };

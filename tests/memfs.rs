@@ -169,7 +169,13 @@ async fn edit_edit_with(
     discard_loser: bool,
     mtime_offset: i64,
 ) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>, Vec<autosync::fs::ConflictRecord>) {
-    let conflict = autosync::fs::ConflictConfig { policy, discard_loser };
+    edit_edit_under(autosync::fs::ConflictConfig { policy, discard_loser, ..Default::default() }, mtime_offset).await
+}
+
+async fn edit_edit_under(
+    conflict: autosync::fs::ConflictConfig,
+    mtime_offset: i64,
+) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>, Vec<autosync::fs::ConflictRecord>) {
     let h = Harness::with_config(
         Arc::new(InMemory::new()),
         Caps { create: true, update: true },
@@ -239,6 +245,17 @@ async fn conflict_policies_decide_who_keeps_the_path() {
     let (b, _, _) = edit_edit_with(Policy::Newest, false, -3600).await;
     assert_eq!(b["notes.txt"], b"theirs");
     assert_eq!(copies(&b)[0].1, b"mine");
+}
+
+/// A rule for the file's path overrides the default policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_rule_overrides_the_default_policy() {
+    use autosync::fs::{ConflictConfig, Policy};
+    let rules = ConflictConfig::parse_rules("*.md remote discard\nnotes.* local discard\n").unwrap();
+    let cc = ConflictConfig { policy: Policy::KeepBoth, discard_loser: false, rules: Arc::new(rules) };
+    let (b, _, recs) = edit_edit_under(cc, 0).await;
+    assert_eq!(b, BTreeMap::from([("notes.txt".to_string(), b"mine".to_vec())]));
+    assert_eq!(recs[0].policy, "local");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

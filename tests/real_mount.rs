@@ -735,7 +735,15 @@ fn conflict_host_name() -> String {
 #[test]
 fn bad_conflict_flags_are_refused_before_mounting() {
     let fx = Fixture::new("badflags", Backend::Local);
-    let cases: [(&[&str], &str); 3] = [
+    let rules = fx.root.join("rules");
+    fs::write(&rules, "*.docx newest\nshared/** whoever\n").unwrap();
+    let rules_flag = rules.display().to_string();
+    let missing = fx.root.join("no-such-rules").display().to_string();
+    let bad_rules = format!("--conflict-rules {rules_flag}: line 2: unknown conflict policy \"whoever\"");
+    let no_rules = format!("--conflict-rules {missing}: cannot read it");
+    let cases: [(&[&str], &str); 5] = [
+        (&["--conflict-rules", &rules_flag], &bad_rules),
+        (&["--conflict-rules", &missing], &no_rules),
         (&["--conflict", "bogus"], "unknown conflict policy \"bogus\": use one of keep-both, newest, local, remote"),
         (&["--conflict-loser", "discard"], "--conflict-loser discard needs --conflict newest, local or remote"),
         (&["--conflict", "local", "--conflict-loser", "maybe"], "invalid value 'maybe' for '--conflict-loser"),

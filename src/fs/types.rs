@@ -47,12 +47,106 @@ impl std::str::FromStr for Policy {
     }
 }
 
-/// How conflicts are resolved: the policy, and whether the losing version is kept as a
-/// conflict copy (always, with keep-both) or discarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How conflicts are resolved: the policy, whether the losing version is kept as a
+/// conflict copy (always, with keep-both) or discarded, and per-path rules that override
+/// both (`--conflict-rules`).
+#[derive(Debug, Clone, Default)]
 pub struct ConflictConfig {
     pub policy: Policy,
     pub discard_loser: bool,
+    pub rules: std::sync::Arc<Vec<ConflictRule>>,
+}
+
+/// `PATTERN POLICY [keep|discard]`: files matching PATTERN use POLICY.
+#[derive(Debug, Clone)]
+pub struct ConflictRule {
+    pub pattern: String,
+    matcher: globset::GlobMatcher,
+    pub policy: Policy,
+    pub discard_loser: Option<bool>,
+}
+
+impl ConflictConfig {
+    /// The policy and loser handling for a file at `path` (relative to the mount root):
+    /// the first rule that matches, else the defaults.
+    pub fn for_path(&self, path: &str) -> (Policy, bool) {
+        match self.rules.iter().find(|r| r.matcher.is_match(path)) {
+            Some(r) => (r.policy, r.discard_loser.unwrap_or(self.discard_loser && r.policy != Policy::KeepBoth)),
+            None => (self.policy, self.discard_loser),
+        }
+    }
+
+    /// Parses a rules file: one `PATTERN POLICY [keep|discard]` per line, `#` comments. A
+    /// pattern without `/` matches a file name in any folder (`*.docx`); with one, the
+    /// path from the mount root (`shared/**`, where `*` stops at `/` and `**` does not).
+    pub fn parse_rules(text: &str) -> Result<Vec<ConflictRule>, String> {
+        let mut rules = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let at = |e: String| format!("line {}: {e}", i + 1);
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let (pattern, policy, loser) = match words.as_slice() {
+                [p, pol] => (*p, *pol, None),
+                [p, pol, l] => (*p, *pol, Some(*l)),
+                _ => return Err(at(format!("{line:?}: write PATTERN POLICY [keep|discard]"))),
+            };
+            let policy: Policy = policy.parse().map_err(at)?;
+            let discard_loser = match loser {
+                None => None,
+                Some("keep") => Some(false),
+                Some("discard") if policy == Policy::KeepBoth => {
+                    return Err(at("keep-both keeps both versions: discard needs newest, local or remote".into()));
+                }
+                Some("discard") => Some(true),
+                Some(other) => return Err(at(format!("{other:?}: the loser is keep or discard"))),
+            };
+            let glob = if pattern.contains('/') {
+                pattern.trim_start_matches('/').to_string()
+            } else {
+                format!("**/{pattern}")
+            };
+            let matcher = globset::GlobBuilder::new(&glob)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| at(format!("pattern {pattern:?}: {e}")))?
+                .compile_matcher();
+            rules.push(ConflictRule { pattern: pattern.to_string(), matcher, policy, discard_loser });
+        }
+        Ok(rules)
+    }
+}
+
+#[cfg(test)]
+mod rule_tests {
+    use super::*;
+
+    #[test]
+    fn rules_pick_the_first_match_and_fall_back_to_the_defaults() {
+        let rules = ConflictConfig::parse_rules(
+            "# team rules\n*.docx newest\nshared/** local discard\nshared/notes/*.md remote   # never reached\n\n",
+        )
+        .unwrap();
+        let cc = ConflictConfig { policy: Policy::KeepBoth, discard_loser: false, rules: std::sync::Arc::new(rules) };
+        assert_eq!(cc.for_path("report.docx"), (Policy::Newest, false));
+        assert_eq!(cc.for_path("a/b/report.docx"), (Policy::Newest, false));
+        assert_eq!(cc.for_path("shared/x/y.txt"), (Policy::Local, true));
+        assert_eq!(cc.for_path("shared/notes/n.md"), (Policy::Local, true));
+        assert_eq!(cc.for_path("other/shared/x"), (Policy::KeepBoth, false));
+        assert_eq!(cc.for_path("notes.txt"), (Policy::KeepBoth, false));
+    }
+
+    #[test]
+    fn bad_rules_name_their_line() {
+        let err = |t: &str| ConflictConfig::parse_rules(t).unwrap_err();
+        assert!(err("*.a newest\n*.b sometimes").starts_with("line 2: unknown conflict policy \"sometimes\""));
+        assert!(err("*.a").starts_with("line 1: \"*.a\": write PATTERN POLICY"));
+        assert!(err("*.a keep-both discard").contains("discard needs newest, local or remote"));
+        assert!(err("*.a local maybe").contains("the loser is keep or discard"));
+        assert!(err("a[ local").starts_with("line 1: pattern \"a[\""));
+    }
 }
 
 /// One conflict, as `autosync conflicts` shows it: when, where, both versions, the policy

@@ -804,20 +804,20 @@ impl Fs {
             let modified = attrs.mtime.unwrap_or(r.meta.last_modified.timestamp());
             (r.meta, hash, modified)
         });
-        let cc = self.cfg.conflict;
+        let (policy, discard) = self.cfg.conflict.for_path(&self.rel_path(key));
         let ours_mtime = node.posix_attrs().mtime.unwrap_or(0);
-        let local_wins = match cc.policy {
+        let local_wins = match policy {
             Policy::KeepBoth | Policy::Remote => false,
             Policy::Local => true,
             // A deleted remote has nothing newer to offer.
             Policy::Newest => theirs.as_ref().is_none_or(|t| ours_mtime > t.2),
         };
         if local_wins {
-            return self.local_wins(seq, node, key, moved_from, content, theirs).await;
+            return self.local_wins(seq, node, key, moved_from, content, theirs, (policy, discard)).await;
         }
         // The edit of a file deleted in the bucket always survives (as a copy).
-        if cc.discard_loser && cc.policy != Policy::KeepBoth && theirs.is_some() {
-            return self.discard_local(seq, node, key, moved_from, &content, theirs).await;
+        if discard && policy != Policy::KeepBoth && theirs.is_some() {
+            return self.discard_local(seq, node, key, moved_from, &content, theirs, policy).await;
         }
         let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
         let (dir_key, name) = match key.rfind('/') {
@@ -847,6 +847,7 @@ impl Fs {
             None => format!("the file was deleted in the bucket; this mount's version was saved as {copy_path}"),
         };
         let record = self.conflict_record(
+            policy,
             &path,
             outcome,
             theirs.as_ref().map(|_| path.clone()),
@@ -904,6 +905,7 @@ impl Fs {
     /// Builds the record of a conflict, counts it and logs it (one warn line).
     fn conflict_record(
         &self,
+        policy: Policy,
         path: &str,
         outcome: String,
         remote_path: Option<String>,
@@ -911,7 +913,7 @@ impl Fs {
         local: Version,
     ) -> ConflictRecord {
         lock(&self.counters).conflicts += 1;
-        let policy = self.cfg.conflict.policy.name();
+        let policy = policy.name();
         tracing::warn!(
             path,
             policy,
@@ -956,6 +958,7 @@ impl Fs {
     /// `local` (or `newest` with ours newer): the bucket's version is saved as a conflict
     /// copy (unless `--conflict-loser discard`), then ours is written at the path,
     /// conditional on the version just saved.
+    #[allow(clippy::too_many_arguments)]
     async fn local_wins(
         &self,
         seq: u64,
@@ -964,10 +967,11 @@ impl Fs {
         moved_from: Option<Remote>,
         content: Content,
         theirs: Option<(object_store::ObjectMeta, Option<String>, i64)>,
+        (policy, discard): (Policy, bool),
     ) -> FsResult<()> {
         let path = self.rel_path(key);
         let saved = match &theirs {
-            Some(_) if !self.cfg.conflict.discard_loser => {
+            Some(_) if !discard => {
                 let copy_key = self.free_copy_key(key).await?;
                 lock(&self.inner).in_flight.insert(copy_key.clone());
                 self.store.copy(&obj_path(key)?, &obj_path(&copy_key)?).await?;
@@ -1001,7 +1005,7 @@ impl Fs {
             hash: Some(content.hash().to_string()),
             modified: node.posix_attrs().mtime,
         };
-        let record = self.conflict_record(&path, outcome, remote_path, &theirs, local);
+        let record = self.conflict_record(policy, &path, outcome, remote_path, &theirs, local);
         if saved.is_some() {
             // Relist so the saved copy shows.
             let mut inner = lock(&self.inner);
@@ -1016,6 +1020,7 @@ impl Fs {
 
     /// `remote` (or `newest` with theirs newer) with `--conflict-loser discard`: this
     /// mount's version is dropped and the file shows the bucket's.
+    #[allow(clippy::too_many_arguments)]
     async fn discard_local(
         &self,
         seq: u64,
@@ -1024,6 +1029,7 @@ impl Fs {
         moved_from: Option<Remote>,
         content: &Content,
         theirs: Option<(object_store::ObjectMeta, Option<String>, i64)>,
+        policy: Policy,
     ) -> FsResult<()> {
         let Some(t) = &theirs else { return Err(FsError::NotFound) };
         if let Some(old) = &moved_from {
@@ -1039,7 +1045,7 @@ impl Fs {
             modified: node.posix_attrs().mtime,
         };
         let outcome = "the bucket's version kept the path; this mount's version was discarded".to_string();
-        let record = self.conflict_record(&path, outcome, Some(path.clone()), &theirs, local);
+        let record = self.conflict_record(policy, &path, outcome, Some(path.clone()), &theirs, local);
         let mut batch = Batch::default();
         {
             let mut inner = lock(&self.inner);
