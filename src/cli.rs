@@ -79,6 +79,11 @@ pub enum Command {
         /// comments); the first pattern that matches a file's path decides for it.
         #[arg(long)]
         conflict_rules: Option<PathBuf>,
+        /// For --conflict priority (or a rule using it): host names, highest rank first,
+        /// comma-separated. A version written by an unlisted host, or by another tool,
+        /// ranks below every listed one; a tie goes to the bucket's version.
+        #[arg(long, value_delimiter = ',')]
+        conflict_priority: Vec<String>,
         /// Seconds to keep uploading after SIGTERM/Ctrl-C before unmounting.
         #[arg(long, default_value_t = 30.0)]
         shutdown_grace: f64,
@@ -270,6 +275,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             conflict,
             conflict_loser,
             conflict_rules,
+            conflict_priority,
             shutdown_grace,
             endpoint,
             region,
@@ -290,6 +296,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .map_err(|e| anyhow!("--conflict-rules {}: {e}", p.display()))?
                 }
             };
+            let uses_priority = conflict == crate::fs::Policy::Priority
+                || rules.iter().any(|r| r.policy == crate::fs::Policy::Priority);
+            if uses_priority && conflict_priority.is_empty() {
+                bail!("--conflict priority needs --conflict-priority HOST[,HOST...] (highest rank first)");
+            }
             let opts = MountOptions {
                 source,
                 mountpoint,
@@ -312,6 +323,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     policy: conflict,
                     discard_loser,
                     rules: std::sync::Arc::new(rules),
+                    priority: std::sync::Arc::new(conflict_priority),
                 },
                 endpoint: Endpoint { endpoint, region, allow_http },
                 announce_ready: std::env::var_os("AUTOSYNC_ANNOUNCE_READY").is_some(),

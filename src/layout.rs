@@ -27,6 +27,9 @@ pub const META_HASH: &str = "autosync-hash";
 /// `WRITER:INO`: the mount state (a random id per state dir) and the inode that uploaded
 /// the object, so a mount recognises its own upload that a crash kept it from recording.
 pub const META_ORIGIN: &str = "autosync-origin";
+/// The host name of the machine whose autosync uploaded the object (for `--conflict
+/// priority`), as in conflict copy names.
+pub const META_HOST: &str = "autosync-host";
 
 /// Why a listed key cannot become a file name.
 pub fn invalid_name(name: &str) -> Option<&'static str> {

@@ -169,12 +169,16 @@ async fn edit_edit_with(
     discard_loser: bool,
     mtime_offset: i64,
 ) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>, Vec<autosync::fs::ConflictRecord>) {
-    edit_edit_under(autosync::fs::ConflictConfig { policy, discard_loser, ..Default::default() }, mtime_offset).await
+    edit_edit_under(autosync::fs::ConflictConfig { policy, discard_loser, ..Default::default() }, mtime_offset, None)
+        .await
 }
 
+/// As [`edit_edit_with`], under any conflict config; `their_host` is the `autosync-host`
+/// the other client's version carries.
 async fn edit_edit_under(
     conflict: autosync::fs::ConflictConfig,
     mtime_offset: i64,
+    their_host: Option<&str>,
 ) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>, Vec<autosync::fs::ConflictRecord>) {
     let h = Harness::with_config(
         Arc::new(InMemory::new()),
@@ -186,7 +190,12 @@ async fn edit_edit_under(
     h.flush().await;
     let ino = h.resolve("notes.txt").await.unwrap();
     let (fh, _) = h.fs().open(ino).await.unwrap();
-    h.remote_put("notes.txt", b"theirs").await;
+    let mut attributes = object_store::Attributes::new();
+    if let Some(host) = their_host {
+        attributes.insert(object_store::Attribute::Metadata("autosync-host".into()), host.to_string().into());
+    }
+    let opts = object_store::PutOptions { attributes, ..Default::default() };
+    h.store.put_opts(&Path::from("notes.txt"), PutPayload::from_static(b"theirs"), opts).await.unwrap();
     h.fs().write(fh, 0, b"mine").await.unwrap();
     let now = std::time::SystemTime::now();
     let shift = Duration::from_secs(mtime_offset.unsigned_abs());
@@ -252,10 +261,34 @@ async fn conflict_policies_decide_who_keeps_the_path() {
 async fn a_conflict_rule_overrides_the_default_policy() {
     use autosync::fs::{ConflictConfig, Policy};
     let rules = ConflictConfig::parse_rules("*.md remote discard\nnotes.* local discard\n").unwrap();
-    let cc = ConflictConfig { policy: Policy::KeepBoth, discard_loser: false, rules: Arc::new(rules) };
-    let (b, _, recs) = edit_edit_under(cc, 0).await;
+    let cc =
+        ConflictConfig { policy: Policy::KeepBoth, discard_loser: false, rules: Arc::new(rules), ..Default::default() };
+    let (b, _, recs) = edit_edit_under(cc, 0, None).await;
     assert_eq!(b, BTreeMap::from([("notes.txt".to_string(), b"mine".to_vec())]));
     assert_eq!(recs[0].policy, "local");
+}
+
+/// `priority`: the host ranked higher keeps the path; a version from an unlisted host (or
+/// another tool) ranks below every listed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_decides_by_the_ranked_hosts() {
+    use autosync::fs::{ConflictConfig, Policy};
+    let cc = |ranked: &[&str]| ConflictConfig {
+        policy: Policy::Priority,
+        priority: Arc::new(ranked.iter().map(|h| h.to_string()).collect()),
+        ..Default::default()
+    };
+    let (b, _, recs) = edit_edit_under(cc(&["boss", "testhost"]), 0, Some("boss")).await;
+    assert_eq!(b["notes.txt"], b"theirs", "boss ranks above us");
+    assert_eq!(copies(&b)[0].1, b"mine");
+    assert_eq!(recs[0].policy, "priority");
+    let (b, _, _) = edit_edit_under(cc(&["testhost", "boss"]), 0, Some("boss")).await;
+    assert_eq!(b["notes.txt"], b"mine", "we rank above boss");
+    assert_eq!(copies(&b)[0].1, b"theirs");
+    let (b, _, _) = edit_edit_under(cc(&["testhost"]), 0, None).await;
+    assert_eq!(b["notes.txt"], b"mine", "another tool ranks below every listed host");
+    let (b, _, _) = edit_edit_under(cc(&["boss"]), 0, Some("intern")).await;
+    assert_eq!(b["notes.txt"], b"theirs", "neither listed: a tie, the bucket's version keeps the path");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

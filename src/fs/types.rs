@@ -19,10 +19,12 @@ pub enum Policy {
     Local,
     /// The bucket's version wins.
     Remote,
+    /// The host ranked higher in `--conflict-priority` wins.
+    Priority,
 }
 
 impl Policy {
-    pub const NAMES: [&'static str; 4] = ["keep-both", "newest", "local", "remote"];
+    pub const NAMES: [&'static str; 5] = ["keep-both", "newest", "local", "remote", "priority"];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -30,6 +32,7 @@ impl Policy {
             Policy::Newest => "newest",
             Policy::Local => "local",
             Policy::Remote => "remote",
+            Policy::Priority => "priority",
         }
     }
 }
@@ -42,6 +45,7 @@ impl std::str::FromStr for Policy {
             "newest" => Ok(Policy::Newest),
             "local" => Ok(Policy::Local),
             "remote" => Ok(Policy::Remote),
+            "priority" => Ok(Policy::Priority),
             _ => Err(format!("unknown conflict policy {s:?}: use one of {}", Policy::NAMES.join(", "))),
         }
     }
@@ -55,6 +59,8 @@ pub struct ConflictConfig {
     pub policy: Policy,
     pub discard_loser: bool,
     pub rules: std::sync::Arc<Vec<ConflictRule>>,
+    /// Host names, highest rank first, for the `priority` policy.
+    pub priority: std::sync::Arc<Vec<String>>,
 }
 
 /// `PATTERN POLICY [keep|discard]`: files matching PATTERN use POLICY.
@@ -129,7 +135,7 @@ mod rule_tests {
             "# team rules\n*.docx newest\nshared/** local discard\nshared/notes/*.md remote   # never reached\n\n",
         )
         .unwrap();
-        let cc = ConflictConfig { policy: Policy::KeepBoth, discard_loser: false, rules: std::sync::Arc::new(rules) };
+        let cc = ConflictConfig { policy: Policy::KeepBoth, rules: std::sync::Arc::new(rules), ..Default::default() };
         assert_eq!(cc.for_path("report.docx"), (Policy::Newest, false));
         assert_eq!(cc.for_path("a/b/report.docx"), (Policy::Newest, false));
         assert_eq!(cc.for_path("shared/x/y.txt"), (Policy::Local, true));

@@ -37,6 +37,17 @@ impl From<std::io::Error> for PutError {
     }
 }
 
+/// The bucket's version found when a conflict is resolved.
+struct Theirs {
+    meta: object_store::ObjectMeta,
+    /// Its `autosync-hash`, if an autosync wrote it.
+    hash: Option<String>,
+    /// Its `mtime` metadata, else its Last-Modified (seconds).
+    modified: i64,
+    /// Its `autosync-host`: the machine whose autosync wrote it.
+    host: Option<String>,
+}
+
 /// Whose the object at a key is, when it is not the version a change was based on.
 enum Claim {
     /// It holds exactly our content: the put already happened.
@@ -660,7 +671,11 @@ impl Fs {
     ) -> Result<object_store::PutResult, PutError> {
         let path = obj_path(key)?;
         let origin = format!("{}:{ino}", self.writer);
-        let attributes = attrs.to_attributes(Some(content.hash()), Some(&origin));
+        let mut attributes = attrs.to_attributes(Some(content.hash()), Some(&origin));
+        attributes.insert(
+            object_store::Attribute::Metadata(layout::META_HOST.into()),
+            object_store::AttributeValue::from(self.cfg.host.clone()),
+        );
         let multipart = content.size() > self.cfg.multipart_threshold;
         let native = match base {
             None => self.caps.create,
@@ -802,7 +817,8 @@ impl Fs {
         let theirs = theirs.map(|r| {
             let (attrs, hash) = PosixAttrs::from_attributes(&r.attributes);
             let modified = attrs.mtime.unwrap_or(r.meta.last_modified.timestamp());
-            (r.meta, hash, modified)
+            let host = layout::metadata_map(&r.attributes).remove(layout::META_HOST);
+            Theirs { meta: r.meta, hash, modified, host }
         });
         let (policy, discard) = self.cfg.conflict.for_path(&self.rel_path(key));
         let ours_mtime = node.posix_attrs().mtime.unwrap_or(0);
@@ -810,7 +826,15 @@ impl Fs {
             Policy::KeepBoth | Policy::Remote => false,
             Policy::Local => true,
             // A deleted remote has nothing newer to offer.
-            Policy::Newest => theirs.as_ref().is_none_or(|t| ours_mtime > t.2),
+            Policy::Newest => theirs.as_ref().is_none_or(|t| ours_mtime > t.modified),
+            // Ours wins when this host ranks above the one that wrote theirs (a writer that
+            // names no host, another tool, ranks below every listed host).
+            Policy::Priority => {
+                let rank = |h: Option<&str>| {
+                    h.and_then(|h| self.cfg.conflict.priority.iter().position(|p| p == h)).unwrap_or(usize::MAX)
+                };
+                rank(Some(&self.cfg.host)) < theirs.as_ref().map_or(usize::MAX, |t| rank(t.host.as_deref()))
+            }
         };
         if local_wins {
             return self.local_wins(seq, node, key, moved_from, content, theirs, (policy, discard)).await;
@@ -909,7 +933,7 @@ impl Fs {
         path: &str,
         outcome: String,
         remote_path: Option<String>,
-        theirs: &Option<(object_store::ObjectMeta, Option<String>, i64)>,
+        theirs: &Option<Theirs>,
         local: Version,
     ) -> ConflictRecord {
         lock(&self.counters).conflicts += 1;
@@ -926,10 +950,10 @@ impl Fs {
             outcome,
             remote: Version {
                 path: remote_path,
-                size: theirs.as_ref().map(|t| t.0.size),
-                etag: theirs.as_ref().and_then(|t| t.0.e_tag.clone()),
-                hash: theirs.as_ref().and_then(|t| t.1.clone()),
-                modified: theirs.as_ref().map(|t| t.2),
+                size: theirs.as_ref().map(|t| t.meta.size),
+                etag: theirs.as_ref().and_then(|t| t.meta.e_tag.clone()),
+                hash: theirs.as_ref().and_then(|t| t.hash.clone()),
+                modified: theirs.as_ref().map(|t| t.modified),
             },
             local,
         }
@@ -966,7 +990,7 @@ impl Fs {
         key: &str,
         moved_from: Option<Remote>,
         content: Content,
-        theirs: Option<(object_store::ObjectMeta, Option<String>, i64)>,
+        theirs: Option<Theirs>,
         (policy, discard): (Policy, bool),
     ) -> FsResult<()> {
         let path = self.rel_path(key);
@@ -979,7 +1003,7 @@ impl Fs {
             }
             _ => None,
         };
-        let base = theirs.as_ref().map(|t| remote_of(&t.0));
+        let base = theirs.as_ref().map(|t| remote_of(&t.meta));
         let put = match self.conditional_put(node.ino, key, base.as_ref(), &content, node.posix_attrs()).await {
             Ok(p) => p,
             Err(PutError::Diverged) => {
@@ -1028,7 +1052,7 @@ impl Fs {
         key: &str,
         moved_from: Option<Remote>,
         content: &Content,
-        theirs: Option<(object_store::ObjectMeta, Option<String>, i64)>,
+        theirs: Option<Theirs>,
         policy: Policy,
     ) -> FsResult<()> {
         let Some(t) = &theirs else { return Err(FsError::NotFound) };
@@ -1056,10 +1080,10 @@ impl Fs {
                     self.staging.remove(node.ino);
                 }
                 n.dirty = false;
-                n.size = t.0.size;
+                n.size = t.meta.size;
                 n.attrs_known = false;
                 n.overwrites = None;
-                inner.set_remote(node.ino, Some(remote_of(&t.0)));
+                inner.set_remote(node.ino, Some(remote_of(&t.meta)));
                 inner.persist(node.ino, &mut batch)?;
             }
             inner.upload_epoch += 1;
