@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::servers::{Backend, Other, Server};
-use common::{Mount, Rng, TestDir, Tier, alive, daemon_pids, mounted, sigkill, wait_for};
+use common::{Mount, Rng, TestDir, Tier, alive, daemon_pids, env_u64, mounted, sigkill, wait_for};
 
 static TIER: Tier = Tier::real_mount("autosync-crash-");
 
@@ -51,13 +51,6 @@ const FOLDERS: u64 = 4;
 const MAX_PATHS: usize = 400;
 /// The folder marker autosync puts in the bucket for an empty folder (`layout.rs`).
 const FOLDER_MARKER: &str = ".autosync-folder";
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Self-describing contents

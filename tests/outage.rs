@@ -43,7 +43,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::servers::{Backend, Other, Server};
-use common::{Mount, Out, Rng, TestDir, Tier, alive, mounted, read, run_ok, tail, try_run, wait_for, write_file};
+use common::{
+    Mount, Out, Rng, TestDir, Tier, alive, env_u64, mounted, read, run_ok, tail, try_run, wait_for, write_file,
+};
 
 /// A short grace, so that the SIGTERM step ends quickly; a long flush timeout, so that the
 /// backlog of a full-size outage drains.
@@ -70,13 +72,6 @@ const WRITE_LIMIT: Duration = Duration::from_secs(12 * IO_TIMEOUT.as_secs());
 const UPLOAD_FAILS_WITHIN: Duration = Duration::from_secs(60);
 /// How long the daemon may take to exit after SIGTERM, beyond nothing: grace (2 s) + margin.
 const SIGTERM_EXIT: Duration = Duration::from_secs(15);
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
 
 /// One version of a file: `outage1 PATH SEQ LEN\n` then LEN pseudo-random bytes.
 fn version(path: &str, seq: u64, rng: &mut Rng) -> Vec<u8> {

@@ -143,6 +143,14 @@ pub fn run_ok(cmd: impl BorrowMut<Command>) -> Out {
 }
 
 /// Polls `f` until it gives a value, failing the test after `timeout`.
+/// A number from the environment (a harness's size or seed), or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
