@@ -593,10 +593,9 @@ fn top_files(mnt: &Path) -> BTreeMap<String, Vec<u8>> {
 /// Two machines on one bucket (two mounts, each with its own state and cache dirs): an
 /// edit–edit, a delete–edit and a create–create conflict, under keep-both. Every version
 /// written survives somewhere, and both mounts converge to the bucket's view.
-#[test]
-fn two_mounts_of_one_bucket_keep_every_version_and_converge() {
-    let fx = Fixture::new("twomounts", Backend::Local);
-    let dir_b = TestDir::new(&TIER, "twomounts-b");
+fn two_mounts_of_one_bucket_keep_every_version_and_converge(backend: Backend) {
+    let fx = Fixture::new("twomounts", backend);
+    let dir_b = TestDir::new(&TIER, &format!("twomounts-b-{}", backend.name()));
     // Uploads only on flush, so the order of events is the test's.
     let a = fx.mount_with(&fx.state, &fx.cache, "3600");
     let creds = fx.server.creds();
@@ -629,8 +628,7 @@ fn two_mounts_of_one_bucket_keep_every_version_and_converge() {
     a.flush();
 
     let host = conflict_host_name();
-    let bucket = fx.local_bucket().unwrap();
-    let in_bucket = top_files(&bucket);
+    let in_bucket = bucket_files(&fx.bucket);
     assert_eq!(in_bucket["edit.txt"], b"v2 from A, longer\n", "{:?}", in_bucket.keys());
     assert_eq!(in_bucket["gone.txt"], b"edited by B after A's delete\n", "the edit survives the delete");
     assert_eq!(in_bucket["new.txt"], b"new from B\n");
@@ -682,10 +680,9 @@ fn all_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
 /// Two machines again: a rename on one while the other edits the file, and a folder
 /// renamed on one while the other adds a file inside it. Nothing written is lost, and
 /// both mounts converge to the bucket's view.
-#[test]
-fn two_mounts_rename_edit_and_folder_rename_add() {
-    let fx = Fixture::new("tworename", Backend::Local);
-    let dir_b = TestDir::new(&TIER, "tworename-b");
+fn two_mounts_rename_edit_and_folder_rename_add(backend: Backend) {
+    let fx = Fixture::new("tworename", backend);
+    let dir_b = TestDir::new(&TIER, &format!("tworename-b-{}", backend.name()));
     let a = fx.mount_with(&fx.state, &fx.cache, "3600");
     let b = fx.server.mount(
         &dir_b,
@@ -708,7 +705,7 @@ fn two_mounts_rename_edit_and_folder_rename_add() {
     a.flush();
     b.flush();
 
-    let in_bucket = all_files(&fx.local_bucket().unwrap());
+    let in_bucket = bucket_files(&fx.bucket);
     eprintln!("bucket after both uploads: {:?}", in_bucket.keys());
     let has = |want: &[u8]| in_bucket.values().filter(|v| v.as_slice() == want).count();
     assert_eq!(in_bucket.get("g.txt").map(Vec::as_slice), Some(&b"v1\n"[..]), "{:?}", in_bucket.keys());
@@ -723,6 +720,16 @@ fn two_mounts_rename_edit_and_folder_rename_add() {
     }
     a.unmount();
     b.unmount();
+}
+
+/// Every object in the bucket (autosync's folder markers left out), with its contents.
+fn bucket_files(bucket: &Other) -> BTreeMap<String, Vec<u8>> {
+    bucket
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with(".autosync-folder"))
+        .map(|k| (k.clone(), bucket.data(&k)))
+        .collect()
 }
 
 /// The `HOST` part of conflict copy names, as autosync derives it from the hostname.
@@ -1330,6 +1337,8 @@ macro_rules! against_every_backend {
 }
 
 against_every_backend!(
+    two_mounts_of_one_bucket_keep_every_version_and_converge,
+    two_mounts_rename_edit_and_folder_rename_add,
     cp_tree_then_diff_mount_and_bucket,
     git_clone_status_log_commit,
     sqlite_database_in_the_mount,
