@@ -843,28 +843,20 @@ impl Fs {
         if discard && policy != Policy::KeepBoth && theirs.is_some() {
             return self.discard_local(seq, node, key, moved_from, &content, theirs, policy).await;
         }
-        let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
-        let (dir_key, name) = match key.rfind('/') {
-            Some(i) => (&key[..i], &key[i + 1..]),
-            None => ("", key),
-        };
-        let mut copy_name = layout::conflict_name(name, &self.cfg.host, &stamp);
-        let mut attempt = 1;
         let attrs = node.posix_attrs();
-        let put = loop {
-            let copy_key = if dir_key.is_empty() { copy_name.clone() } else { format!("{dir_key}/{copy_name}") };
+        let mut found = None;
+        for (copy_key, copy_name) in self.copy_candidates(key) {
             lock(&self.inner).in_flight.insert(copy_key.clone());
             match self.conditional_put(node.ino, &copy_key, None, &content, attrs).await {
-                Ok(p) => break (copy_key, p),
-                Err(PutError::Diverged) if attempt < 20 => {
-                    attempt += 1;
-                    copy_name = layout::conflict_name(name, &self.cfg.host, &format!("{stamp}-{attempt}"));
+                Ok(p) => {
+                    found = Some((copy_key, copy_name, p));
+                    break;
                 }
-                Err(PutError::Diverged) => return Err(FsError::Exists),
+                Err(PutError::Diverged) => continue,
                 Err(PutError::Other(e)) => return Err(e),
             }
-        };
-        let (copy_key, put) = put;
+        }
+        let Some((copy_key, copy_name, put)) = found else { return Err(FsError::Exists) };
         let (path, copy_path) = (self.rel_path(key), self.rel_path(&copy_key));
         let outcome = match &theirs {
             Some(_) => format!("the bucket's version kept the path; this mount's version was saved as {copy_path}"),
@@ -959,17 +951,26 @@ impl Fs {
         }
     }
 
-    /// A free `NAME.conflict-HOST-STAMP.EXT` key next to `key`.
-    async fn free_copy_key(&self, key: &str) -> FsResult<String> {
+    /// Up to 20 names for a conflict copy of `key`, as (key, file name):
+    /// `NAME.conflict-HOST-STAMP.EXT`, then with `-2`, `-3`... after the stamp.
+    fn copy_candidates(&self, key: &str) -> impl Iterator<Item = (String, String)> + use<> {
         let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
         let (dir_key, name) = match key.rfind('/') {
-            Some(i) => (&key[..i], &key[i + 1..]),
-            None => ("", key),
+            Some(i) => (key[..i].to_string(), key[i + 1..].to_string()),
+            None => (String::new(), key.to_string()),
         };
-        for attempt in 1..=20 {
+        let host = self.cfg.host.clone();
+        (1..=20).map(move |attempt| {
             let stamp = if attempt == 1 { stamp.clone() } else { format!("{stamp}-{attempt}") };
-            let copy_name = layout::conflict_name(name, &self.cfg.host, &stamp);
-            let copy_key = if dir_key.is_empty() { copy_name } else { format!("{dir_key}/{copy_name}") };
+            let copy_name = layout::conflict_name(&name, &host, &stamp);
+            let copy_key = if dir_key.is_empty() { copy_name.clone() } else { format!("{dir_key}/{copy_name}") };
+            (copy_key, copy_name)
+        })
+    }
+
+    /// A free `NAME.conflict-HOST-STAMP.EXT` key next to `key`.
+    async fn free_copy_key(&self, key: &str) -> FsResult<String> {
+        for (copy_key, _) in self.copy_candidates(key) {
             match self.store.head(&obj_path(&copy_key)?).await {
                 Err(object_store::Error::NotFound { .. }) => return Ok(copy_key),
                 Ok(_) => continue,
