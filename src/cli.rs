@@ -66,9 +66,16 @@ pub enum Command {
         /// Seconds a folder listing is trusted before asking the bucket again.
         #[arg(long, default_value_t = 5.0)]
         metadata_ttl: f64,
+        /// Seconds between background listings of the folders in use (open, or holding
+        /// files the kernel looked up), which show others' changes and drop the kernel's
+        /// caches of them; 0 turns the poll off.
+        #[arg(long, default_value_t = 15.0)]
+        poll_interval: f64,
         /// What decides a conflict (the bucket changed since this mount read the file):
         /// keep-both (the bucket's version keeps the path, ours becomes a conflict copy),
-        /// newest (the later mtime wins), local (ours wins), remote (the bucket's wins).
+        /// newest (the later mtime wins), local (ours wins), remote (the bucket's wins),
+        /// priority (the host or user ranked higher in --conflict-priority wins), merge (a
+        /// three-way merge of text files; keep-both when that is not possible).
         #[arg(long, value_parser = policy, default_value = "keep-both")]
         conflict: crate::fs::Policy,
         /// What happens to the losing version with --conflict newest, local or remote:
@@ -79,9 +86,11 @@ pub enum Command {
         /// comments); the first pattern that matches a file's path decides for it.
         #[arg(long)]
         conflict_rules: Option<PathBuf>,
-        /// For --conflict priority (or a rule using it): host names, highest rank first,
-        /// comma-separated. A version written by an unlisted host, or by another tool,
-        /// ranks below every listed one; a tie goes to the bucket's version.
+        /// For --conflict priority (or a rule using it): host names and @USER names (the
+        /// user running the writer's autosync), highest rank first, comma-separated. A
+        /// version ranks by the better of its host and its user; one written by an unlisted
+        /// host and user, or by another tool, ranks below every listed one; a tie goes to
+        /// the bucket's version.
         #[arg(long, value_delimiter = ',')]
         conflict_priority: Vec<String>,
         /// Seconds to keep uploading after SIGTERM/Ctrl-C before unmounting.
@@ -272,6 +281,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             daemon,
             upload_delay,
             metadata_ttl,
+            poll_interval,
             conflict,
             conflict_loser,
             conflict_rules,
@@ -282,9 +292,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             allow_http,
         } => {
             let discard_loser = conflict_loser == "discard";
-            if discard_loser && conflict == crate::fs::Policy::KeepBoth {
+            if discard_loser && conflict.keeps_both() {
                 bail!(
-                    "--conflict-loser discard needs --conflict newest, local or remote (keep-both keeps both versions)"
+                    "--conflict-loser discard needs --conflict newest, local, remote or priority ({} keeps both versions)",
+                    conflict.name()
                 );
             }
             let rules = match &conflict_rules {
@@ -299,7 +310,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let uses_priority = conflict == crate::fs::Policy::Priority
                 || rules.iter().any(|r| r.policy == crate::fs::Policy::Priority);
             if uses_priority && conflict_priority.is_empty() {
-                bail!("--conflict priority needs --conflict-priority HOST[,HOST...] (highest rank first)");
+                bail!("--conflict priority needs --conflict-priority HOST|@USER[,...] (highest rank first)");
             }
             let opts = MountOptions {
                 source,
@@ -318,6 +329,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 key_file,
                 upload_delay: secs(upload_delay, "upload-delay")?,
                 metadata_ttl: secs(metadata_ttl, "metadata-ttl")?,
+                poll_interval: secs(poll_interval, "poll-interval")?,
                 shutdown_grace: secs(shutdown_grace, "shutdown-grace")?,
                 conflict: crate::fs::ConflictConfig {
                     policy: conflict,

@@ -16,10 +16,31 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
-use crate::fs::{Attr, Fs, FsError, FsResult, Kind, SetAttr};
+use crate::fs::{Attr, Fs, FsError, FsResult, Invalidation, Kind, SetAttr};
 
 /// How long the kernel may cache attributes and names before asking again.
 const TTL: Duration = Duration::from_secs(1);
+
+/// Sends the filesystem's kernel cache invalidations through FUSE notify calls, from a
+/// thread of its own: a notify made while the kernel waits on a request of ours could
+/// deadlock. Errors (the kernel no longer holds the inode or name) are of no consequence.
+pub fn forward_invalidations(fs: &Fs, notifier: fuser::Notifier) -> std::io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<Invalidation>();
+    fs.set_invalidations(tx);
+    std::thread::Builder::new().name("fuse-notify".into()).spawn(move || {
+        for what in rx {
+            let r = match &what {
+                Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                Invalidation::Entry { parent, name } => notifier.inval_entry(INodeNo(*parent), OsStr::new(name)),
+            };
+            match r {
+                Ok(()) => tracing::trace!(?what, "kernel cache invalidated"),
+                Err(e) => tracing::trace!(?what, "kernel cache invalidation: {e}"),
+            }
+        }
+    })?;
+    Ok(())
+}
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,

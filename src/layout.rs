@@ -30,6 +30,8 @@ pub const META_ORIGIN: &str = "autosync-origin";
 /// The host name of the machine whose autosync uploaded the object (for `--conflict
 /// priority`), as in conflict copy names.
 pub const META_HOST: &str = "autosync-host";
+/// The user whose autosync wrote the object (the `priority` policy can rank users).
+pub const META_USER: &str = "autosync-user";
 
 /// Why a listed key cannot become a file name.
 pub fn invalid_name(name: &str) -> Option<&'static str> {

@@ -38,6 +38,7 @@ pub struct MountOptions {
     pub key_file: Option<PathBuf>,
     pub upload_delay: Duration,
     pub metadata_ttl: Duration,
+    pub poll_interval: Duration,
     pub shutdown_grace: Duration,
     pub conflict: crate::fs::ConflictConfig,
     pub endpoint: Endpoint,
@@ -311,6 +312,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let disk_cache = BlockCache::open(&cache_dir, &key, capacity)?;
     let cfg = FsConfig {
         metadata_ttl: opts.metadata_ttl,
+        poll_interval: opts.poll_interval,
         upload_delay: opts.upload_delay,
         blocks: BlockConfig { block_size: opts.block_size, memory_limit: opts.memory_limit, ..BlockConfig::default() },
         disk_cache: Some(Arc::new(disk_cache)),
@@ -333,7 +335,8 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         fs.note_error(format!("test write at mount refused: {}", short_error(&e)));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let uploader = rt.spawn(Arc::clone(&fs).run_uploader(stop_rx));
+    let uploader = rt.spawn(Arc::clone(&fs).run_uploader(stop_rx.clone()));
+    rt.spawn(Arc::clone(&fs).run_poller(stop_rx));
     let (unmount_tx, mut unmount_rx) = tokio::sync::mpsc::channel::<()>(1);
     let socket = state_dir.join("control.sock");
     let registry = registry_path(&mountpoint);
@@ -369,6 +372,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let mut session = fuser::Session::new(adapter, &mountpoint, &config)
         .map_err(|e| anyhow!("cannot mount at {}: {e}", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
+    crate::fuse::forward_invalidations(&fs, session.notifier())?;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
         let r = session.run();

@@ -291,6 +291,176 @@ async fn priority_decides_by_the_ranked_hosts() {
     assert_eq!(b["notes.txt"], b"theirs", "neither listed: a tie, the bucket's version keeps the path");
 }
 
+/// `priority` by user: `@NAME` entries rank the user whose autosync wrote a version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_decides_by_the_ranked_users() {
+    use autosync::fs::{ConflictConfig, Policy};
+    let store: Store = Arc::new(InMemory::new());
+    let ranked = ConflictConfig {
+        policy: Policy::Priority,
+        priority: Arc::new(vec!["@alice".to_string(), "@bob".to_string()]),
+        ..Default::default()
+    };
+    let mount = |host: &str, user: &str| {
+        // Uploads only at flush: the order of the two machines' uploads is the test's.
+        let cfg = FsConfig { host: host.into(), user: user.into(), conflict: ranked.clone(), ..cfg_with_delay(HOUR) };
+        Harness::with_config(Arc::clone(&store), Caps { create: true, update: true }, cfg)
+    };
+    let (alice, bob) = (mount("laptop", "alice").await, mount("desk", "bob").await);
+    alice.write("plan.txt", b"base").await.unwrap();
+    alice.flush().await;
+    assert_eq!(bob.read("plan.txt").await.unwrap(), b"base");
+    // Both edit; Bob's change lands first, but Alice ranks above Bob: hers takes the path.
+    alice.write("plan.txt", b"alice's").await.unwrap();
+    bob.write("plan.txt", b"bob's").await.unwrap();
+    bob.flush().await;
+    alice.flush().await;
+    let b = alice.bucket().await;
+    assert_eq!(b["plan.txt"], b"alice's", "{b:?}");
+    let saved: Vec<_> = b.iter().filter(|(k, _)| k.starts_with("plan.conflict-laptop-")).collect();
+    assert_eq!(saved.len(), 1, "Bob's version is kept as a copy: {b:?}");
+    assert_eq!(saved[0].1, b"bob's");
+    // Now Bob edits over a version Alice wrote: Alice ranks higher, so Bob's becomes a copy.
+    bob.write("plan.txt", b"bob again").await.unwrap();
+    alice.write("plan.txt", b"alice again").await.unwrap();
+    alice.flush().await;
+    bob.flush().await;
+    let b = bob.bucket().await;
+    assert_eq!(b["plan.txt"], b"alice again", "{b:?}");
+    assert!(b.iter().any(|(k, v)| k.starts_with("plan.conflict-desk-") && v == b"bob again"), "{b:?}");
+    let recs = bob.fs().conflicts().unwrap();
+    assert_eq!((recs.len(), recs[0].policy.as_str()), (1, "priority"));
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Two mounts of one bucket under `--conflict merge`, each with its own state and host.
+async fn merge_mounts() -> (Harness, Harness) {
+    use autosync::fs::{ConflictConfig, Policy};
+    let store: Store = Arc::new(InMemory::new());
+    let merge = ConflictConfig { policy: Policy::Merge, ..Default::default() };
+    let mount = |host: &str| {
+        let cfg = FsConfig { host: host.into(), conflict: merge.clone(), ..cfg_with_delay(HOUR) };
+        Harness::with_config(Arc::clone(&store), Caps { create: true, update: true }, cfg)
+    };
+    (mount("alpha").await, mount("beta").await)
+}
+
+/// `merge`: edits of different lines on two machines end as one file with both, at the
+/// path, on both mounts, with no conflict copy; the conflict is recorded as merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_combines_edits_of_different_lines() {
+    let (a, b) = merge_mounts().await;
+    a.write("notes.txt", b"one\ntwo\nthree\nfour\n").await.unwrap();
+    a.flush().await;
+    // Beta reads the file (as an editor does), so the version both start from is cached.
+    assert_eq!(b.read("notes.txt").await.unwrap(), b"one\ntwo\nthree\nfour\n");
+    b.write("notes.txt", b"one\ntwo\nthree\nFOUR\nfive\n").await.unwrap();
+    a.write("notes.txt", b"ONE\ntwo\nthree\nfour\n").await.unwrap();
+    a.flush().await;
+    b.flush().await;
+    let merged = b"ONE\ntwo\nthree\nFOUR\nfive\n".to_vec();
+    assert_eq!(b.bucket().await, BTreeMap::from([("notes.txt".to_string(), merged.clone())]));
+    assert_eq!(files(&b.tree().await), b.bucket().await, "beta shows the merged file");
+    assert_eq!(files(&a.tree().await), b.bucket().await, "alpha converges to it");
+    let recs = b.fs().conflicts().unwrap();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].policy, "merge");
+    assert!(recs[0].outcome.starts_with("merged"), "{}", recs[0].outcome);
+    assert_eq!(recs[0].local.hash.as_deref(), Some(blake3::hash(b"one\ntwo\nthree\nFOUR\nfive\n").to_hex().as_str()));
+    // The merged version is the base of the next merge: alpha edits it again, beta too.
+    a.write("notes.txt", b"ONE\ntwo\nthree\nFOUR\nfive\nsix\n").await.unwrap();
+    b.write("notes.txt", b"zero\nONE\ntwo\nthree\nFOUR\nfive\n").await.unwrap();
+    a.flush().await;
+    b.flush().await;
+    let again = b"zero\nONE\ntwo\nthree\nFOUR\nfive\nsix\n".to_vec();
+    assert_eq!(b.bucket().await, BTreeMap::from([("notes.txt".to_string(), again)]));
+    assert_eq!(files(&a.tree().await), files(&b.tree().await));
+}
+
+/// `merge` falls back to keep-both, saying why: both changed the same line, a binary
+/// file, or a base this mount never read (nothing to merge from).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_falls_back_to_keep_both() {
+    type Case<'a> = (&'a str, &'a [u8], &'a [u8], &'a [u8], bool, &'a str);
+    let cases: [Case; 3] = [
+        ("same.txt", b"a\nb\nc\n", b"a\nB-alpha\nc\n", b"a\nB-beta\nc\n", true, "both changed the same lines"),
+        ("bin.dat", b"a\0b\n", b"A\0b\n", b"a\0B\n", true, "not a text file"),
+        ("unread.txt", b"a\nb\n", b"A\nb\n", b"a\nB\n", false, "not in the cache"),
+    ];
+    for (name, base, theirs, mine, read_first, why) in cases {
+        let (a, b) = merge_mounts().await;
+        a.write(name, base).await.unwrap();
+        a.flush().await;
+        if read_first {
+            assert_eq!(b.read(name).await.unwrap(), base);
+        } else {
+            b.resolve(name).await.unwrap();
+        }
+        b.write(name, mine).await.unwrap();
+        a.write(name, theirs).await.unwrap();
+        a.flush().await;
+        b.flush().await;
+        let bucket = b.bucket().await;
+        assert_eq!(bucket[name], theirs, "{name}: the bucket's version keeps the path");
+        let (stem, _) = name.split_once('.').unwrap();
+        let copy: Vec<_> = bucket.iter().filter(|(k, _)| k.starts_with(&format!("{stem}.conflict-beta-"))).collect();
+        assert_eq!(copy.len(), 1, "{name}: {bucket:?}");
+        assert_eq!(copy[0].1, mine, "{name}");
+        let recs = b.fs().conflicts().unwrap();
+        assert!(
+            recs[0].outcome.starts_with("not merged") && recs[0].outcome.contains(why),
+            "{name}: {}",
+            recs[0].outcome
+        );
+        assert_eq!(files(&a.tree().await), files(&b.tree().await), "{name}: both mounts converge");
+    }
+}
+
+/// The background poll lists the folders in use again: another machine's new, changed and
+/// deleted files show without waiting for the TTL, and the kernel is told to drop what it
+/// cached of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_poll_shows_remote_changes_and_invalidates_the_kernel_cache() {
+    use autosync::fs::Invalidation;
+    let store: Store = Arc::new(InMemory::new());
+    let caps = Caps { create: true, update: true };
+    let a = Harness::with_config(Arc::clone(&store), caps, FsConfig { host: "alpha".into(), ..cfg() }).await;
+    // Beta trusts its listings for an hour: only the poll can show it changes.
+    let slow = FsConfig {
+        host: "beta".into(),
+        metadata_ttl: Duration::from_secs(3600),
+        poll_interval: Duration::from_millis(2),
+        ..cfg()
+    };
+    let b = Harness::with_config(Arc::clone(&store), caps, slow).await;
+    a.mkdir("d").await.unwrap();
+    a.write("d/x.txt", b"v1").await.unwrap();
+    a.write("d/y.txt", b"y").await.unwrap();
+    a.flush().await;
+    assert_eq!(b.read("d/x.txt").await.unwrap(), b"v1");
+    let (d, x, y) =
+        (b.resolve("d").await.unwrap(), b.resolve("d/x.txt").await.unwrap(), b.resolve("d/y.txt").await.unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    b.fs().set_invalidations(tx);
+    a.write("d/x.txt", b"version 2").await.unwrap();
+    a.unlink("d/y.txt").await.unwrap();
+    a.write("d/z.txt", b"z").await.unwrap();
+    a.flush().await;
+    assert_eq!(b.read("d/x.txt").await.unwrap(), b"v1", "within beta's TTL, nothing is asked");
+    tokio::time::sleep(Duration::from_millis(5)).await; // older than half the poll interval
+    let polled = b.fs().poll_once().await;
+    assert!(polled >= 2, "the root and d are in use: {polled}");
+    let sent: Vec<Invalidation> = rx.try_iter().collect();
+    assert!(sent.contains(&Invalidation::Inode(x)), "{sent:?}");
+    assert!(sent.contains(&Invalidation::Entry { parent: d, name: "y.txt".into() }), "{sent:?}");
+    assert!(sent.contains(&Invalidation::Inode(d)), "{sent:?}");
+    assert_eq!(b.read("d/x.txt").await.unwrap(), b"version 2");
+    assert!(matches!(b.resolve("d/y.txt").await, Err(FsError::NotFound)));
+    assert!(!sent.contains(&Invalidation::Inode(y)), "a deleted file goes by its name: {sent:?}");
+    assert_eq!(files(&b.tree().await), files(&a.tree().await));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_delete_keeps_the_edit() {
     // The store is unreachable for the mount while the other client edits, so the order

@@ -180,6 +180,57 @@ impl BlockReader {
         Some(BlockKey { key: remote.key.as_str().into(), version: version.into(), index })
     }
 
+    /// The whole content of `remote` if every block of it is cached (in memory or on
+    /// disk), without asking the bucket: a merge's base version.
+    pub(crate) async fn cached_whole(&self, remote: &Remote) -> Option<Bytes> {
+        let mut out = BytesMut::with_capacity(usize::try_from(remote.size).ok()?);
+        for index in 0..remote.size.div_ceil(self.cfg.block_size) {
+            let key = self.key(remote, index)?;
+            let want = self.bounds(remote, index);
+            let block = match self.mem.get(&key).await {
+                Some(b) => b,
+                None => {
+                    let disk = Arc::clone(self.disk.as_ref()?);
+                    let (k, version) = (remote.key.clone(), Arc::clone(&key.version));
+                    tokio::task::spawn_blocking(move || disk.get(&BlockId { key: &k, version: &version, index }))
+                        .await
+                        .ok()
+                        .flatten()?
+                }
+            };
+            if block.len() as u64 != want.end - want.start {
+                return None;
+            }
+            out.extend_from_slice(&block);
+        }
+        Some(out.freeze())
+    }
+
+    /// Keeps the whole content of `remote` in both caches (the disk's written now, off the
+    /// async threads), so a later merge finds it as its base.
+    pub(crate) async fn keep_whole(&self, remote: &Remote, data: Bytes) {
+        if data.len() as u64 != remote.size {
+            return;
+        }
+        let blocks: Vec<(Arc<str>, u64, Range<u64>)> = (0..remote.size.div_ceil(self.cfg.block_size))
+            .filter_map(|i| Some((self.key(remote, i)?.version, i, self.bounds(remote, i))))
+            .collect();
+        for (_, index, r) in &blocks {
+            if let Some(k) = self.key(remote, *index) {
+                self.mem.insert(k, data.slice(r.start as usize..r.end as usize)).await;
+            }
+        }
+        let Some(disk) = self.disk.clone() else { return };
+        let key = remote.key.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (version, index, r) in blocks {
+                let (start, end) = (r.start as usize, r.end as usize);
+                disk.put(&BlockId { key: &key, version: &version, index }, &data[start..end]);
+            }
+        })
+        .await;
+    }
+
     /// The byte range of block `index` of `remote`.
     fn bounds(&self, remote: &Remote, index: u64) -> Range<u64> {
         let start = index.saturating_mul(self.cfg.block_size);

@@ -26,7 +26,8 @@ use blocks::{BlockReader, Readahead};
 pub use error::{FsError, FsResult};
 use staging::{BlockWriter, Staging};
 pub use types::{
-    Attr, ConflictConfig, ConflictRecord, DirEntry, Inode, Kind, Op, Policy, ROOT_INO, Remote, SetAttr, Version,
+    Attr, ConflictConfig, ConflictRecord, DirEntry, Inode, Invalidation, Kind, Op, Policy, ROOT_INO, Remote, SetAttr,
+    Version,
 };
 use types::{now_ns, to_ns};
 
@@ -48,6 +49,9 @@ const LISTING_MIN_AGE: Duration = Duration::from_secs(1);
 /// Files above this size go up as multipart uploads.
 pub const MULTIPART_THRESHOLD: u64 = 32 << 20;
 
+/// Most folders a background poll lists in one round.
+const POLL_FOLDERS: usize = 256;
+
 /// How long folders listed before are answered from memory after a listing failed.
 const UNREACHABLE_PAUSE: Duration = Duration::from_secs(5);
 
@@ -62,6 +66,10 @@ pub struct FsConfig {
     pub gid: u32,
     /// Names conflict copies.
     pub host: String,
+    /// The user this mount writes as (`autosync-user`, ranked by `--conflict-priority`).
+    pub user: String,
+    /// How often the folders in use are listed again in the background (zero: never).
+    pub poll_interval: Duration,
     pub multipart_threshold: u64,
     /// Longest file name accepted (the local-folder store needs room for its temp suffix).
     pub max_name_len: usize,
@@ -95,6 +103,8 @@ impl Default for FsConfig {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             host: hostname(),
+            user: username(),
+            poll_interval: Duration::ZERO,
             multipart_threshold: MULTIPART_THRESHOLD,
             max_name_len: 255,
             blocks: BlockConfig::default(),
@@ -152,6 +162,11 @@ pub fn hostname() -> String {
         .and_then(|h| h.into_string().ok())
         .map(|h| h.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect())
         .unwrap_or_else(|| "host".to_string())
+}
+
+/// The login name of the user running the mount (empty if it has none).
+pub fn username() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name).unwrap_or_default()
 }
 
 /// Which conditional writes the store honours, found by probing at mount time.
@@ -295,6 +310,8 @@ pub struct Fs {
     unreachable: Mutex<Option<(Instant, String)>>,
     /// Writes are being refused for lack of space (logged once per episode).
     out_of_space: std::sync::atomic::AtomicBool,
+    /// Where kernel cache invalidations go (the FUSE adapter's notifier thread).
+    invalidations: std::sync::OnceLock<std::sync::mpsc::Sender<Invalidation>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -740,6 +757,7 @@ impl Fs {
             evicted,
             recheck: Mutex::new(HashSet::new()),
             out_of_space: std::sync::atomic::AtomicBool::new(false),
+            invalidations: std::sync::OnceLock::new(),
             unreachable: Mutex::new(None),
             blocks,
             store,
@@ -860,6 +878,10 @@ impl Fs {
             }
         };
         let mut new_files = Vec::new();
+        // What the kernel may hold that changed: names gone, contents replaced, and whether
+        // the folder's own listing changed.
+        let mut inval = Vec::new();
+        let mut names_changed = false;
         {
             let mut inner = lock(&self.inner);
             let mut batch = Batch::default();
@@ -887,6 +909,7 @@ impl Fs {
                         let c = inner.alloc_ino(&mut batch);
                         let mut n = Inode::new(c, ino, name, Kind::Dir, 0o755, self.cfg.uid, self.cfg.gid);
                         n.attrs_known = false;
+                        names_changed = true;
                         n.remote = Some(Remote { key: full, etag: None, version: None, size: 0, modified: None });
                         inner.insert(n);
                         inner.persist(c, &mut batch)?;
@@ -926,6 +949,8 @@ impl Fs {
                         && !inner.has_pending_below(c);
                     if stale_dir {
                         self.remove_tree(&mut inner, c, &mut batch)?;
+                        inval.push(Invalidation::Entry { parent: ino, name: name.clone() });
+                        names_changed = true;
                     }
                 }
                 match inner.child(ino, &name) {
@@ -959,11 +984,13 @@ impl Fs {
                             inner.set_remote(c, Some(remote_of(m)));
                             inner.persist(c, &mut batch)?;
                             new_files.push(c);
+                            inval.push(Invalidation::Inode(c));
                         }
                     }
                     None => {
                         let c = inner.alloc_ino(&mut batch);
                         let mut n = Inode::new(c, ino, name, Kind::File, 0o644, self.cfg.uid, self.cfg.gid);
+                        names_changed = true;
                         n.size = m.size;
                         n.mtime_ns = to_ns(SystemTime::from(m.last_modified));
                         n.ctime_ns = n.mtime_ns;
@@ -1000,6 +1027,8 @@ impl Fs {
                         };
                     if gone {
                         self.remove_tree(&mut inner, c, &mut batch)?;
+                        inval.push(Invalidation::Entry { parent: ino, name });
+                        names_changed = true;
                     }
                 }
             }
@@ -1012,9 +1041,83 @@ impl Fs {
             }
             self.commit(&inner, batch, false)?;
         }
+        if names_changed {
+            inval.push(Invalidation::Inode(ino));
+        }
+        for what in inval {
+            self.invalidate(what);
+        }
         self.fetch_attrs(new_files).await;
         self.note_listing(ino);
         Ok(())
+    }
+
+    /// Where to send kernel cache invalidations from now on (once per mount).
+    pub fn set_invalidations(&self, tx: std::sync::mpsc::Sender<Invalidation>) {
+        let _ = self.invalidations.set(tx);
+    }
+
+    fn invalidate(&self, what: Invalidation) {
+        if let Some(tx) = self.invalidations.get() {
+            let _ = tx.send(what);
+        }
+    }
+
+    /// Lists the folders in use again, every `poll_interval`, until `stop`: changes made
+    /// in the bucket by others show without waiting for a lookup past the TTL, and the
+    /// kernel's caches of what changed are dropped.
+    pub async fn run_poller(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let every = self.cfg.poll_interval;
+        if every.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            self.poll_once().await;
+        }
+    }
+
+    /// One round of the poll: the folders in use that were listed before and not within
+    /// the last half interval, at most [`POLL_FOLDERS`] of them: open folders and those
+    /// holding open files first, then folders the kernel holds, or holds entries of.
+    pub async fn poll_once(&self) -> usize {
+        let open: Vec<(u64, bool)> = lock(&self.handles).values().map(|h| (h.ino, h.dir.is_some())).collect();
+        let dirs: Vec<u64> = {
+            let inner = lock(&self.inner);
+            let busy = open
+                .iter()
+                .filter_map(|&(ino, dir)| if dir { Some(ino) } else { inner.get(ino).ok().map(|n| n.parent) });
+            let held = inner.inodes.values().filter(|n| n.lookups > 0).flat_map(|n| {
+                let own = (n.kind == Kind::Dir).then_some(n.ino);
+                own.into_iter().chain(std::iter::once(n.parent))
+            });
+            let mut seen = HashSet::new();
+            busy.chain(std::iter::once(ROOT_INO))
+                .chain(held)
+                .filter(|&d| seen.insert(d))
+                .filter(|&d| {
+                    inner.get(d).is_ok_and(|n| {
+                        n.kind == Kind::Dir && n.listed && !n.is_listed_fresh(self.cfg.poll_interval / 2)
+                    })
+                })
+                .take(POLL_FOLDERS)
+                .collect()
+        };
+        let n = dirs.len();
+        futures::stream::iter(dirs)
+            .for_each_concurrent(4, |d| async move {
+                if let Err(e) = self.refresh_dir(d).await {
+                    tracing::debug!(dir = d, "poll: listing failed: {e}");
+                }
+            })
+            .await;
+        n
     }
 
     pub fn set_raw_lister(&self, lister: crate::store::s3list::SharedLister) {
@@ -1921,6 +2024,8 @@ impl Fs {
         inner.set_remote(ino, Some(remote_of(&meta)));
         let _ = inner.persist(ino, &mut batch);
         let _ = self.commit(&inner, batch, false);
+        drop(inner);
+        self.invalidate(Invalidation::Inode(ino));
     }
 
     fn handle_ino(&self, fh: u64) -> FsResult<u64> {
@@ -1963,10 +2068,22 @@ impl Fs {
             let res = self.bounded(async { self.store.get_opts(&path, opts).await.map_err(stale) }).await?;
             let mut out = BlockWriter::new(&file);
             let mut stream = res.into_stream();
+            // A file the merge policy covers keeps the version its edits start from in the
+            // block cache: the base of a merge, should the bucket's version move meanwhile.
+            let merges =
+                r.size <= upload::MERGE_MAX && self.cfg.conflict.for_path(&self.rel_path(&r.key)).0 == Policy::Merge;
+            let mut base = bytes::BytesMut::new();
             while let Some(chunk) = stream.next().await {
-                out.write(&chunk.map_err(stale)?)?;
+                let chunk = chunk.map_err(stale)?;
+                if merges {
+                    base.extend_from_slice(&chunk);
+                }
+                out.write(&chunk)?;
             }
             out.finish()?;
+            if merges {
+                self.blocks.keep_whole(r, base.freeze()).await;
+            }
         }
         let mut inner = lock(&self.inner);
         let n = inner.get_mut(ino)?;

@@ -19,12 +19,15 @@ pub enum Policy {
     Local,
     /// The bucket's version wins.
     Remote,
-    /// The host ranked higher in `--conflict-priority` wins.
+    /// The host or user ranked higher in `--conflict-priority` wins.
     Priority,
+    /// A three-way merge of text files from the cached base version; keep-both when the
+    /// merge conflicts, the file is binary, or the base is not at hand.
+    Merge,
 }
 
 impl Policy {
-    pub const NAMES: [&'static str; 5] = ["keep-both", "newest", "local", "remote", "priority"];
+    pub const NAMES: [&'static str; 6] = ["keep-both", "newest", "local", "remote", "priority", "merge"];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -33,7 +36,14 @@ impl Policy {
             Policy::Local => "local",
             Policy::Remote => "remote",
             Policy::Priority => "priority",
+            Policy::Merge => "merge",
         }
+    }
+
+    /// Keeps both versions whatever happens (no loser to discard): keep-both, and merge
+    /// (whose fallback is keep-both).
+    pub fn keeps_both(self) -> bool {
+        matches!(self, Policy::KeepBoth | Policy::Merge)
     }
 }
 
@@ -46,6 +56,7 @@ impl std::str::FromStr for Policy {
             "local" => Ok(Policy::Local),
             "remote" => Ok(Policy::Remote),
             "priority" => Ok(Policy::Priority),
+            "merge" => Ok(Policy::Merge),
             _ => Err(format!("unknown conflict policy {s:?}: use one of {}", Policy::NAMES.join(", "))),
         }
     }
@@ -59,7 +70,7 @@ pub struct ConflictConfig {
     pub policy: Policy,
     pub discard_loser: bool,
     pub rules: std::sync::Arc<Vec<ConflictRule>>,
-    /// Host names, highest rank first, for the `priority` policy.
+    /// Host names and `@USER` entries, highest rank first, for the `priority` policy.
     pub priority: std::sync::Arc<Vec<String>>,
 }
 
@@ -73,11 +84,23 @@ pub struct ConflictRule {
 }
 
 impl ConflictConfig {
+    /// The rank in `priority` of a version written on `host` by `user` (0 is the highest):
+    /// the better of its host's and its user's places, `usize::MAX` if neither is listed.
+    pub fn rank(&self, host: Option<&str>, user: Option<&str>) -> usize {
+        self.priority
+            .iter()
+            .position(|p| match p.strip_prefix('@') {
+                Some(u) => user.is_some_and(|x| !x.is_empty() && x == u),
+                None => host == Some(p.as_str()),
+            })
+            .unwrap_or(usize::MAX)
+    }
+
     /// The policy and loser handling for a file at `path` (relative to the mount root):
     /// the first rule that matches, else the defaults.
     pub fn for_path(&self, path: &str) -> (Policy, bool) {
         match self.rules.iter().find(|r| r.matcher.is_match(path)) {
-            Some(r) => (r.policy, r.discard_loser.unwrap_or(self.discard_loser && r.policy != Policy::KeepBoth)),
+            Some(r) => (r.policy, r.discard_loser.unwrap_or(self.discard_loser && !r.policy.keeps_both())),
             None => (self.policy, self.discard_loser),
         }
     }
@@ -103,8 +126,11 @@ impl ConflictConfig {
             let discard_loser = match loser {
                 None => None,
                 Some("keep") => Some(false),
-                Some("discard") if policy == Policy::KeepBoth => {
-                    return Err(at("keep-both keeps both versions: discard needs newest, local or remote".into()));
+                Some("discard") if policy.keeps_both() => {
+                    return Err(at(format!(
+                        "{} keeps both versions: discard needs newest, local, remote or priority",
+                        policy.name()
+                    )));
                 }
                 Some("discard") => Some(true),
                 Some(other) => return Err(at(format!("{other:?}: the loser is keep or discard"))),
@@ -142,6 +168,15 @@ mod rule_tests {
         assert_eq!(cc.for_path("shared/notes/n.md"), (Policy::Local, true));
         assert_eq!(cc.for_path("other/shared/x"), (Policy::KeepBoth, false));
         assert_eq!(cc.for_path("notes.txt"), (Policy::KeepBoth, false));
+        let ranked = ConflictConfig {
+            priority: std::sync::Arc::new(vec!["@alice".into(), "server".into(), "@bob".into()]),
+            ..Default::default()
+        };
+        assert_eq!(ranked.rank(Some("laptop"), Some("alice")), 0);
+        assert_eq!(ranked.rank(Some("server"), Some("bob")), 1);
+        assert_eq!(ranked.rank(Some("laptop"), Some("bob")), 2);
+        assert_eq!(ranked.rank(Some("laptop"), None), usize::MAX);
+        assert_eq!(ranked.rank(None, Some("alice")), 0);
     }
 
     #[test]
@@ -149,7 +184,8 @@ mod rule_tests {
         let err = |t: &str| ConflictConfig::parse_rules(t).unwrap_err();
         assert!(err("*.a newest\n*.b sometimes").starts_with("line 2: unknown conflict policy \"sometimes\""));
         assert!(err("*.a").starts_with("line 1: \"*.a\": write PATTERN POLICY"));
-        assert!(err("*.a keep-both discard").contains("discard needs newest, local or remote"));
+        assert!(err("*.a keep-both discard").contains("keep-both keeps both versions: discard needs newest"));
+        assert!(err("*.a merge discard").contains("merge keeps both versions"));
         assert!(err("*.a local maybe").contains("the loser is keep or discard"));
         assert!(err("a[ local").starts_with("line 1: pattern \"a[\""));
     }
@@ -377,4 +413,14 @@ pub fn from_ns(ns: i64) -> SystemTime {
     } else {
         UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
     }
+}
+
+/// A kernel cache entry to drop, because the bucket changed behind the kernel's back (sent
+/// through FUSE's notify calls by the adapter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The attributes and cached pages of an inode (of a folder: its listing).
+    Inode(u64),
+    /// A name in a folder.
+    Entry { parent: u64, name: String },
 }

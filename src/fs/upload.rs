@@ -14,6 +14,9 @@ use object_store::{
 
 use super::*;
 
+/// The largest file (each of the three versions) the merge policy merges.
+pub(crate) const MERGE_MAX: u64 = 8 << 20;
+
 /// What a conditional put found.
 enum PutError {
     /// The object at the key is not the version we based our change on.
@@ -46,6 +49,16 @@ struct Theirs {
     modified: i64,
     /// Its `autosync-host`: the machine whose autosync wrote it.
     host: Option<String>,
+    /// Its `autosync-user`: the user whose autosync wrote it.
+    user: Option<String>,
+}
+
+/// What a merge attempt came to.
+enum Merged {
+    /// Both changes, merged cleanly; with the bucket's version they were merged into.
+    Clean { merged: Bytes, theirs: Remote },
+    /// Not mergeable (why): keep both instead.
+    Fallback(String),
 }
 
 /// Whose the object at a key is, when it is not the version a change was based on.
@@ -88,6 +101,20 @@ impl Content {
 }
 
 impl Content {
+    /// The whole content in memory (for a merge: small files only).
+    async fn bytes(&self) -> FsResult<Bytes> {
+        match self {
+            Content::Bytes { data, .. } => Ok(data.clone()),
+            Content::File { file, .. } => {
+                let f = Arc::clone(file);
+                let data = tokio::task::spawn_blocking(move || f.read_all())
+                    .await
+                    .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
+                Ok(Bytes::from(data))
+            }
+        }
+    }
+
     fn of(snap: Snapshot, size: u64, hash: String) -> Content {
         match snap {
             Snapshot::Bytes(data) => Content::Bytes { data, hash },
@@ -514,7 +541,7 @@ impl Fs {
             Ok(_) => {
                 // Someone else created this path meanwhile: keep theirs, ours becomes a copy.
                 let content = self.download_snapshot(seq, src).await?;
-                return self.resolve_conflict(seq, node, key, Some(src.clone()), content).await;
+                return self.resolve_conflict(seq, node, key, None, Some(src.clone()), content).await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -561,10 +588,13 @@ impl Fs {
         let result = self.conditional_put(node.ino, key, base.as_ref(), &content, attrs).await;
         let put = match result {
             Ok(p) => p,
-            Err(PutError::Diverged) => return self.resolve_conflict(seq, node, key, moved_from, content).await,
+            Err(PutError::Diverged) => {
+                return self.resolve_conflict(seq, node, key, base, moved_from, content).await;
+            }
             Err(PutError::Other(e)) => return Err(e),
         };
         fail::fail_point!("upload-before-commit", |_| Err(FsError::Halted("upload-before-commit")));
+        self.keep_merge_base(key, &put, &content).await;
         self.record_put(seq, node, key, moved_from, &content, put, None)
     }
 
@@ -676,6 +706,12 @@ impl Fs {
             object_store::Attribute::Metadata(layout::META_HOST.into()),
             object_store::AttributeValue::from(self.cfg.host.clone()),
         );
+        if !self.cfg.user.is_empty() {
+            attributes.insert(
+                object_store::Attribute::Metadata(layout::META_USER.into()),
+                object_store::AttributeValue::from(self.cfg.user.clone()),
+            );
+        }
         let multipart = content.size() > self.cfg.multipart_threshold;
         let native = match base {
             None => self.caps.create,
@@ -798,13 +834,16 @@ impl Fs {
         Ok(Claim::Theirs)
     }
 
-    /// keep-both: the bucket's version keeps the path; ours is saved next to it as
-    /// `NAME.conflict-HOST-STAMP.EXT`, and the local inode becomes that copy.
+    /// Settles a change whose base is no longer what the bucket holds at `key`, by the
+    /// path's policy. keep-both (and every fallback to it): the bucket's version keeps the
+    /// path; ours is saved next to it as `NAME.conflict-HOST-STAMP.EXT`, and the local
+    /// inode becomes that copy.
     async fn resolve_conflict(
         &self,
         seq: u64,
         node: &Inode,
         key: &str,
+        base: Option<Remote>,
         moved_from: Option<Remote>,
         content: Content,
     ) -> FsResult<()> {
@@ -817,31 +856,41 @@ impl Fs {
         let theirs = theirs.map(|r| {
             let (attrs, hash) = PosixAttrs::from_attributes(&r.attributes);
             let modified = attrs.mtime.unwrap_or(r.meta.last_modified.timestamp());
-            let host = layout::metadata_map(&r.attributes).remove(layout::META_HOST);
-            Theirs { meta: r.meta, hash, modified, host }
+            let mut meta = layout::metadata_map(&r.attributes);
+            let (host, user) = (meta.remove(layout::META_HOST), meta.remove(layout::META_USER));
+            Theirs { meta: r.meta, hash, modified, host, user }
         });
         let (policy, discard) = self.cfg.conflict.for_path(&self.rel_path(key));
         let ours_mtime = node.posix_attrs().mtime.unwrap_or(0);
         let local_wins = match policy {
-            Policy::KeepBoth | Policy::Remote => false,
+            Policy::KeepBoth | Policy::Remote | Policy::Merge => false,
             Policy::Local => true,
             // A deleted remote has nothing newer to offer.
             Policy::Newest => theirs.as_ref().is_none_or(|t| ours_mtime > t.modified),
-            // Ours wins when this host ranks above the one that wrote theirs (a writer that
-            // names no host, another tool, ranks below every listed host).
+            // Ours wins when this mount ranks above the writer of theirs (a writer that
+            // names no listed host or user, another tool, ranks below every listed one).
             Policy::Priority => {
-                let rank = |h: Option<&str>| {
-                    h.and_then(|h| self.cfg.conflict.priority.iter().position(|p| p == h)).unwrap_or(usize::MAX)
-                };
-                rank(Some(&self.cfg.host)) < theirs.as_ref().map_or(usize::MAX, |t| rank(t.host.as_deref()))
+                let ours = self.cfg.conflict.rank(Some(&self.cfg.host), Some(&self.cfg.user));
+                ours < theirs
+                    .as_ref()
+                    .map_or(usize::MAX, |t| self.cfg.conflict.rank(t.host.as_deref(), t.user.as_deref()))
             }
         };
         if local_wins {
             return self.local_wins(seq, node, key, moved_from, content, theirs, (policy, discard)).await;
         }
         // The edit of a file deleted in the bucket always survives (as a copy).
-        if discard && policy != Policy::KeepBoth && theirs.is_some() {
+        if discard && !policy.keeps_both() && theirs.is_some() {
             return self.discard_local(seq, node, key, moved_from, &content, theirs, policy).await;
+        }
+        let mut why_not_merged = None;
+        if policy == Policy::Merge {
+            match self.try_merge(node, base.as_ref(), moved_from.is_some(), &content, theirs.as_ref()).await? {
+                Merged::Clean { merged, theirs: their_remote } => {
+                    return self.apply_merge(seq, node, key, &content, merged, their_remote, &theirs).await;
+                }
+                Merged::Fallback(why) => why_not_merged = Some(why),
+            }
         }
         let attrs = node.posix_attrs();
         let mut found = None;
@@ -858,10 +907,13 @@ impl Fs {
         }
         let Some((copy_key, copy_name, put)) = found else { return Err(FsError::Exists) };
         let (path, copy_path) = (self.rel_path(key), self.rel_path(&copy_key));
-        let outcome = match &theirs {
+        let mut outcome = match &theirs {
             Some(_) => format!("the bucket's version kept the path; this mount's version was saved as {copy_path}"),
             None => format!("the file was deleted in the bucket; this mount's version was saved as {copy_path}"),
         };
+        if let Some(why) = why_not_merged {
+            outcome = format!("not merged ({why}): {outcome}");
+        }
         let record = self.conflict_record(
             policy,
             &path,
@@ -881,13 +933,14 @@ impl Fs {
             self.delete_checked(old).await?;
         }
         let mut batch = Batch::default();
+        let mut inval = Vec::new();
         {
             let mut inner = lock(&self.inner);
             let remote =
                 Remote { key: copy_key, etag: put.e_tag, version: put.version, size: content.size(), modified: None };
             let alive = inner.get(node.ino).is_ok_and(|n| n.parent != 0);
             if alive {
-                let parent = inner.get(node.ino)?.parent;
+                let (parent, old_name) = inner.get(node.ino).map(|n| (n.parent, n.name.clone()))?;
                 inner.detach(node.ino);
                 let free = inner.child(parent, &copy_name).is_none();
                 let n = inner.get_mut(node.ino)?;
@@ -910,12 +963,158 @@ impl Fs {
                     // Relist so the bucket's version appears at the original name.
                     p.listed_at = None;
                 }
+                // The kernel's entry for the name now names the copy.
+                inval.push(Invalidation::Entry { parent, name: old_name });
+                inval.push(Invalidation::Inode(parent));
             }
             inner.upload_epoch += 1;
             inner.record_conflict(record, &mut batch)?;
         }
         self.finish(seq, batch)?;
+        for what in inval {
+            self.invalidate(what);
+        }
         Ok(())
+    }
+
+    /// A three-way merge of ours and the bucket's version, from the base both came from,
+    /// as it is kept in the block cache. Text files up to [`MERGE_MAX`] only; anything else
+    /// says why it falls back to keep-both.
+    async fn try_merge(
+        &self,
+        node: &Inode,
+        base: Option<&Remote>,
+        moved: bool,
+        content: &Content,
+        theirs: Option<&Theirs>,
+    ) -> FsResult<Merged> {
+        let fallback = |why: &str| Ok(Merged::Fallback(why.to_string()));
+        let Some(theirs) = theirs else { return fallback("the file was deleted in the bucket") };
+        if moved {
+            return fallback("the file was renamed here");
+        }
+        let Some(base) = base else { return fallback("both created the file: there is no common version") };
+        if [base.size, content.size(), theirs.meta.size].iter().any(|&s| s > MERGE_MAX) {
+            return fallback("larger than the 8 MiB a merge takes");
+        }
+        let open = lock(&self.inner).get(node.ino).is_ok_and(|n| n.open > 0);
+        if open {
+            return fallback("the file is open here");
+        }
+        let base_bytes = match self.blocks.cached_whole(base).await {
+            Some(b) => b,
+            None => match self.fetch_version(base).await {
+                Some(b) => b,
+                None => return fallback("the version both started from is not in the cache"),
+            },
+        };
+        let their_remote = remote_of(&theirs.meta);
+        let opts = GetOptions { if_match: their_remote.etag.clone(), ..Default::default() };
+        let their_bytes =
+            self.store.get_opts(&obj_path(&their_remote.key)?, opts).await.map_err(stale)?.bytes().await?;
+        let ours = content.bytes().await?;
+        let text = |b: &Bytes| std::str::from_utf8(b).ok().filter(|t| !t.contains('\0')).map(str::to_owned);
+        let (Some(b), Some(o), Some(t)) = (text(&base_bytes), text(&ours), text(&their_bytes)) else {
+            return fallback("not a text file");
+        };
+        // The bucket's version is the base of the merged file: keep it for the next merge.
+        self.blocks.keep_whole(&their_remote, their_bytes).await;
+        match diffy::merge(&b, &o, &t) {
+            Ok(merged) => Ok(Merged::Clean { merged: Bytes::from(merged), theirs: their_remote }),
+            Err(_) => fallback("both changed the same lines"),
+        }
+    }
+
+    /// A base version that is not cached, from a store that keeps old versions (S3 with
+    /// versioning, GCS generations, Azure version ids).
+    async fn fetch_version(&self, base: &Remote) -> Option<Bytes> {
+        let version = base.version.clone()?;
+        let opts = GetOptions { version: Some(version), ..Default::default() };
+        let r = self.store.get_opts(&obj_path(&base.key).ok()?, opts).await.ok()?;
+        let data = r.bytes().await.ok()?;
+        (data.len() as u64 == base.size).then_some(data)
+    }
+
+    /// The merge replaces the local file, based now on the bucket's version it took in, and
+    /// goes up as the file's next change (conditional, like any other: a bucket that changed
+    /// again meanwhile is merged again).
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_merge(
+        &self,
+        seq: u64,
+        node: &Inode,
+        key: &str,
+        content: &Content,
+        merged: Bytes,
+        their_remote: Remote,
+        theirs: &Option<Theirs>,
+    ) -> FsResult<()> {
+        let ino = node.ino;
+        let (tmp, file) = self.staging.temp(&format!("merge-{ino}"))?;
+        let mut out = BlockWriter::new(&file);
+        out.write(&merged)?;
+        out.finish()?;
+        // Durable before it replaces the staged copy: it holds this mount's edit now.
+        file.sync_data()?;
+        let path = self.rel_path(key);
+        let outcome = format!(
+            "merged: both changes are in {path} ({} bytes), which goes up as this mount's next change",
+            merged.len()
+        );
+        let local = Version {
+            path: Some(path.clone()),
+            size: Some(content.size()),
+            etag: None,
+            hash: Some(content.hash().to_string()),
+            modified: node.posix_attrs().mtime,
+        };
+        let mut batch = Batch::default();
+        {
+            let mut inner = lock(&self.inner);
+            let unchanged = inner
+                .get(ino)
+                .is_ok_and(|n| n.parent != 0 && n.generation == node.generation && n.open == 0 && n.writing == 0);
+            if !unchanged {
+                drop(inner);
+                let _ = std::fs::remove_file(&tmp);
+                return Err(FsError::Stale(format!("{path} changed here while it was merged; merging again")));
+            }
+            let record = self.conflict_record(Policy::Merge, &path, outcome, Some(path.clone()), theirs, local);
+            self.staging.install(ino, &tmp, file)?;
+            self.staging.sync_dir()?;
+            let n = inner.get_mut(ino)?;
+            n.staged = true;
+            n.size = merged.len() as u64;
+            n.mtime_ns = now_ns();
+            n.ctime_ns = n.mtime_ns;
+            n.dirty = true;
+            n.overwrites = None;
+            inner.set_remote(ino, Some(their_remote));
+            inner.touch(ino, Duration::ZERO, &mut batch)?;
+            inner.upload_epoch += 1;
+            inner.record_conflict(record, &mut batch)?;
+        }
+        self.finish(seq, batch)?;
+        self.invalidate(Invalidation::Inode(ino));
+        Ok(())
+    }
+
+    /// After an upload of a file the merge policy covers, its content stays in the block
+    /// cache as the base of a later merge.
+    async fn keep_merge_base(&self, key: &str, put: &object_store::PutResult, content: &Content) {
+        if content.size() > MERGE_MAX || self.cfg.conflict.for_path(&self.rel_path(key)).0 != Policy::Merge {
+            return;
+        }
+        let remote = Remote {
+            key: key.to_string(),
+            etag: put.e_tag.clone(),
+            version: put.version.clone(),
+            size: content.size(),
+            modified: None,
+        };
+        if let Ok(data) = content.bytes().await {
+            self.blocks.keep_whole(&remote, data).await;
+        }
     }
 
     /// Builds the record of a conflict, counts it and logs it (one warn line).
@@ -1091,6 +1290,8 @@ impl Fs {
             inner.record_conflict(record, &mut batch)?;
         }
         self.finish(seq, batch)?;
+        // The file shows the bucket's version now.
+        self.invalidate(Invalidation::Inode(node.ino));
         Ok(())
     }
 }
