@@ -667,6 +667,70 @@ fn two_mounts_of_one_bucket_keep_every_version_and_converge(backend: Backend) {
     b.unmount();
 }
 
+/// `--conflict merge` with two mounts: edits of different lines of a text file end as one
+/// file holding both, on both mounts and in the bucket. And the background poll: mount B
+/// trusts its listings for an hour, yet shows A's new and changed files within seconds.
+fn two_mounts_merge_text_and_the_poll_shows_changes(backend: Backend) {
+    let fx = Fixture::new("merge", backend);
+    let dir_b = TestDir::new(&TIER, &format!("merge-b-{}", backend.name()));
+    let creds = fx.server.creds();
+    let merge = |extra: &[&str]| {
+        let mut o = fx.server.mount_opts();
+        o.extend(["--conflict", "merge"].iter().chain(extra).map(|s| s.to_string()));
+        o
+    };
+    // Uploads only on flush, so the order of events is the test's.
+    let a = fx.server.mount_with_opts(
+        &fx.dir,
+        &fx.source,
+        (&fx.state, &fx.cache),
+        ("3600", METADATA_TTL),
+        creds,
+        merge(&[]),
+    );
+    let b = fx.server.mount_with_opts(
+        &dir_b,
+        &fx.source,
+        (&dir_b.root.join("state"), &dir_b.root.join("cache")),
+        ("3600", "3600"),
+        creds,
+        merge(&["--poll-interval", "1"]),
+    );
+    let (fa, fb) = (|n: &str| fx.m(n), |n: &str| dir_b.m(n));
+    write_file(&fa("notes.txt"), b"one\ntwo\nthree\n");
+    write_file(&fa("shared.txt"), b"first\n");
+    a.flush();
+    wait_for("B sees A's files", Duration::from_secs(20), || (top_files(&dir_b.mnt).len() == 2).then_some(()));
+    assert_eq!(read(&fb("notes.txt")), b"one\ntwo\nthree\n");
+
+    // B edits the last line (kept back), A the first (uploaded first): B's upload merges.
+    write_file(&fb("notes.txt"), b"one\ntwo\nthree, said B\n");
+    write_file(&fa("notes.txt"), b"ONE, said A\ntwo\nthree\n");
+    a.flush();
+    b.flush();
+    let merged = b"ONE, said A\ntwo\nthree, said B\n";
+    assert_eq!(fx.bucket.data("notes.txt"), merged);
+    assert_eq!(read(&fb("notes.txt")), merged, "B shows the merged file");
+    let in_bucket = bucket_files(&fx.bucket);
+    assert_eq!(in_bucket.len(), 2, "no conflict copy: {:?}", in_bucket.keys());
+    wait_for("A shows the merged file", Duration::from_secs(20), || (read(&fa("notes.txt")) == merged).then_some(()));
+    let recs: serde_json::Value = serde_json::from_str(&run_ok(b.cli("conflicts").arg("--json")).stdout).unwrap();
+    assert_eq!((recs[0]["path"].as_str(), recs[0]["policy"].as_str()), (Some("notes.txt"), Some("merge")), "{recs}");
+
+    // The poll: B's listings are an hour old at most, yet A's changes show.
+    assert_eq!(read(&fb("shared.txt")), b"first\n");
+    write_file(&fa("shared.txt"), b"second, and longer\n");
+    write_file(&fa("added.txt"), b"added by A\n");
+    a.flush();
+    wait_for("B's poll shows A's changes", Duration::from_secs(20), || {
+        let seen = fb("added.txt").exists() && read(&fb("shared.txt")) == b"second, and longer\n";
+        seen.then_some(())
+    });
+    assert_eq!(top_files(&dir_b.mnt), bucket_files(&fx.bucket));
+    a.unmount();
+    b.unmount();
+}
+
 /// Every file under `root` (recursively, autosync's folder markers left out), with its
 /// contents.
 fn all_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -748,11 +812,15 @@ fn bad_conflict_flags_are_refused_before_mounting() {
     let missing = fx.root.join("no-such-rules").display().to_string();
     let bad_rules = format!("--conflict-rules {rules_flag}: line 2: unknown conflict policy \"whoever\"");
     let no_rules = format!("--conflict-rules {missing}: cannot read it");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--conflict-rules", &rules_flag], &bad_rules),
         (&["--conflict-rules", &missing], &no_rules),
         (&["--conflict", "bogus"], "unknown conflict policy \"bogus\": use one of keep-both, newest, local, remote"),
-        (&["--conflict-loser", "discard"], "--conflict-loser discard needs --conflict newest, local or remote"),
+        (
+            &["--conflict-loser", "discard"],
+            "--conflict-loser discard needs --conflict newest, local, remote or priority",
+        ),
+        (&["--conflict", "merge", "--conflict-loser", "discard"], "(merge keeps both versions)"),
         (&["--conflict", "local", "--conflict-loser", "maybe"], "invalid value 'maybe' for '--conflict-loser"),
     ];
     for (flags, want) in cases {
@@ -1339,6 +1407,7 @@ macro_rules! against_every_backend {
 against_every_backend!(
     two_mounts_of_one_bucket_keep_every_version_and_converge,
     two_mounts_rename_edit_and_folder_rename_add,
+    two_mounts_merge_text_and_the_poll_shows_changes,
     cp_tree_then_diff_mount_and_bucket,
     git_clone_status_log_commit,
     sqlite_database_in_the_mount,
