@@ -467,6 +467,29 @@ impl Inner {
         }
     }
 
+    /// Folder keys that hold objects this mount is moving or deleting (pending or under
+    /// way): a folder the bucket shows only because of them is on its way out, and a
+    /// listing must not bring it back.
+    fn vacating_folders(&self, prefix: &str) -> HashSet<String> {
+        let mut keys: Vec<&str> = self.hidden.keys().map(String::as_str).collect();
+        for &ino in self.queued_sync.keys().chain(self.uploading.iter()) {
+            if let Some(r) = self.inodes.get(&ino).and_then(|n| n.remote.as_ref())
+                && self.key_of(prefix, ino).ok().as_deref() != Some(r.key.as_str())
+            {
+                keys.push(&r.key);
+            }
+        }
+        let mut out = HashSet::new();
+        for k in keys {
+            let mut k = k.trim_end_matches('/');
+            while let Some(i) = k.rfind('/') {
+                k = &k[..i];
+                out.insert(k.to_string());
+            }
+        }
+        out
+    }
+
     fn is_hidden(&self, key: &str) -> bool {
         // Called for every listed key: skip the per-ancestor lookups when nothing is pending.
         if self.hidden.is_empty() {
@@ -892,6 +915,7 @@ impl Fs {
             // was taken makes it too old to delete or update anything.
             let epoch_changed = inner.upload_epoch != listed_epoch || inner.uploading.is_some();
             let mut seen: HashSet<String> = HashSet::new();
+            let mut vacating: Option<HashSet<String>> = None;
             for p in &listing.common_prefixes {
                 let Some(name) = p.filename().map(str::to_string) else { continue };
                 let full = p.as_ref().to_string();
@@ -900,6 +924,13 @@ impl Fs {
                     continue;
                 }
                 if !self.acceptable(&mut inner, &full, &name) {
+                    continue;
+                }
+                // New here, and holding what we are moving or deleting: not a folder to
+                // show (once those ops are done, a listing shows it if anything is left).
+                if inner.child(ino, &name).is_none()
+                    && vacating.get_or_insert_with(|| inner.vacating_folders(&self.prefix)).contains(&full)
+                {
                     continue;
                 }
                 seen.insert(name.clone());
