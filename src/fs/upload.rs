@@ -824,11 +824,10 @@ impl Fs {
             (writer == self.writer).then(|| of.parse::<u64>().ok()).flatten()
         });
         let Some(of) = ours else { return Ok(Claim::Theirs) };
-        // Written by this mount state, for this inode or for one that no longer lives at this
-        // key: an upload a crash kept us from recording, which nobody changed since.
-        let key = path.as_ref();
-        let orphan = of == ino || !lock(&self.inner).key_of(&self.prefix, of).is_ok_and(|k| k == key);
-        if orphan {
+        // Written by this mount state for this inode: an upload a crash kept us from
+        // recording, which nobody changed since. Not one written for another of our inodes:
+        // a server-side copy (another mount's rename of our object) keeps our origin.
+        if of == ino {
             return Ok(Claim::Rebase(remote_of(&meta)));
         }
         Ok(Claim::Theirs)
@@ -895,7 +894,17 @@ impl Fs {
         let attrs = node.posix_attrs();
         let mut found = None;
         for (copy_key, copy_name) in self.copy_candidates(key) {
-            lock(&self.inner).in_flight.insert(copy_key.clone());
+            {
+                let mut inner = lock(&self.inner);
+                // The local file becomes the copy: a name the folder still shows here (an
+                // entry gone from the bucket, not listed again since) would leave the file
+                // at its old name, pointing at the copy's key.
+                let parent = inner.get(node.ino).map_or(node.parent, |n| n.parent);
+                if inner.child(parent, &copy_name).is_some() {
+                    continue;
+                }
+                inner.in_flight.insert(copy_key.clone());
+            }
             match self.conditional_put(node.ino, &copy_key, None, &content, attrs).await {
                 Ok(p) => {
                     found = Some((copy_key, copy_name, p));
