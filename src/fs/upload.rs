@@ -14,6 +14,9 @@ use object_store::{
 
 use super::*;
 
+/// The largest file whose cached version a move carries on when its old object changed.
+const MOVE_FROM_CACHE_MAX: u64 = 64 << 20;
+
 /// The largest file (each of the three versions) the merge policy merges.
 pub(crate) const MERGE_MAX: u64 = 8 << 20;
 
@@ -417,7 +420,16 @@ impl Fs {
                 if !node.dirty && moved_from.is_some() && base.is_none() {
                     return self.move_object(seq, &node, &key, &src).await;
                 }
-                self.download_snapshot(seq, &src).await?
+                match self.download_snapshot(seq, &src).await {
+                    Ok(c) => c,
+                    Err(FsError::Stale(_) | FsError::Remote(object_store::Error::NotFound { .. })) => {
+                        match self.source_moved_on(seq, &node, &src).await? {
+                            Some(c) => c,
+                            None => return Ok(()),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         };
         self.put_and_record(seq, &node, &key, base, moved_from, content, attrs).await
@@ -536,6 +548,17 @@ impl Fs {
     /// A rename of an unchanged file: server-side copy, then delete of the old key.
     async fn move_object(&self, seq: u64, node: &Inode, key: &str, src: &Remote) -> FsResult<()> {
         let dest = obj_path(key)?;
+        // The copy takes whatever the old key holds: it must still be the version this
+        // mount shows (one HEAD; a change in the moment between it and the copy is not seen).
+        let unchanged = match self.store.head(&obj_path(&src.key)?).await {
+            Ok(m) => etag_same(m.e_tag.as_deref(), src.etag.as_deref()) && m.size == src.size,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !unchanged {
+            let Some(content) = self.source_moved_on(seq, node, src).await? else { return Ok(()) };
+            return self.put_and_record(seq, node, key, None, Some(src.clone()), content, node.posix_attrs()).await;
+        }
         match self.store.head(&dest).await {
             Err(object_store::Error::NotFound { .. }) => {}
             Ok(_) => {
@@ -570,6 +593,98 @@ impl Fs {
         }
         self.finish(seq, batch)?;
         Ok(())
+    }
+
+    /// A rename (or attribute change) of a file not changed here, whose object at its old
+    /// key is no longer the version this mount shows: changed or deleted in the bucket
+    /// before the change from here reached it. If the version shown is cached here (all
+    /// its blocks), it is carried on as the content (`Some`): the rename keeps what this
+    /// mount showed, and the bucket's newer version stays where it is. Otherwise the
+    /// file follows the bucket (`None`, the op is done): a newer version takes its place
+    /// here and the change is applied to it next; a deleted one leaves the mount.
+    /// Recorded as a conflict either way.
+    async fn source_moved_on(&self, seq: u64, node: &Inode, src: &Remote) -> FsResult<Option<Content>> {
+        let now = match self.store.head(&obj_path(&src.key)?).await {
+            Ok(m) => Some(m),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if now.as_ref().is_some_and(|m| etag_same(m.e_tag.as_deref(), src.etag.as_deref()) && m.size == src.size) {
+            return Err(FsError::Stale(format!("{}: read again", src.key)));
+        }
+        if src.size <= MOVE_FROM_CACHE_MAX
+            && let Some(data) = self.blocks.cached_whole(src).await
+        {
+            tracing::info!(key = %src.key, "the bucket's object changed before this mount's move of it; moving the version this mount showed, from its cache");
+            let hash = blake3::hash(&data).to_hex().to_string();
+            return Ok(Some(Content::Bytes { data, hash }));
+        }
+        let path = self.rel_path(&src.key);
+        let theirs = now.as_ref().map(|m| Theirs {
+            meta: m.clone(),
+            hash: None,
+            modified: m.last_modified.timestamp(),
+            host: None,
+            user: None,
+        });
+        let local = Version {
+            path: None,
+            size: Some(src.size),
+            etag: src.etag.clone(),
+            hash: None,
+            modified: node.posix_attrs().mtime,
+        };
+        let mut batch = Batch::default();
+        let mut inval = Vec::new();
+        {
+            let mut inner = lock(&self.inner);
+            let Ok(n) = inner.get(node.ino) else {
+                drop(inner);
+                self.finish(seq, batch)?;
+                return Ok(None);
+            };
+            if n.generation != node.generation || n.open > 0 || n.parent == 0 {
+                return Err(FsError::Stale(format!(
+                    "{path} changed in the bucket; trying again once the file is closed"
+                )));
+            }
+            let (parent, name) = (n.parent, n.name.clone());
+            let (policy, _) = self.cfg.conflict.for_path(&path);
+            let outcome = match &now {
+                Some(_) => {
+                    let n = inner.get_mut(node.ino)?;
+                    n.size = now.as_ref().map_or(0, |m| m.size);
+                    n.staged = false;
+                    inner.set_remote(node.ino, now.as_ref().map(remote_of));
+                    inner.touch(node.ino, Duration::ZERO, &mut batch)?;
+                    inval.push(Invalidation::Inode(node.ino));
+                    format!(
+                        "{path} changed in the bucket before this mount's rename or attribute change of it arrived; that change is applied to the bucket's version"
+                    )
+                }
+                None => {
+                    // Whatever it was to replace stays: nothing of it was touched yet.
+                    inner.get_mut(node.ino)?.overwrites = None;
+                    self.remove_tree(&mut inner, node.ino, &mut batch)?;
+                    if let Ok(p) = inner.get_mut(parent) {
+                        p.listed_at = None;
+                    }
+                    inval.push(Invalidation::Entry { parent, name });
+                    format!(
+                        "{path} was deleted in the bucket before this mount's rename or attribute change of it arrived, and it was not cached here; it is gone here too"
+                    )
+                }
+            };
+            let record =
+                self.conflict_record(policy, &path, outcome, now.as_ref().map(|_| path.clone()), &theirs, local);
+            inner.upload_epoch += 1;
+            inner.record_conflict(record, &mut batch)?;
+        }
+        self.finish(seq, batch)?;
+        for what in inval {
+            self.invalidate(what);
+        }
+        Ok(None)
     }
 
     #[allow(clippy::too_many_arguments)]
