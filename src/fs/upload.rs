@@ -643,7 +643,14 @@ impl Fs {
                 self.finish(seq, batch)?;
                 return Ok(None);
             };
-            if n.generation != node.generation || n.open > 0 || n.parent == 0 {
+            if n.parent == 0 || n.generation != node.generation {
+                // Deleted here meanwhile, or changed again (its newer op is queued): that
+                // decides, not this one.
+                drop(inner);
+                self.finish(seq, batch)?;
+                return Ok(None);
+            }
+            if n.open > 0 {
                 return Err(FsError::Stale(format!(
                     "{path} changed in the bucket; trying again once the file is closed"
                 )));
