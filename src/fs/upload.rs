@@ -423,7 +423,8 @@ impl Fs {
                 match self.download_snapshot(seq, &src).await {
                     Ok(c) => c,
                     Err(FsError::Stale(_) | FsError::Remote(object_store::Error::NotFound { .. })) => {
-                        match self.source_moved_on(seq, &node, &src).await? {
+                        let now = self.head_source(&src).await?;
+                        match self.source_moved_on(seq, &node, &src, now).await? {
                             Some(c) => c,
                             None => return Ok(()),
                         }
@@ -545,18 +546,23 @@ impl Fs {
         Ok(Content::File { path, file: Arc::new(file), size, hash })
     }
 
+    /// What the key of `src` holds now (its HEAD), or None.
+    async fn head_source(&self, src: &Remote) -> FsResult<Option<object_store::ObjectMeta>> {
+        match self.store.head(&obj_path(&src.key)?).await {
+            Ok(m) => Ok(Some(m)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// A rename of an unchanged file: server-side copy, then delete of the old key.
     async fn move_object(&self, seq: u64, node: &Inode, key: &str, src: &Remote) -> FsResult<()> {
         let dest = obj_path(key)?;
         // The copy takes whatever the old key holds: it must still be the version this
         // mount shows (one HEAD; a change in the moment between it and the copy is not seen).
-        let unchanged = match self.store.head(&obj_path(&src.key)?).await {
-            Ok(m) => etag_same(m.e_tag.as_deref(), src.etag.as_deref()) && m.size == src.size,
-            Err(object_store::Error::NotFound { .. }) => false,
-            Err(e) => return Err(e.into()),
-        };
-        if !unchanged {
-            let Some(content) = self.source_moved_on(seq, node, src).await? else { return Ok(()) };
+        let now = self.head_source(src).await?;
+        if !now.as_ref().is_some_and(|m| same_version(m, src)) {
+            let Some(content) = self.source_moved_on(seq, node, src, now).await? else { return Ok(()) };
             return self.put_and_record(seq, node, key, None, Some(src.clone()), content, node.posix_attrs()).await;
         }
         match self.store.head(&dest).await {
@@ -603,13 +609,15 @@ impl Fs {
     /// file follows the bucket (`None`, the op is done): a newer version takes its place
     /// here and the change is applied to it next; a deleted one leaves the mount.
     /// Recorded as a conflict either way.
-    async fn source_moved_on(&self, seq: u64, node: &Inode, src: &Remote) -> FsResult<Option<Content>> {
-        let now = match self.store.head(&obj_path(&src.key)?).await {
-            Ok(m) => Some(m),
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => return Err(e.into()),
-        };
-        if now.as_ref().is_some_and(|m| etag_same(m.e_tag.as_deref(), src.etag.as_deref()) && m.size == src.size) {
+    /// `now` is what the old key holds (its HEAD), if anything.
+    async fn source_moved_on(
+        &self,
+        seq: u64,
+        node: &Inode,
+        src: &Remote,
+        now: Option<object_store::ObjectMeta>,
+    ) -> FsResult<Option<Content>> {
+        if now.as_ref().is_some_and(|m| same_version(m, src)) {
             return Err(FsError::Stale(format!("{}: read again", src.key)));
         }
         if src.size <= MOVE_FROM_CACHE_MAX
@@ -1425,4 +1433,9 @@ impl Fs {
         self.invalidate(Invalidation::Inode(node.ino));
         Ok(())
     }
+}
+
+/// Whether `m` is the version `src` records.
+fn same_version(m: &object_store::ObjectMeta, src: &Remote) -> bool {
+    etag_same(m.e_tag.as_deref(), src.etag.as_deref()) && m.size == src.size
 }
