@@ -16,7 +16,8 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
-use crate::fs::{Attr, Fs, FsError, FsResult, Invalidation, Kind, SetAttr};
+use crate::fs::events::{Caller, as_caller};
+use crate::fs::{Attr, Fh, Fs, FsError, FsResult, Ino, Invalidation, Kind, SetAttr};
 
 /// How long the kernel may cache attributes and names before asking again.
 const TTL: Duration = Duration::from_secs(1);
@@ -30,8 +31,8 @@ pub fn forward_invalidations(fs: &Fs, notifier: fuser::Notifier) -> std::io::Res
     std::thread::Builder::new().name("fuse-notify".into()).spawn(move || {
         for what in rx {
             let r = match &what {
-                Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
-                Invalidation::Entry { parent, name } => notifier.inval_entry(INodeNo(*parent), OsStr::new(name)),
+                Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(ino.0), 0, 0),
+                Invalidation::Entry { parent, name } => notifier.inval_entry(INodeNo(parent.0), OsStr::new(name)),
             };
             match r {
                 Ok(()) => tracing::trace!(?what, "kernel cache invalidated"),
@@ -52,9 +53,11 @@ impl FuseAdapter {
         FuseAdapter { fs, rt }
     }
 
-    /// Runs a filesystem call to completion on the runtime, turning panics into EIO.
-    fn run<T>(&self, what: &str, f: impl Future<Output = FsResult<T>>) -> Result<T, Errno> {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.rt.block_on(f))) {
+    /// Runs a filesystem call to completion on the runtime, on behalf of the request's
+    /// caller (whom the events it causes name), turning panics into EIO.
+    fn run<T>(&self, what: &str, req: &Request, f: impl Future<Output = FsResult<T>>) -> Result<T, Errno> {
+        let caller = Caller { uid: req.uid(), pid: req.pid() };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.rt.block_on(as_caller(caller, f)))) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 log_error(what, &e);
@@ -95,7 +98,7 @@ fn kind(k: Kind) -> FileType {
 
 fn attr(a: &Attr) -> FileAttr {
     FileAttr {
-        ino: INodeNo(a.ino),
+        ino: INodeNo(a.ino.0),
         size: a.size,
         blocks: a.size.div_ceil(512),
         atime: a.mtime,
@@ -137,20 +140,20 @@ impl Filesystem for FuseAdapter {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = try_reply!(reply, name_str(name));
-        let a = try_reply!(reply, self.run("lookup", self.fs.lookup(parent.0, name)));
+        let a = try_reply!(reply, self.run("lookup", req, self.fs.lookup(Ino(parent.0), name)));
         reply.entry(&TTL, &attr(&a), Generation(0));
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let a = try_reply!(reply, self.run("getattr", self.fs.getattr(ino.0)));
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let a = try_reply!(reply, self.run("getattr", req, self.fs.getattr(Ino(ino.0))));
         reply.attr(&TTL, &attr(&a));
     }
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -167,12 +170,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let set = SetAttr { mode, uid, gid, size, mtime: mtime.map(time) };
-        let a = try_reply!(reply, self.run("setattr", self.fs.setattr(ino.0, set)));
+        let a = try_reply!(reply, self.run("setattr", req, self.fs.setattr(Ino(ino.0), set)));
         reply.attr(&TTL, &attr(&a));
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let t = try_reply!(reply, self.run("readlink", self.fs.readlink(ino.0)));
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let t = try_reply!(reply, self.run("readlink", req, self.fs.readlink(Ino(ino.0))));
         reply.data(t.as_bytes());
     }
 
@@ -191,41 +194,48 @@ impl Filesystem for FuseAdapter {
             return reply.error(Errno::EPERM);
         }
         let name = try_reply!(reply, name_str(name));
-        let (a, fh) =
-            try_reply!(reply, self.run("mknod", self.fs.create(parent.0, name, mode & !umask, req.uid(), req.gid())));
+        let (a, fh) = try_reply!(
+            reply,
+            self.run("mknod", req, self.fs.create(Ino(parent.0), name, mode & !umask, req.uid(), req.gid()))
+        );
         let _ = self.rt.block_on(self.fs.release(fh));
         reply.entry(&TTL, &attr(&a), Generation(0));
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let name = try_reply!(reply, name_str(name));
-        let a =
-            try_reply!(reply, self.run("mkdir", self.fs.mkdir(parent.0, name, mode & !umask, req.uid(), req.gid())));
+        let a = try_reply!(
+            reply,
+            self.run("mkdir", req, self.fs.mkdir(Ino(parent.0), name, mode & !umask, req.uid(), req.gid()))
+        );
         reply.entry(&TTL, &attr(&a), Generation(0));
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = try_reply!(reply, name_str(name));
-        try_reply!(reply, self.run("unlink", self.fs.unlink(parent.0, name)));
+        try_reply!(reply, self.run("unlink", req, self.fs.unlink(Ino(parent.0), name)));
         reply.ok();
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = try_reply!(reply, name_str(name));
-        try_reply!(reply, self.run("rmdir", self.fs.rmdir(parent.0, name)));
+        try_reply!(reply, self.run("rmdir", req, self.fs.rmdir(Ino(parent.0), name)));
         reply.ok();
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let name = try_reply!(reply, name_str(link_name));
         let target = try_reply!(reply, target.to_str().ok_or(Errno::EINVAL));
-        let a = try_reply!(reply, self.run("symlink", self.fs.symlink(parent.0, name, target, req.uid(), req.gid())));
+        let a = try_reply!(
+            reply,
+            self.run("symlink", req, self.fs.symlink(Ino(parent.0), name, target, req.uid(), req.gid()))
+        );
         reply.entry(&TTL, &attr(&a), Generation(0));
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -239,7 +249,10 @@ impl Filesystem for FuseAdapter {
         let name = try_reply!(reply, name_str(name));
         let newname = try_reply!(reply, name_str(newname));
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        try_reply!(reply, self.run("rename", self.fs.rename(parent.0, name, newparent.0, newname, noreplace)));
+        try_reply!(
+            reply,
+            self.run("rename", req, self.fs.rename(Ino(parent.0), name, Ino(newparent.0), newname, noreplace))
+        );
         reply.ok();
     }
 
@@ -248,15 +261,15 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::EPERM);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let (fh, keep) = try_reply!(reply, self.run("open", self.fs.open(ino.0)));
+    fn open(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let (fh, keep) = try_reply!(reply, self.run("open", req, self.fs.open(Ino(ino.0))));
         let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-        reply.opened(FileHandle(fh), flags);
+        reply.opened(FileHandle(fh.0), flags);
     }
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -265,13 +278,13 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let data = try_reply!(reply, self.run("read", self.fs.read(fh.0, offset, size)));
+        let data = try_reply!(reply, self.run("read", req, self.fs.read(Fh(fh.0), offset, size)));
         reply.data(&data);
     }
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -281,18 +294,18 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let n = try_reply!(reply, self.run("write", self.fs.write(fh.0, offset, data)));
+        let n = try_reply!(reply, self.run("write", req, self.fs.write(Fh(fh.0), offset, data)));
         reply.written(n);
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        try_reply!(reply, self.run("flush", self.fs.flush(fh.0)));
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        try_reply!(reply, self.run("flush", req, self.fs.close(Fh(fh.0))));
         reply.ok();
     }
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -300,24 +313,24 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        try_reply!(reply, self.run("release", self.fs.release(fh.0)));
+        try_reply!(reply, self.run("release", req, self.fs.release(Fh(fh.0))));
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        try_reply!(reply, self.run("fsync", self.fs.flush(fh.0)));
+    fn fsync(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        try_reply!(reply, self.run("fsync", req, self.fs.flush(Fh(fh.0))));
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let fh = try_reply!(reply, self.run("opendir", self.fs.opendir(ino.0)));
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = try_reply!(reply, self.run("opendir", req, self.fs.opendir(Ino(ino.0))));
+        reply.opened(FileHandle(fh.0), FopenFlags::empty());
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let entries = try_reply!(reply, self.fs.readdir(fh.0, offset).map_err(|e| Errno::from_i32(e.errno())));
+        let entries = try_reply!(reply, self.fs.readdir(Fh(fh.0), offset).map_err(|e| Errno::from_i32(e.errno())));
         for (i, e) in entries.iter().enumerate() {
-            if reply.add(INodeNo(e.ino), offset + i as u64 + 1, kind(e.kind), &e.name) {
+            if reply.add(INodeNo(e.ino.0), offset + i as u64 + 1, kind(e.kind), &e.name) {
                 break;
             }
         }
@@ -325,11 +338,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let entries = try_reply!(reply, self.fs.readdir(fh.0, offset).map_err(|e| Errno::from_i32(e.errno())));
+        let entries = try_reply!(reply, self.fs.readdir(Fh(fh.0), offset).map_err(|e| Errno::from_i32(e.errno())));
         // The kernel holds every entry it was given, but "." and "..".
         let mut given = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
-            if reply.add(INodeNo(e.ino), offset + i as u64 + 1, &e.name, &TTL, &attr(&e.attr), Generation(0)) {
+            if reply.add(INodeNo(e.ino.0), offset + i as u64 + 1, &e.name, &TTL, &attr(&e.attr), Generation(0)) {
                 break;
             }
             if e.name != "." && e.name != ".." {
@@ -341,17 +354,17 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.fs.forget(ino.0, nlookup);
+        self.fs.forget(Ino(ino.0), nlookup);
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.fs.releasedir(fh.0);
+        self.fs.releasedir(Fh(fh.0));
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(&self, req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Folder changes are journalled when they happen; make them durable now.
-        try_reply!(reply, self.run("fsyncdir", async { self.fs.sync_journal() }));
+        try_reply!(reply, self.run("fsyncdir", req, async { self.fs.sync_journal() }));
         reply.ok();
     }
 
@@ -398,8 +411,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let name = try_reply!(reply, name_str(name));
-        let (a, fh) =
-            try_reply!(reply, self.run("create", self.fs.create(parent.0, name, mode & !umask, req.uid(), req.gid())));
-        reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty());
+        let (a, fh) = try_reply!(
+            reply,
+            self.run("create", req, self.fs.create(Ino(parent.0), name, mode & !umask, req.uid(), req.gid()))
+        );
+        reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh.0), FopenFlags::empty());
     }
 }

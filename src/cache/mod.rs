@@ -139,7 +139,12 @@ pub struct BlockCache {
     /// Whether block files are still written with `O_DIRECT` (cleared when the filesystem
     /// refuses it).
     direct: AtomicBool,
+    /// Told of every integrity failure (the object key, the block, what failed).
+    on_failure: std::sync::OnceLock<IntegrityObserver>,
 }
+
+/// What hears of a block that failed its integrity check.
+pub type IntegrityObserver = Box<dyn Fn(&str, u64, &str) + Send + Sync>;
 
 impl std::fmt::Debug for BlockCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -238,6 +243,7 @@ impl BlockCache {
             index: Mutex::new(Index::default()),
             warned_write: AtomicBool::new(false),
             direct: AtomicBool::new(true),
+            on_failure: std::sync::OnceLock::new(),
             root,
         };
         let mut found = cache.scan();
@@ -360,7 +366,16 @@ impl BlockCache {
             id.index,
             id.key
         );
+        if let Some(tell) = self.on_failure.get() {
+            tell(id.key, id.index, &failure);
+        }
         None
+    }
+
+    /// Tells `observer` of every block that fails its integrity check from now on (once per
+    /// cache; a second observer is ignored).
+    pub fn on_integrity_failure(&self, observer: IntegrityObserver) {
+        let _ = self.on_failure.set(observer);
     }
 
     /// Seals and stores a block, evicting least-recently-used blocks first so that the block

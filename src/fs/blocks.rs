@@ -16,9 +16,10 @@ use futures::future::{FutureExt, Shared};
 use object_store::{GetOptions, GetRange};
 use tokio::sync::{Semaphore, mpsc};
 
+use super::CacheReport;
 use super::error::{FsError, FsResult};
-use super::types::Remote;
-use super::{CacheReport, etag_same, obj_path, stale};
+use super::object::{etag_same, obj_path, stale};
+use super::types::{BlockIndex, Remote};
 use crate::cache::{BlockCache, BlockId};
 use crate::store::Store;
 
@@ -43,7 +44,7 @@ const DISK_OVERFLOW_BYTES: u64 = 8 << 20;
 struct BlockKey {
     key: Arc<str>,
     version: Arc<str>,
-    index: u64,
+    index: BlockIndex,
 }
 
 /// Sizes of the block reader.
@@ -81,7 +82,7 @@ struct Inflight {
 struct DiskJob {
     key: String,
     version: Arc<str>,
-    index: u64,
+    index: BlockIndex,
     data: Bytes,
 }
 
@@ -175,7 +176,7 @@ impl BlockReader {
 
     /// The block's name in both caches. The block size is part of the version, so blocks
     /// cached with another `--block-size` never match.
-    fn key(&self, remote: &Remote, index: u64) -> Option<BlockKey> {
+    fn key(&self, remote: &Remote, index: BlockIndex) -> Option<BlockKey> {
         let version = format!("{}:{}", self.cfg.block_size, version_of(remote)?);
         Some(BlockKey { key: remote.key.as_str().into(), version: version.into(), index })
     }
@@ -184,7 +185,7 @@ impl BlockReader {
     /// disk), without asking the bucket: a merge's base version.
     pub(crate) async fn cached_whole(&self, remote: &Remote) -> Option<Bytes> {
         let mut out = BytesMut::with_capacity(usize::try_from(remote.size).ok()?);
-        for index in 0..remote.size.div_ceil(self.cfg.block_size) {
+        for index in BlockIndex::each(BlockIndex(0)..BlockIndex(remote.size.div_ceil(self.cfg.block_size))) {
             let key = self.key(remote, index)?;
             let want = self.bounds(remote, index);
             let block = match self.mem.get(&key).await {
@@ -192,10 +193,12 @@ impl BlockReader {
                 None => {
                     let disk = Arc::clone(self.disk.as_ref()?);
                     let (k, version) = (remote.key.clone(), Arc::clone(&key.version));
-                    tokio::task::spawn_blocking(move || disk.get(&BlockId { key: &k, version: &version, index }))
-                        .await
-                        .ok()
-                        .flatten()?
+                    tokio::task::spawn_blocking(move || {
+                        disk.get(&BlockId { key: &k, version: &version, index: index.0 })
+                    })
+                    .await
+                    .ok()
+                    .flatten()?
                 }
             };
             if block.len() as u64 != want.end - want.start {
@@ -212,9 +215,10 @@ impl BlockReader {
         if data.len() as u64 != remote.size {
             return;
         }
-        let blocks: Vec<(Arc<str>, u64, Range<u64>)> = (0..remote.size.div_ceil(self.cfg.block_size))
-            .filter_map(|i| Some((self.key(remote, i)?.version, i, self.bounds(remote, i))))
-            .collect();
+        let blocks: Vec<(Arc<str>, BlockIndex, Range<u64>)> =
+            BlockIndex::each(BlockIndex(0)..BlockIndex(remote.size.div_ceil(self.cfg.block_size)))
+                .filter_map(|i| Some((self.key(remote, i)?.version, i, self.bounds(remote, i))))
+                .collect();
         for (_, index, r) in &blocks {
             if let Some(k) = self.key(remote, *index) {
                 self.mem.insert(k, data.slice(r.start as usize..r.end as usize)).await;
@@ -225,31 +229,31 @@ impl BlockReader {
         let _ = tokio::task::spawn_blocking(move || {
             for (version, index, r) in blocks {
                 let (start, end) = (r.start as usize, r.end as usize);
-                disk.put(&BlockId { key: &key, version: &version, index }, &data[start..end]);
+                disk.put(&BlockId { key: &key, version: &version, index: index.0 }, &data[start..end]);
             }
         })
         .await;
     }
 
     /// The byte range of block `index` of `remote`.
-    fn bounds(&self, remote: &Remote, index: u64) -> Range<u64> {
-        let start = index.saturating_mul(self.cfg.block_size);
+    fn bounds(&self, remote: &Remote, index: BlockIndex) -> Range<u64> {
+        let start = index.0.saturating_mul(self.cfg.block_size);
         start..start.saturating_add(self.cfg.block_size).min(remote.size).max(start)
     }
 
     /// The blocks a range of `size` bytes of content spans.
-    pub(crate) fn span(&self, range: Range<u64>) -> Range<u64> {
+    pub(crate) fn span(&self, range: Range<u64>) -> Range<BlockIndex> {
         let bs = self.cfg.block_size;
         if range.is_empty() {
-            return 0..0;
+            return BlockIndex(0)..BlockIndex(0);
         }
-        range.start / bs..(range.end - 1) / bs + 1
+        BlockIndex(range.start / bs)..BlockIndex((range.end - 1) / bs + 1)
     }
 
     /// Block `index` of `remote`: from memory, else from the read-ahead run fetching it, else
     /// from the disk cache, else fetched (one fetch shared by every caller that misses it
     /// meanwhile).
-    pub(crate) async fn block(self: &Arc<Self>, remote: &Remote, index: u64) -> FsResult<Bytes> {
+    pub(crate) async fn block(self: &Arc<Self>, remote: &Remote, index: BlockIndex) -> FsResult<Bytes> {
         let Some(key) = self.key(remote, index) else { return self.fetch(remote, index).await };
         if let Some(b) = self.mem.get(&key).await {
             return Ok(b);
@@ -274,14 +278,16 @@ impl BlockReader {
             .map_err(FsError::shared)
     }
 
-    async fn load(&self, remote: &Remote, version: &Arc<str>, index: u64) -> FsResult<Bytes> {
+    async fn load(&self, remote: &Remote, version: &Arc<str>, index: BlockIndex) -> FsResult<Bytes> {
         let want = self.bounds(remote, index);
         if let Some(disk) = &self.disk {
             let (disk, key, version) = (Arc::clone(disk), remote.key.clone(), Arc::clone(version));
-            let hit = tokio::task::spawn_blocking(move || disk.get(&BlockId { key: &key, version: &version, index }))
-                .await
-                .ok()
-                .flatten();
+            let hit = tokio::task::spawn_blocking(move || {
+                disk.get(&BlockId { key: &key, version: &version, index: index.0 })
+            })
+            .await
+            .ok()
+            .flatten();
             // A block of another length is not this one (whatever wrote it): fetch it.
             if let Some(b) = hit.filter(|b| b.len() as u64 == want.end - want.start) {
                 return Ok(b);
@@ -306,7 +312,7 @@ impl BlockReader {
 
     /// Block `index` of `remote` from the bucket: a ranged GET conditional on the ETag, whose
     /// answer must carry that ETag too (a store that ignores `If-Match` answers `ESTALE`).
-    async fn fetch(&self, remote: &Remote, index: u64) -> FsResult<Bytes> {
+    async fn fetch(&self, remote: &Remote, index: BlockIndex) -> FsResult<Bytes> {
         let Range { start, end } = self.bounds(remote, index);
         if start >= end {
             return Ok(Bytes::new());
@@ -333,14 +339,14 @@ impl BlockReader {
     /// per run. A run shorter than [`PREFETCH_RUN`] waits for more of the window to open
     /// unless it ends the object or starts within a run of `blocks.start` (the next read
     /// needs it soon).
-    pub(crate) fn prefetch(self: &Arc<Self>, remote: &Remote, blocks: Range<u64>) {
+    pub(crate) fn prefetch(self: &Arc<Self>, remote: &Remote, blocks: Range<BlockIndex>) {
         let run_blocks = (PREFETCH_RUN / self.cfg.block_size.max(1)).max(1);
         let last = self.span(0..remote.size).end;
         let mut run: Vec<BlockKey> = Vec::new();
         // Held throughout: what is pending or loading cannot change between the look and the
         // registration of a run.
         let mut inflight = lock(&self.inflight);
-        for index in blocks.clone() {
+        for index in BlockIndex::each(blocks.clone()) {
             let Some(key) = self.key(remote, index) else { return };
             let skip = self.mem.contains_key(&key)
                 || inflight.pending.contains_key(&key)
@@ -349,7 +355,7 @@ impl BlockReader {
                 && self
                     .disk
                     .as_ref()
-                    .is_some_and(|d| d.contains(&BlockId { key: &remote.key, version: &key.version, index }));
+                    .is_some_and(|d| d.contains(&BlockId { key: &remote.key, version: &key.version, index: index.0 }));
             if skip || on_disk {
                 let run = std::mem::take(&mut run);
                 if !self.start_run(&mut inflight, remote, run, &blocks, run_blocks, last) {
@@ -372,12 +378,12 @@ impl BlockReader {
     }
 
     /// Loads one block in the background (from disk, as a rule). False when no slot is free.
-    fn start_block(self: &Arc<Self>, remote: &Remote, index: u64) -> bool {
+    fn start_block(self: &Arc<Self>, remote: &Remote, index: BlockIndex) -> bool {
         let Ok(permit) = Arc::clone(&self.prefetch).try_acquire_owned() else { return false };
         let (this, remote) = (Arc::clone(self), remote.clone());
         tokio::spawn(async move {
             if let Err(e) = this.block(&remote, index).await {
-                tracing::debug!(key = %remote.key, index, "read-ahead failed: {e}");
+                tracing::debug!(key = %remote.key, %index, "read-ahead failed: {e}");
             }
             drop(permit);
         });
@@ -391,14 +397,14 @@ impl BlockReader {
         inflight: &mut Inflight,
         remote: &Remote,
         run: Vec<BlockKey>,
-        window: &Range<u64>,
+        window: &Range<BlockIndex>,
         run_blocks: u64,
-        last: u64,
+        last: BlockIndex,
     ) -> bool {
-        let (Some(first), Some(end)) = (run.first().map(|k| k.index), run.last().map(|k| k.index + 1)) else {
+        let (Some(first), Some(end)) = (run.first().map(|k| k.index), run.last().map(|k| k.index.next())) else {
             return true;
         };
-        let urgent = first < window.start.saturating_add(run_blocks);
+        let urgent = first.0 < window.start.0.saturating_add(run_blocks);
         if (run.len() as u64) < run_blocks && end < last && !urgent {
             return true;
         }
@@ -413,7 +419,7 @@ impl BlockReader {
         tokio::spawn(async move {
             let mut run = Run { reader: &this, keys: run, senders, delivered: 0 };
             if let Err(e) = run.fetch(&remote).await {
-                tracing::debug!(key = %remote.key, first, end, "read-ahead failed: {e}");
+                tracing::debug!(key = %remote.key, %first, %end, "read-ahead failed: {e}");
             }
             drop(run);
             drop(permit);
@@ -517,7 +523,7 @@ fn spawn_disk_writer(
     let handle = std::thread::Builder::new().name("autosync-cache-write".into()).spawn(move || {
         lower_priority();
         while let Some(job) = rx.blocking_recv() {
-            disk.put(&BlockId { key: &job.key, version: &job.version, index: job.index }, &job.data);
+            disk.put(&BlockId { key: &job.key, version: &job.version, index: job.index.0 }, &job.data);
         }
     })?;
     Ok((tx, handle))
@@ -667,9 +673,9 @@ mod tests {
                 let end = range.end.saturating_add(ahead).min(remote.size);
                 r.prefetch(remote, span.end..r.span(range.start..end).end);
             }
-            for index in span {
+            for index in BlockIndex::each(span) {
                 let b = r.block(remote, index).await.unwrap();
-                let start = index * bs;
+                let start = index.0 * bs;
                 let from = (range.start.max(start) - start) as usize;
                 let to = ((range.end - start) as usize).min(b.len());
                 out.extend_from_slice(&b[from..to]);
@@ -689,7 +695,7 @@ mod tests {
             Remote { key: "f.bin".into(), etag: put.e_tag, version: None, size: data.len() as u64, modified: None };
         let r = BlockReader::new(store, None, BlockConfig::default());
         assert!(read_sequentially(&r, &remote, 256 << 10).await == data);
-        let blocks = r.span(0..remote.size).end;
+        let blocks = r.span(0..remote.size).end.0;
         assert_eq!(r.fetched.load(Ordering::Relaxed), blocks, "a block fetched twice, or not at all");
         let gets = r.gets.load(Ordering::Relaxed);
         // Runs of up to 8 blocks once the window is open: far fewer GETs than blocks.
@@ -703,9 +709,10 @@ mod tests {
             None,
             BlockConfig { block_size: 10, ..Default::default() },
         );
-        assert_eq!(r.span(0..10), 0..1);
-        assert_eq!(r.span(5..25), 0..3);
-        assert_eq!(r.span(10..11), 1..2);
-        assert_eq!(r.span(3..3), 0..0);
+        let span = |a: u64, b: u64| r.span(a..b).start.0..r.span(a..b).end.0;
+        assert_eq!(span(0, 10), 0..1);
+        assert_eq!(span(5, 25), 0..3);
+        assert_eq!(span(10, 11), 1..2);
+        assert_eq!(span(3, 3), 0..0);
     }
 }

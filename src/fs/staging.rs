@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use super::types::Ino;
 use crate::cache::{STAGE_BLOCK, SealedFile, Sealer};
 
 /// What an upload snapshot holds: the plaintext in memory (small files) or a sealed copy.
@@ -22,7 +23,7 @@ pub struct Staging {
     dir: PathBuf,
     tmp: PathBuf,
     sealer: Arc<Sealer>,
-    open: Mutex<HashMap<u64, Arc<SealedFile>>>,
+    open: Mutex<HashMap<Ino, Arc<SealedFile>>>,
     usage: Mutex<Usage>,
 }
 
@@ -51,16 +52,16 @@ impl Staging {
         Ok(Self { dir, tmp, sealer, open: Mutex::new(HashMap::new()), usage: Mutex::new(usage) })
     }
 
-    fn path(&self, ino: u64) -> PathBuf {
-        self.dir.join(self.sealer.hidden_name("staging", &ino.to_le_bytes()))
+    fn path(&self, ino: Ino) -> PathBuf {
+        self.dir.join(self.sealer.hidden_name("staging", &ino.0.to_le_bytes()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SealedFile>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, Arc<SealedFile>>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The staging file of `ino`, opened read-write.
-    pub fn file(&self, ino: u64) -> std::io::Result<Arc<SealedFile>> {
+    pub fn file(&self, ino: Ino) -> std::io::Result<Arc<SealedFile>> {
         if let Some(f) = self.lock().get(&ino) {
             return Ok(Arc::clone(f));
         }
@@ -68,7 +69,7 @@ impl Staging {
         Ok(Arc::clone(self.lock().entry(ino).or_insert(f)))
     }
 
-    pub fn create_empty(&self, ino: u64) -> std::io::Result<Arc<SealedFile>> {
+    pub fn create_empty(&self, ino: Ino) -> std::io::Result<Arc<SealedFile>> {
         let f = Arc::new(SealedFile::create(&self.path(ino), Arc::clone(&self.sealer))?);
         self.lock().insert(ino, Arc::clone(&f));
         Ok(f)
@@ -81,21 +82,21 @@ impl Staging {
         Ok((p, f))
     }
 
-    pub fn install(&self, ino: u64, tmp: &Path, file: SealedFile) -> std::io::Result<Arc<SealedFile>> {
+    pub fn install(&self, ino: Ino, tmp: &Path, file: SealedFile) -> std::io::Result<Arc<SealedFile>> {
         std::fs::rename(tmp, self.path(ino))?;
         let f = Arc::new(file);
         self.lock().insert(ino, Arc::clone(&f));
         Ok(f)
     }
 
-    pub fn remove(&self, ino: u64) {
+    pub fn remove(&self, ino: Ino) {
         self.lock().remove(&ino);
         let _ = std::fs::remove_file(self.path(ino));
     }
 
     /// Removes this state's staging files that belong to none of `keep` (left by an
     /// interrupted cleanup); returns how many.
-    pub fn remove_others(&self, keep: &HashSet<u64>) -> usize {
+    pub fn remove_others(&self, keep: &HashSet<Ino>) -> usize {
         let wanted: HashSet<std::ffi::OsString> =
             keep.iter().filter_map(|&ino| self.path(ino).file_name().map(|n| n.to_owned())).collect();
         let Ok(rd) = std::fs::read_dir(&self.dir) else { return 0 };
@@ -112,7 +113,7 @@ impl Staging {
     /// come back as plaintext, larger files as a sealed copy in the temp folder.
     pub fn snapshot_job(
         &self,
-        ino: u64,
+        ino: Ino,
         name: &str,
         in_memory: u64,
     ) -> impl FnOnce() -> std::io::Result<(Snapshot, u64, String)> + Send + 'static {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use autosync::fs::{Caps, Fs, FsConfig, FsError, Kind, ROOT_INO, SetAttr};
+use autosync::fs::{Caps, Fs, FsConfig, FsError, Ino, Kind, ROOT_INO, SetAttr};
 use autosync::store::Store;
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -21,7 +21,7 @@ pub struct Harness {
     pub caps: Caps,
     pub fs: Option<Arc<Fs>>,
     /// Every inode looked up, once per lookup: what the kernel would hold.
-    pub held: std::sync::Mutex<Vec<u64>>,
+    pub held: std::sync::Mutex<Vec<Ino>>,
     pub stop: watch::Sender<bool>,
     pub task: tokio::task::JoinHandle<()>,
     pub cfg: FsConfig,
@@ -88,7 +88,7 @@ impl Harness {
         assert_eq!(left, 0, "flush left changes pending: {:?}", self.fs().status());
     }
 
-    pub async fn resolve(&self, path: &str) -> Result<u64, FsError> {
+    pub async fn resolve(&self, path: &str) -> Result<Ino, FsError> {
         let mut ino = ROOT_INO;
         for part in path.split('/').filter(|p| !p.is_empty()) {
             ino = self.fs().lookup(ino, part).await?.ino;
@@ -97,7 +97,7 @@ impl Harness {
         Ok(ino)
     }
 
-    pub async fn parent_of<'a>(&self, path: &'a str) -> Result<(u64, &'a str), FsError> {
+    pub async fn parent_of<'a>(&self, path: &'a str) -> Result<(Ino, &'a str), FsError> {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
         Ok((self.resolve(dir).await?, name))
     }

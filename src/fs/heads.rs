@@ -1,0 +1,221 @@
+//! Attributes from the bucket's HEAD answers: the mode, owner, mtime and symlink target of
+//! inodes known only from a listing, and the close-to-open check of a file that is opened
+//! again. Reads the bucket, then applies what came back to the tree, only if the inode
+//! still holds the version asked about and has no local change.
+
+use std::time::SystemTime;
+
+use futures::StreamExt;
+use object_store::{GetOptions, ObjectStoreExt};
+
+use super::FsError;
+use super::FsResult;
+use super::core::Core;
+use super::events::{Event, Kind as EventKind};
+use super::object::{Head, etag_same, obj_path, remote_of};
+use super::types::{Ino, Inode, Invalidation, Kind, to_ns};
+use crate::layout::{self, PosixAttrs};
+use crate::state::Batch;
+
+impl Core {
+    /// Reads object metadata (mode, owner, mtime, symlink) for inodes known only from a
+    /// listing. Failures leave the defaults.
+    pub async fn fetch_attrs(&self, inos: Vec<Ino>) {
+        if inos.is_empty() {
+            return;
+        }
+        let keys: Vec<(Ino, String)> = {
+            let tree = self.tree();
+            inos.iter()
+                .filter_map(|&i| {
+                    let n = tree.get(i).ok()?;
+                    let key = &n.remote.as_ref()?.key;
+                    // A folder's attributes live on its marker object.
+                    Some((i, if n.kind == Kind::Dir { layout::marker_key(key) } else { key.clone() }))
+                })
+                .collect()
+        };
+        // In chunks, each applied before the next is asked for: a folder of 100,000 new
+        // files holds 1,024 answers at a time, not all of them.
+        for chunk in keys.chunks(1024) {
+            let results: Vec<_> = futures::stream::iter(chunk.iter().cloned())
+                .map(|(ino, key)| async move {
+                    let Ok(path) = obj_path(&key) else { return (ino, None) };
+                    let opts = GetOptions { head: true, ..Default::default() };
+                    // Keep the answer, not its body: on the local store that is an open file.
+                    let head = tokio::time::timeout(self.cfg.io_timeout, self.store.get_opts(&path, opts)).await;
+                    (ino, head.ok().and_then(|r| r.ok()).map(Head::from))
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            self.apply_heads(results).await;
+        }
+    }
+
+    /// Applies the attributes of HEAD answers (`None`: no object) to their inodes, if the
+    /// inodes still hold the version answered for and have no local change.
+    pub async fn apply_heads(&self, results: Vec<(Ino, Option<Head>)>) {
+        let mut symlinks = Vec::new();
+        {
+            let mut l = self.lock();
+            let mut batch = Batch::default();
+            for (ino, r) in results {
+                let Some(r) = r else {
+                    // A folder without our marker (another tool's bucket): keep the defaults
+                    // instead of asking again at every lookup.
+                    if let Ok(n) = l.get_mut(ino)
+                        && n.kind == Kind::Dir
+                    {
+                        n.attrs_known = true;
+                    }
+                    continue;
+                };
+                let Ok(n) = l.get_mut(ino) else { continue };
+                let current = n.kind == Kind::Dir
+                    || n.remote.as_ref().is_some_and(|rem| etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref()));
+                if n.dirty || !current {
+                    continue;
+                }
+                let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
+                if attrs.mtime.is_none() && n.kind != Kind::Dir {
+                    // Another tool's object: its mtime is the object's Last-Modified.
+                    n.mtime_ns = to_ns(SystemTime::from(r.meta.last_modified));
+                }
+                apply_posix(n, attrs);
+                if n.kind != Kind::Dir
+                    && let Some(rem) = n.remote.as_mut()
+                {
+                    // What the attributes were read at, and the generation the store gives
+                    // this version now (a copy onto itself changes it on GCS).
+                    rem.modified = Some(r.meta.last_modified.timestamp());
+                    if r.meta.version.is_some() {
+                        rem.version = r.meta.version.clone();
+                    }
+                }
+                if n.kind == Kind::Symlink && n.target.is_none() {
+                    symlinks.push(ino);
+                }
+                let _ = l.persist(ino, &mut batch);
+            }
+            let _ = l.commit(batch, false);
+        }
+        for ino in symlinks {
+            let _ = self.load_symlink(ino).await;
+        }
+    }
+
+    pub async fn load_symlink(&self, ino: Ino) -> FsResult<String> {
+        let key = {
+            let tree = self.tree();
+            let n = tree.get(ino)?;
+            if let Some(t) = &n.target {
+                return Ok(t.clone());
+            }
+            n.remote.as_ref().ok_or(FsError::NotFound)?.key.clone()
+        };
+        let bytes = self.store.get(&obj_path(&key)?).await?.bytes().await?;
+        let target = String::from_utf8_lossy(&bytes).into_owned();
+        let mut l = self.lock();
+        let mut batch = Batch::default();
+        let n = l.get_mut(ino)?;
+        n.target = Some(target.clone());
+        n.size = target.len() as u64;
+        l.persist(ino, &mut batch)?;
+        l.commit(batch, false)?;
+        Ok(target)
+    }
+
+    /// Attributes (and a symlink's target) of an inode known only from a listing.
+    pub async fn ensure_attrs(&self, ino: Ino) {
+        let (known, symlink_unloaded) = {
+            let tree = self.tree();
+            match tree.get(ino) {
+                Ok(n) => (n.attrs_known, n.kind == Kind::Symlink && n.target.is_none()),
+                Err(_) => return,
+            }
+        };
+        if !known {
+            self.fetch_attrs(vec![ino]).await;
+        } else if symlink_unloaded {
+            let _ = self.load_symlink(ino).await;
+        }
+    }
+
+    /// Close-to-open: once the folder's listing is older than the TTL, an unchanged local
+    /// copy is checked against the bucket (one HEAD) and follows a newer remote version.
+    /// A file with local changes keeps them; the upload settles any clash.
+    pub async fn revalidate(&self, ino: Ino) {
+        let remote = {
+            let l = self.lock();
+            let Ok(n) = l.get(ino) else { return };
+            let fresh = l.get(n.parent).is_ok_and(|p| p.is_listed_fresh(self.cfg.metadata_ttl));
+            match &n.remote {
+                Some(r) if !fresh && l.is_settled(ino) => r.clone(),
+                _ => return,
+            }
+        };
+        let Ok(path) = obj_path(&remote.key) else { return };
+        let opts = GetOptions { head: true, ..Default::default() };
+        // An unresponsive bucket: open with what is known, after --io-timeout at most.
+        let head = tokio::time::timeout(self.cfg.io_timeout, self.store.get_opts(&path, opts)).await;
+        let Ok(Ok(head)) = head else { return };
+        let meta = head.meta.clone();
+        if etag_same(remote.etag.as_deref(), meta.e_tag.as_deref()) {
+            // Only the attributes may have changed (see `Listings::refresh`); the content
+            // stays, and the attributes come with this same answer.
+            if remote.modified.is_some_and(|t| t != meta.last_modified.timestamp()) {
+                self.apply_heads(vec![(ino, Some(Head::from(head)))]).await;
+            }
+            return;
+        }
+        let mut l = self.lock();
+        let mut batch = Batch::default();
+        if !l.is_settled(ino) || l.get(ino).ok().and_then(|n| n.remote.as_ref()) != Some(&remote) {
+            return;
+        }
+        if let Ok(n) = l.get_mut(ino) {
+            n.size = meta.size;
+            n.mtime_ns = to_ns(SystemTime::from(meta.last_modified));
+            n.attrs_known = false;
+            if n.staged {
+                n.staged = false;
+                self.staging.remove(ino);
+            }
+        }
+        l.set_remote(ino, Some(remote_of(&meta)));
+        let _ = l.persist(ino, &mut batch);
+        let _ = l.commit(batch, false);
+        l.emit(remote_changed(&l.rel_path(&remote.key), "changed", &meta));
+        drop(l);
+        self.invalidate(Invalidation::Inode(ino));
+    }
+}
+
+/// A `remote_changed` event for an object a listing, the poll or an open found.
+pub fn remote_changed(path: &str, change: &str, meta: &object_store::ObjectMeta) -> Event {
+    Event::new(EventKind::RemoteChanged).path(path).change(change).size(meta.size).version(meta.e_tag.clone())
+}
+
+/// Applies the POSIX attributes an object carries to its inode.
+pub fn apply_posix(n: &mut Inode, a: PosixAttrs) {
+    if let Some(mode) = a.mode {
+        n.perm = (mode & 0o7777) as u16;
+        if n.kind != Kind::Dir {
+            n.kind = if a.is_symlink() { Kind::Symlink } else { Kind::File };
+        }
+    }
+    if let Some(u) = a.uid {
+        n.uid = u;
+    }
+    if let Some(g) = a.gid {
+        n.gid = g;
+    }
+    if let Some(t) = a.mtime {
+        // Keep sub-second precision when the seconds agree.
+        if n.mtime_ns.div_euclid(1_000_000_000) != t {
+            n.mtime_ns = t.saturating_mul(1_000_000_000);
+        }
+    }
+    n.attrs_known = true;
+}

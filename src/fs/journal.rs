@@ -1,0 +1,455 @@
+//! The journal: the ordered log of changes not yet in the bucket. It owns the in-memory
+//! queue (behind its own lock), the state database the queue is durable in, the keys that
+//! pending deletes and moves hide from listings, what the uploader is working on right now,
+//! and the rule that says which queued change may run beside which ([`Footprint`]).
+//!
+//! It knows ops and keys, not inodes' contents: a change that spans the tree and the queue
+//! takes the tree's lock first, then this one (`Core::lock`), and commits its batch while it
+//! holds both, so the database records the queue and the inodes in the order they changed.
+//! Nothing here does I/O to the bucket.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+
+use super::error::{FsError, FsResult};
+use super::types::{ConflictRecord, Ino, Op, Seq};
+use crate::layout;
+use crate::state::{Batch, StateDb, StateError};
+
+#[derive(Debug)]
+pub struct Queued {
+    pub op: Op,
+    /// Not before: the upload delay pushes it back while a file keeps changing.
+    pub ready_at: Instant,
+}
+
+/// The queue and what goes with it: the state behind the journal's lock.
+#[derive(Debug)]
+pub struct Queue {
+    ops: BTreeMap<Seq, Queued>,
+    /// The queued `Sync` of each inode (one at most).
+    syncs: HashMap<Ino, Seq>,
+    /// Keys (and `prefix/` folder keys) with a pending delete or move: hidden from listings.
+    hidden: HashMap<String, u32>,
+    next_seq: u64,
+    next_conflict: u64,
+    /// Bumped when an upload lands, so a listing taken before it does not delete its file.
+    pub epoch: u64,
+    /// The inode the uploader is working on.
+    pub uploading: Option<Ino>,
+    /// Keys the uploader is writing right now: a listing may already show them, but they
+    /// are not someone else's new objects.
+    pub in_flight: HashSet<String>,
+}
+
+impl Queue {
+    pub fn new(next_seq: u64, next_conflict: u64) -> Queue {
+        Queue {
+            ops: BTreeMap::new(),
+            syncs: HashMap::new(),
+            hidden: HashMap::new(),
+            next_seq: next_seq.max(1),
+            next_conflict: next_conflict.max(1),
+            epoch: 0,
+            uploading: None,
+            in_flight: HashSet::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// The queued ops, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (Seq, &Queued)> {
+        self.ops.iter().map(|(s, q)| (*s, q))
+    }
+
+    /// The oldest op: the one the uploader takes next (uploads run one at a time, in order).
+    pub fn head(&self) -> Option<(Seq, Op, Instant)> {
+        self.ops.iter().next().map(|(s, q)| (*s, q.op.clone(), q.ready_at))
+    }
+
+    /// The queued `Sync` of an inode.
+    #[cfg(test)]
+    pub fn sync_of(&self, ino: Ino) -> Option<Seq> {
+        self.syncs.get(&ino).copied()
+    }
+
+    pub fn has_sync(&self, ino: Ino) -> bool {
+        self.syncs.contains_key(&ino)
+    }
+
+    /// The inodes with a queued `Sync`.
+    pub fn synced_inodes(&self) -> impl Iterator<Item = Ino> + '_ {
+        self.syncs.keys().copied()
+    }
+
+    /// Appends an op, ready after `delay`, and records it in `batch`.
+    pub fn push(&mut self, op: Op, delay: Duration, batch: &mut Batch) -> FsResult<Seq> {
+        let seq = Seq(self.next_seq);
+        self.next_seq += 1;
+        batch.op(seq.0, &op)?;
+        batch.meta.push(("next_seq", self.next_seq));
+        self.register(seq, op, Instant::now() + delay);
+        Ok(seq)
+    }
+
+    /// Puts an op in the queue (a new one, or one replayed from the database), hiding what
+    /// it removes from listings meanwhile.
+    pub fn register(&mut self, seq: Seq, op: Op, ready_at: Instant) {
+        for k in hidden_keys(&op) {
+            *self.hidden.entry(k).or_default() += 1;
+        }
+        if let Op::Sync { ino } = op {
+            self.syncs.insert(ino, seq);
+        }
+        self.ops.insert(seq, Queued { op, ready_at });
+    }
+
+    /// Pushes an inode's queued upload back to `delay` from now, if one is queued.
+    pub fn postpone(&mut self, ino: Ino, delay: Duration) -> bool {
+        let Some(seq) = self.syncs.get(&ino) else { return false };
+        if let Some(q) = self.ops.get_mut(seq) {
+            q.ready_at = Instant::now() + delay;
+        }
+        true
+    }
+
+    /// Drops an inode's queued `Sync` from the queue and the database (it is queued again
+    /// behind everything, or its inode went).
+    pub fn drop_sync(&mut self, ino: Ino, batch: &mut Batch) {
+        if let Some(seq) = self.syncs.remove(&ino) {
+            self.ops.remove(&seq);
+            batch.del_ops.push(seq.0);
+        }
+    }
+
+    /// Forgets that an inode has a queued `Sync`, leaving the op in the queue: it runs and
+    /// finds nothing to do, or covers the state snapshotted when it started.
+    pub fn forget_sync(&mut self, ino: Ino) {
+        self.syncs.remove(&ino);
+    }
+
+    /// The uploader takes `seq` (a `Sync` of `ino`): changes from now on queue a fresh op.
+    pub fn take_sync(&mut self, seq: Seq, ino: Ino) {
+        if self.syncs.get(&ino) == Some(&seq) {
+            self.syncs.remove(&ino);
+        }
+    }
+
+    /// An attempt at `seq` failed: it stays first in line and takes a fresh snapshot when
+    /// retried, so changes made meanwhile join it instead of queueing another upload.
+    pub fn attempt_failed(&mut self, seq: Seq, op: &Op) {
+        self.attempt_ended();
+        if let Op::Sync { ino } = op
+            && self.ops.contains_key(&seq)
+        {
+            self.syncs.entry(*ino).or_insert(seq);
+        }
+    }
+
+    fn attempt_ended(&mut self) {
+        self.uploading = None;
+        self.in_flight.clear();
+        self.epoch += 1;
+    }
+
+    /// `seq` is done: out of the queue (and of `batch`'s database), its keys shown again.
+    pub fn complete(&mut self, seq: Seq, batch: &mut Batch) {
+        self.attempt_ended();
+        if let Some(q) = self.ops.remove(&seq) {
+            match q.op {
+                Op::Sync { ino } => {
+                    if self.syncs.get(&ino) == Some(&seq) {
+                        self.syncs.remove(&ino);
+                    }
+                }
+                op @ (Op::Delete { .. } | Op::FolderMoved { .. }) => {
+                    for k in hidden_keys(&op) {
+                        self.unhide(&k);
+                    }
+                }
+            }
+        }
+        batch.del_ops.push(seq.0);
+    }
+
+    fn unhide(&mut self, key: &str) {
+        if let Some(c) = self.hidden.get_mut(key) {
+            *c -= 1;
+            if *c == 0 {
+                self.hidden.remove(key);
+            }
+        }
+    }
+
+    /// The keys pending deletes and moves hide (a key, or `prefix/` for a folder).
+    pub fn hidden(&self) -> impl Iterator<Item = &str> {
+        self.hidden.keys().map(String::as_str)
+    }
+
+    /// Whether a listed key is hidden by a pending delete or move (of it, or of a folder
+    /// above it, or of its own folder marker).
+    pub fn is_hidden(&self, key: &str) -> bool {
+        // Called for every listed key: skip the per-ancestor lookups when nothing is pending.
+        if self.hidden.is_empty() {
+            return false;
+        }
+        if self.hidden.contains_key(key) {
+            return true;
+        }
+        let mut k = key;
+        while let Some(i) = k.rfind('/') {
+            k = &k[..i];
+            if self.hidden.contains_key(&format!("{k}/")) {
+                return true;
+            }
+        }
+        self.hidden.contains_key(&format!("{key}/"))
+    }
+
+    /// Adds a conflict record to `batch` under the next conflict number.
+    pub fn record_conflict(&mut self, record: ConflictRecord, batch: &mut Batch) -> FsResult<()> {
+        let n = self.next_conflict;
+        self.next_conflict += 1;
+        batch.meta.push(("next_conflict", self.next_conflict));
+        batch.conflict(n, &record)?;
+        Ok(())
+    }
+}
+
+/// What a pending op hides from listings: a deleted key (and the folder of a deleted
+/// folder marker), or a moved folder.
+pub fn hidden_keys(op: &Op) -> Vec<String> {
+    match op {
+        Op::Delete { remote } => {
+            let mut keys = vec![remote.key.clone()];
+            if let Some(dir) = remote.key.strip_suffix(layout::FOLDER_MARKER) {
+                keys.push(dir.trim_end_matches('/').to_string());
+            }
+            keys
+        }
+        Op::FolderMoved { from } => vec![format!("{from}/")],
+        Op::Sync { .. } => vec![],
+    }
+}
+
+/// What an op touches in the bucket: keys, each standing for the object at it and for
+/// everything below it (a folder). The rule of which change may run beside which:
+/// two changes whose footprints [overlap](Footprint::overlaps), at one key or at keys above
+/// or below each other (a folder and what is in it, a rename and its source), keep their
+/// journal order; changes that do not overlap may run at once, in any order.
+///
+/// Uploads run one at a time for now, oldest first, which keeps this rule trivially; the
+/// parallel uploader (`--transfers`) starts whatever [`Queue::may_start`] allows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[allow(dead_code)] // the rule the parallel uploader applies; tested below
+pub struct Footprint(Vec<String>);
+
+#[allow(dead_code)]
+impl Footprint {
+    /// The footprint of an op. For a `Sync`, `keys` are the inode's keys: where it lives
+    /// now, where its object is (before a move lands), and the object it replaces.
+    pub fn of(op: &Op, sync_keys: impl FnOnce(Ino) -> Vec<String>) -> Footprint {
+        let keys = match op {
+            Op::Sync { ino } => sync_keys(*ino),
+            // A folder marker stands for its folder: a folder deleted, then made again.
+            Op::Delete { remote } => match remote.key.strip_suffix(layout::FOLDER_MARKER) {
+                Some(dir) => vec![dir.trim_end_matches('/').to_string()],
+                None => vec![remote.key.clone()],
+            },
+            Op::FolderMoved { from } => vec![from.clone()],
+        };
+        let mut keys: Vec<String> = keys.into_iter().map(|k| k.trim_end_matches('/').to_string()).collect();
+        keys.sort();
+        keys.dedup();
+        Footprint(keys)
+    }
+
+    /// Whether the two changes must keep their order: a key of one is a key of the other,
+    /// or above or below it.
+    pub fn overlaps(&self, other: &Footprint) -> bool {
+        self.0.iter().any(|a| other.0.iter().any(|b| a == b || below(a, b) || below(b, a)))
+    }
+}
+
+#[allow(dead_code)]
+/// Whether `key` is below the folder key `dir` (everything is below the bucket root, "").
+fn below(key: &str, dir: &str) -> bool {
+    dir.is_empty() || key.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+}
+
+#[allow(dead_code)]
+impl Queue {
+    /// Whether the queued op `seq` may start while the ops in `running` run: its footprint
+    /// overlaps no running op's, nor that of any op queued before it (which must go first).
+    pub fn may_start(&self, seq: Seq, running: &[Seq], footprint: impl Fn(&Op) -> Footprint) -> bool {
+        let Some(q) = self.ops.get(&seq) else { return false };
+        let mine = footprint(&q.op);
+        let earlier = self.ops.range(..seq).map(|(s, _)| *s);
+        !earlier
+            .chain(running.iter().copied())
+            .filter(|&s| s != seq)
+            .any(|s| self.ops.get(&s).is_some_and(|other| footprint(&other.op).overlaps(&mine)))
+    }
+}
+
+/// The journal: the queue behind its lock, and the database it is durable in.
+pub struct Journal {
+    db: StateDb,
+    queue: Mutex<Queue>,
+    /// Wakes the uploader: new work, or a flush request.
+    pub wake: Notify,
+    /// Number of pending ops, for flush waiters.
+    pending: watch::Sender<usize>,
+    /// Why the journal stopped taking writes (a database write failed), if it did.
+    read_only: Mutex<Option<String>>,
+}
+
+impl Journal {
+    pub fn new(db: StateDb, queue: Queue) -> Journal {
+        let (pending, _) = watch::channel(queue.len());
+        Journal { db, queue: Mutex::new(queue), wake: Notify::new(), pending, read_only: Mutex::new(None) }
+    }
+
+    /// The queue's lock. Taken after the tree's when both are needed, never before it.
+    pub fn lock(&self) -> MutexGuard<'_, Queue> {
+        super::lock(&self.queue)
+    }
+
+    pub fn db(&self) -> &StateDb {
+        &self.db
+    }
+
+    /// Why writes are refused, once the journal could not be written.
+    pub fn read_only(&self) -> Option<String> {
+        super::lock(&self.read_only).clone()
+    }
+
+    /// Ops not yet in the bucket, as flush waiters see them.
+    pub fn pending(&self) -> watch::Receiver<usize> {
+        self.pending.subscribe()
+    }
+
+    /// Writes `batch` to the database (fsynced when `durable`), under the lock of `queue`,
+    /// so that records land in the order the queue changed; wakes the uploader. A write that
+    /// fails makes the mount read-only: returns the reason then, for the caller to report.
+    pub fn commit(&self, queue: &Queue, batch: Batch, durable: bool) -> Result<(), Committed> {
+        if let Some(why) = self.read_only() {
+            return Err(Committed::Refused(FsError::ReadOnly(why)));
+        }
+        let written = || -> Result<(), StateError> {
+            fail::fail_point!("journal-write-error", |_| Err(StateError::Db(redb::Error::Io(
+                std::io::Error::from_raw_os_error(libc::EIO)
+            ))));
+            self.db.commit(&batch, durable)
+        };
+        if (!batch.is_empty() || durable)
+            && let Err(e) = written()
+        {
+            // A journal that cannot be written must not pretend: stop taking writes.
+            let why = format!("journal write failed: {e}");
+            tracing::error!("{why}; the mount is now read-only");
+            *super::lock(&self.read_only) = Some(why.clone());
+            return Err(Committed::WentReadOnly(e.into(), why));
+        }
+        self.pending.send_replace(queue.len());
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+/// Why a commit did not happen.
+pub enum Committed {
+    /// The journal was read-only already.
+    Refused(FsError),
+    /// This write failed, and the journal went read-only (the reason).
+    WentReadOnly(FsError, String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::types::Remote;
+
+    fn delete(key: &str) -> Op {
+        Op::Delete { remote: Remote { key: key.into(), etag: None, version: None, size: 0, modified: None } }
+    }
+
+    #[test]
+    fn ops_queue_in_order_and_hide_what_they_remove() {
+        let mut q = Queue::new(1, 1);
+        let mut batch = Batch::default();
+        let a = q.push(Op::Sync { ino: Ino(5) }, Duration::ZERO, &mut batch).unwrap();
+        let b = q.push(delete("d/.autosync-folder"), Duration::ZERO, &mut batch).unwrap();
+        let c = q.push(Op::FolderMoved { from: "old".into() }, Duration::ZERO, &mut batch).unwrap();
+        assert_eq!((a, b, c), (Seq(1), Seq(2), Seq(3)));
+        assert_eq!(batch.meta.last(), Some(&("next_seq", 4)));
+        assert_eq!(q.head().map(|h| h.0), Some(a));
+        assert_eq!(q.sync_of(Ino(5)), Some(a));
+        // The marker's delete hides its folder; a moved folder hides everything below it.
+        assert!(q.is_hidden("d/.autosync-folder") && q.is_hidden("d"));
+        assert!(q.is_hidden("old/x/y") && q.is_hidden("old"));
+        assert!(!q.is_hidden("older") && !q.is_hidden("dd"));
+        q.complete(b, &mut batch);
+        assert!(!q.is_hidden("d"));
+        q.take_sync(a, Ino(5));
+        assert_eq!(q.sync_of(Ino(5)), None, "changes from now on queue a fresh op");
+        q.attempt_failed(a, &Op::Sync { ino: Ino(5) });
+        assert_eq!(q.sync_of(Ino(5)), Some(a), "a failed attempt takes in later changes");
+        assert_eq!(q.uploading, None);
+    }
+
+    #[test]
+    fn changes_above_or_below_each_other_keep_their_order() {
+        let keys: HashMap<Ino, Vec<String>> = HashMap::from([
+            (Ino(2), vec!["docs".to_string()]),             // a folder
+            (Ino(3), vec!["docs/a.txt".to_string()]),       // a file in it
+            (Ino(4), vec!["b.txt".into(), "tmp/b".into()]), // a rename from tmp/b to b.txt
+            (Ino(5), vec!["c.txt".to_string()]),
+        ]);
+        let fp = |op: &Op| Footprint::of(op, |ino| keys[&ino].clone());
+        let mut q = Queue::new(1, 1);
+        let mut batch = Batch::default();
+        let mut push = |op| q.push(op, Duration::ZERO, &mut batch).unwrap();
+        let folder = push(Op::Sync { ino: Ino(2) });
+        let file = push(Op::Sync { ino: Ino(3) });
+        let rename = push(Op::Sync { ino: Ino(4) });
+        let other = push(Op::Sync { ino: Ino(5) });
+        let old = push(delete("tmp/b"));
+        let moved = push(Op::FolderMoved { from: "docs".into() });
+        let marker = push(delete("docs/.autosync-folder"));
+
+        assert!(q.may_start(folder, &[], fp), "the oldest starts");
+        assert!(!q.may_start(file, &[], fp), "a file waits for its folder");
+        assert!(q.may_start(rename, &[folder], fp), "unrelated to the folder");
+        assert!(q.may_start(other, &[folder, rename], fp));
+        assert!(!q.may_start(old, &[], fp), "the old key's delete waits for the rename");
+        assert!(!q.may_start(moved, &[], fp), "a folder move waits for what is in it");
+        assert!(!q.may_start(marker, &[], fp), "a marker stands for its folder");
+        // Unrelated keys that share a beginning are not above or below each other.
+        assert!(!Footprint(vec!["docs".into()]).overlaps(&Footprint(vec!["docs2/a".into()])));
+        assert!(Footprint(vec!["".into()]).overlaps(&Footprint(vec!["any/key".into()])));
+    }
+
+    #[test]
+    fn conflict_numbers_are_recorded() {
+        let mut q = Queue::new(9, 4);
+        let mut batch = Batch::default();
+        let record = ConflictRecord {
+            time: 0,
+            path: "f".into(),
+            policy: "keep-both".into(),
+            outcome: String::new(),
+            remote: Default::default(),
+            local: Default::default(),
+        };
+        q.record_conflict(record, &mut batch).unwrap();
+        assert_eq!(batch.meta, [("next_conflict", 5)]);
+        assert_eq!(batch.put_conflicts[0].0, 4);
+    }
+}

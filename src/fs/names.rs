@@ -1,0 +1,255 @@
+//! Changes to names and attributes, as they apply to the tree and the journal at once:
+//! create, unlink, rmdir, rename and setattr, each made under the core's locks with the
+//! ops it queues and the event it is, then committed. What they need from the bucket first
+//! (a fresh listing, the whole subtree of a moved folder, a staged copy) the facade gets
+//! before it calls these; nothing here waits.
+
+use std::time::Instant;
+
+use super::core::Locked;
+use super::error::{FsError, FsResult};
+use super::events::{Event, Kind as EventKind};
+use super::object::folder_remote;
+use super::types::{Attr, Ino, Inode, Kind, Op, ROOT_INO, SetAttr, now_ns, to_ns};
+use crate::layout;
+use crate::state::Batch;
+
+/// A name a new entry may take: short enough, storable as a key, not reserved.
+pub fn check_name(name: &str, max_len: usize) -> FsResult<()> {
+    if name.len() > max_len {
+        return Err(FsError::NameTooLong);
+    }
+    if layout::is_local_temp_name(name) {
+        return Err(FsError::Invalid("names ending in #DIGITS are reserved by the local-folder store"));
+    }
+    if layout::invalid_name(name).is_some() || name.chars().any(|c| c.is_ascii_control()) {
+        return Err(FsError::Invalid("name cannot be stored as an object key"));
+    }
+    if layout::is_reserved(name) {
+        return Err(FsError::Invalid("names starting with .autosync- are reserved"));
+    }
+    Ok(())
+}
+
+/// What a new entry is.
+pub struct NewNode<'a> {
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub target: Option<&'a str>,
+}
+
+impl Locked<'_> {
+    /// Adds a file, folder or symlink (held by the kernel once) and queues its upload.
+    pub fn add_node(&mut self, parent: Ino, name: &str, new: NewNode<'_>) -> FsResult<Attr> {
+        let core = self.core();
+        let mut batch = Batch::default();
+        if self.get(parent)?.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if self.child(parent, name).is_some() {
+            return Err(FsError::Exists);
+        }
+        let ino = self.alloc_ino(&mut batch);
+        let mut n = Inode::new(ino, parent, name.to_string(), new.kind, new.perm, new.uid, new.gid);
+        n.dirty = true;
+        // The kernel gets an entry for it.
+        n.lookups = 1;
+        match new.kind {
+            Kind::Dir => {
+                n.listed_at = Some(Instant::now());
+                n.listed = true;
+            }
+            Kind::Symlink => {
+                n.size = new.target.map_or(0, |t| t.len() as u64);
+                n.target = new.target.map(str::to_string);
+            }
+            Kind::File => {
+                core.staging.create_empty(ino)?;
+                n.staged = true;
+            }
+        }
+        self.insert(n);
+        if let Ok(p) = self.get_mut(parent) {
+            p.mtime_ns = now_ns();
+            p.ctime_ns = p.mtime_ns;
+        }
+        self.touch(ino, core.cfg.upload_delay, &mut batch)?;
+        let attr = self.get(ino)?.attr();
+        self.commit(batch, false)?;
+        let mut e = Event::new(EventKind::Created).size(attr.size);
+        if let Some(p) = self.path_of(ino) {
+            e = e.path(p);
+        }
+        self.emit(e);
+        Ok(attr)
+    }
+
+    /// Removes a file or symlink. One still open stays readable (its staging copy, made by
+    /// the caller) until its last release.
+    pub fn unlink_node(&mut self, parent: Ino, ino: Ino) -> FsResult<()> {
+        let delay = self.core().cfg.upload_delay;
+        let mut batch = Batch::default();
+        let n = self.get(ino)?;
+        if n.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let node = n.clone();
+        let path = self.path_of(ino);
+        self.drop_remote(&node, None, delay, &mut batch)?;
+        if node.open > 0 {
+            // Still open: keep the inode (and its staging) until the last release.
+            self.detach(ino);
+            self.set_remote(ino, None);
+            if let Ok(n) = self.get_mut(ino) {
+                n.overwrites = None;
+                n.dirty = false;
+                n.parent = Ino::NONE;
+            }
+            self.queue.forget_sync(ino);
+            batch.del_inodes.push(ino.0);
+        } else {
+            self.remove_tree(ino, &mut batch);
+            self.queue.forget_sync(ino);
+        }
+        if let Ok(p) = self.get_mut(parent) {
+            p.mtime_ns = now_ns();
+        }
+        self.commit(batch, false)?;
+        self.emit_deleted(path);
+        Ok(())
+    }
+
+    fn emit_deleted(&self, path: Option<String>) {
+        let mut e = Event::new(EventKind::Deleted);
+        if let Some(p) = path {
+            e = e.path(p);
+        }
+        self.emit(e);
+    }
+
+    /// Removes an empty folder (the caller listed it from the bucket first).
+    pub fn rmdir_node(&mut self, ino: Ino) -> FsResult<()> {
+        let delay = self.core().cfg.upload_delay;
+        let mut batch = Batch::default();
+        if self.child_count(ino) > 0 {
+            return Err(FsError::NotEmpty);
+        }
+        let key = self.key_of(ino)?;
+        let path = self.path_of(ino);
+        // Even a folder never uploaded may sit on a marker it took over by a rename.
+        self.push_op(Op::Delete { remote: folder_remote(layout::marker_key(&key)) }, delay, &mut batch)?;
+        self.queue.forget_sync(ino);
+        self.remove_tree(ino, &mut batch);
+        self.commit(batch, false)?;
+        self.emit_deleted(path);
+        Ok(())
+    }
+
+    /// Moves `ino` from `parent` to `newname` in `newparent`, replacing `target` (checked
+    /// by the caller: same kind, an empty folder). Every object under a moved folder moves
+    /// by itself, through the same conditional path as any other change.
+    pub fn rename_node(
+        &mut self,
+        ino: Ino,
+        parent: Ino,
+        target: Option<Ino>,
+        newparent: Ino,
+        newname: &str,
+    ) -> FsResult<()> {
+        let delay = self.core().cfg.upload_delay;
+        let mut batch = Batch::default();
+        if self.get(newparent)?.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        // Re-check under the lock: the target may have changed while we listed.
+        if self.child(newparent, newname) != target {
+            return Err(FsError::Exists);
+        }
+        let is_dir = self.get(ino)?.kind == Kind::Dir;
+        let old_key = self.key_of(ino)?;
+        // A file leaving a path it had taken over leaves that object behind: delete it.
+        if let Some(prev) = self.get_mut(ino)?.overwrites.take() {
+            self.push_op(Op::Delete { remote: prev }, delay, &mut batch)?;
+        }
+        if let Some(t) = target {
+            let tnode = self.get(t)?.clone();
+            let new_key = self.key_of(t)?;
+            if is_dir {
+                // The empty target's marker stays: the moved folder needs one at that key.
+                self.drop_remote(&tnode, Some(new_key.as_str()), delay, &mut batch)?;
+            } else {
+                // The moved file takes over the target's object: it may overwrite that version.
+                let takeover =
+                    [&tnode.remote, &tnode.overwrites].into_iter().flatten().find(|r| r.key == new_key).cloned();
+                self.drop_remote(&tnode, Some(new_key.as_str()), delay, &mut batch)?;
+                if let Some(r) = takeover {
+                    self.get_mut(ino)?.overwrites = Some(r);
+                }
+            }
+            self.queue.forget_sync(t);
+            self.remove_tree(t, &mut batch);
+        }
+        self.move_to(ino, newparent, newname)?;
+        self.get_mut(ino)?.ctime_ns = now_ns();
+        for p in [parent, newparent] {
+            if let Ok(p) = self.get_mut(p) {
+                p.mtime_ns = now_ns();
+            }
+        }
+        // Folder first (its marker), then what is inside.
+        for m in self.subtree(ino) {
+            self.requeue(m, delay, &mut batch)?;
+        }
+        if is_dir {
+            self.push_op(Op::FolderMoved { from: old_key.clone() }, delay, &mut batch)?;
+        }
+        self.commit(batch, false)?;
+        let mut e = Event::new(EventKind::Renamed).from(self.rel_path(&old_key));
+        if let Some(p) = self.path_of(ino) {
+            e = e.path(p);
+        }
+        self.emit(e);
+        Ok(())
+    }
+
+    /// Applies what setattr changes (a new size is already in the staging file) and queues
+    /// the upload; a truncation is made durable at once, since close() may never follow.
+    pub fn set_attrs(&mut self, ino: Ino, set: SetAttr) -> FsResult<Attr> {
+        let delay = self.core().cfg.upload_delay;
+        let mut batch = Batch::default();
+        let n = self.get_mut(ino)?;
+        if let Some(size) = set.size {
+            n.size = size;
+            n.mtime_ns = now_ns();
+        }
+        if let Some(mode) = set.mode {
+            n.perm = (mode & 0o7777) as u16;
+        }
+        if let Some(u) = set.uid {
+            n.uid = u;
+        }
+        if let Some(g) = set.gid {
+            n.gid = g;
+        }
+        if let Some(t) = set.mtime {
+            n.mtime_ns = to_ns(t);
+        }
+        n.ctime_ns = now_ns();
+        if n.ino != ROOT_INO {
+            n.dirty = true;
+            self.touch(ino, delay, &mut batch)?;
+        } else {
+            self.persist(ino, &mut batch)?;
+        }
+        let attr = self.get(ino)?.attr();
+        self.commit(batch, set.size.is_some())?;
+        let mut e = Event::new(EventKind::AttributesChanged).size(attr.size);
+        if let Some(p) = self.path_of(ino) {
+            e = e.path(p);
+        }
+        self.emit(e);
+        Ok(attr)
+    }
+}

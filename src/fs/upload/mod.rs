@@ -1,0 +1,433 @@
+//! The uploader: takes changes from the journal (one at a time, in order: see
+//! [`Footprint`](super::journal::Footprint) for the rule that will let unrelated ones run
+//! at once) and turns each into store calls: a folder's marker, a snapshot of a file put
+//! conditionally (`put.rs`), a server-side move, a checked delete. A change whose base is no
+//! longer what the bucket holds goes to the conflicts part (`super::conflict`). Errors keep
+//! the change first in line, retried with capped backoff.
+//!
+//! It owns the flush requests and the signal of a finished attempt. It never changes what a
+//! local file contains (but for a merge, which the conflicts part installs), and it applies
+//! what the bucket answered through the core's locks.
+
+mod put;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use object_store::{ObjectStoreExt, PutOptions, PutPayload};
+use tokio::sync::{Notify, watch};
+
+use super::core::Core;
+use super::error::{FsError, FsResult};
+use super::events::{Event, Kind as EventKind};
+use super::object::{etag_same, folder_remote, obj_path};
+use super::types::{Ino, Inode, Kind, Op, ROOT_INO, Remote, Seq};
+use crate::layout;
+use crate::state::Batch;
+
+pub use super::conflict::MERGE_MAX;
+pub(crate) use put::{Content, PutError};
+
+pub struct Uploader {
+    pub(super) core: Arc<Core>,
+    /// Signalled whenever the uploader finishes (or gives up on) an attempt.
+    upload_done: Notify,
+    /// Wakes the uploader out of an error backoff when a flush is requested.
+    flush_kick: Notify,
+    /// Flush requests: while non-zero the uploader ignores `upload_delay`.
+    urgent: AtomicU64,
+}
+
+impl Uploader {
+    pub fn new(core: Arc<Core>) -> Uploader {
+        Uploader { core, upload_done: Notify::new(), flush_kick: Notify::new(), urgent: AtomicU64::new(0) }
+    }
+
+    /// Runs until `stop` resolves, then returns (whatever is left stays in the journal).
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) {
+        let core = &*self.core;
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let next = core.queue().head();
+            let Some((seq, op, ready_at)) = next else {
+                tokio::select! {
+                    _ = core.journal.wake.notified() => {},
+                    _ = stop.changed() => {},
+                }
+                continue;
+            };
+            let urgent = self.urgent.load(Ordering::SeqCst) > 0;
+            if !urgent && ready_at > Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(ready_at.into()) => {},
+                    _ = core.journal.wake.notified() => {},
+                    _ = stop.changed() => {},
+                }
+                continue;
+            }
+            match self.process(seq, &op).await {
+                Err(FsError::Halted(at)) => {
+                    tracing::warn!(at, "uploader stopped at a failpoint");
+                    return;
+                }
+                Ok(_) => {
+                    backoff = Duration::from_millis(500);
+                    core.counters().last_error = None;
+                }
+                Err(e) => {
+                    core.queue().attempt_failed(seq, &op);
+                    self.upload_done.notify_waiters();
+                    let what = self.describe(&op);
+                    tracing::error!(path = %what, "upload failed, will retry: {e}");
+                    core.counters().last_error = Some(format!("{what}: {e}"));
+                    core.events
+                        .emit(Event::new(EventKind::UploadFailed).path(core.rel_path(&what)).message(e.to_string()));
+                    // Capped exponential backoff with jitter; a flush request cuts it short.
+                    let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff + jitter) => {},
+                        _ = self.flush_kick.notified() => {},
+                        _ = stop.changed() => {},
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Waits until every local change is in the bucket, or the timeout passes. Returns the
+    /// number of changes still pending.
+    pub async fn flush_all(&self, timeout: Duration) -> usize {
+        self.urgent.fetch_add(1, Ordering::SeqCst);
+        self.core.journal.wake.notify_one();
+        self.flush_kick.notify_one();
+        let mut rx = self.core.journal.pending();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|&n| n == 0)).await;
+        self.urgent.fetch_sub(1, Ordering::SeqCst);
+        self.core.queue().len()
+    }
+
+    /// Waits (bounded) until the uploader is not in the middle of uploading `ino`.
+    pub async fn wait_not_uploading(&self, ino: Ino) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let notified = self.upload_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.core.queue().uploading != Some(ino) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn describe(&self, op: &Op) -> String {
+        match op {
+            Op::Sync { ino } => self.core.tree().key_of(*ino).unwrap_or_else(|_| format!("inode {ino}")),
+            Op::Delete { remote } => remote.key.clone(),
+            Op::FolderMoved { from } => from.clone(),
+        }
+    }
+
+    /// Removes a finished op from the journal, durably.
+    pub(super) fn finish(&self, seq: Seq, mut batch: Batch) -> FsResult<()> {
+        // Counted before the op leaves the queue, so a flush waiter sees it.
+        self.core.counters().uploads_done += 1;
+        let mut queue = self.core.queue();
+        queue.complete(seq, &mut batch);
+        self.upload_done.notify_waiters();
+        self.core.commit(&queue, batch, true)
+    }
+
+    /// An `uploaded` event: `op` reached the bucket at `key`.
+    pub(super) fn uploaded(&self, op: &str, key: &str, size: Option<u64>, version: Option<String>) {
+        let mut e = Event::new(EventKind::Uploaded).op(op).path(self.core.rel_path(key)).version(version);
+        if let Some(s) = size {
+            e = e.size(s);
+        }
+        self.core.events.emit(e);
+    }
+
+    async fn process(&self, seq: Seq, op: &Op) -> FsResult<()> {
+        tracing::debug!(%seq, ?op, "uploading");
+        match op {
+            Op::Sync { ino } => self.sync_inode(seq, *ino).await,
+            Op::FolderMoved { from } => {
+                let below = format!("{from}/");
+                let mut batch = Batch::default();
+                {
+                    let mut l = self.core.lock();
+                    // Moves of the folder's contents may have queued deletes of old keys
+                    // behind us: stay hidden (and last) until they are done.
+                    let busy = l.queue.iter().any(|(s, q)| {
+                        s != seq
+                            && match &q.op {
+                                Op::Delete { remote } => remote.key.starts_with(&below),
+                                Op::Sync { ino } => l.get(*ino).is_ok_and(|n| {
+                                    [&n.remote, &n.overwrites].into_iter().flatten().any(|r| r.key.starts_with(&below))
+                                }),
+                                Op::FolderMoved { .. } => false,
+                            }
+                    });
+                    if busy {
+                        l.push_op(Op::FolderMoved { from: from.clone() }, Duration::ZERO, &mut batch)?;
+                    }
+                }
+                if !batch.is_empty() {
+                    self.finish(seq, batch)?;
+                    return Ok(());
+                }
+                let marker = folder_remote(layout::marker_key(from));
+                self.delete_checked(&marker).await?;
+                self.finish(seq, Batch::default())?;
+                self.uploaded("delete", &marker.key, None, None);
+                Ok(())
+            }
+            Op::Delete { remote } => {
+                self.delete_checked(remote).await?;
+                self.finish(seq, Batch::default())?;
+                self.uploaded("delete", &remote.key, None, None);
+                Ok(())
+            }
+        }
+    }
+
+    /// Deletes an object unless it changed since we saw it (then the other edit survives).
+    pub(super) async fn delete_checked(&self, remote: &Remote) -> FsResult<()> {
+        let core = &*self.core;
+        if let Some(dir) = remote.key.strip_suffix(layout::FOLDER_MARKER) {
+            // A folder that lives at that key again (made after the delete was queued)
+            // owns the marker now.
+            let tree = core.tree();
+            let now = tree.ino_at_key(dir.trim_end_matches('/'));
+            if now.and_then(|i| tree.get(i).ok()).is_some_and(|n| n.kind == Kind::Dir) {
+                return Ok(());
+            }
+        }
+        let path = obj_path(&remote.key)?;
+        match core.store.head(&path).await {
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+            Ok(m) => {
+                if remote.etag.is_some() && !etag_same(remote.etag.as_deref(), m.e_tag.as_deref()) {
+                    tracing::warn!(key = %remote.key, "not deleting: the object changed in the bucket since it was read; the other edit survives");
+                    return Ok(());
+                }
+            }
+        }
+        match core.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn sync_inode(&self, seq: Seq, ino: Ino) -> FsResult<()> {
+        let core = &*self.core;
+        // Plan under the lock: where the inode lives now, what it is based on, a snapshot.
+        let plan = {
+            let mut l = core.lock();
+            let Some(n) = l.get(ino).ok().cloned() else {
+                drop(l);
+                return self.finish(seq, Batch::default());
+            };
+            if n.parent == Ino::NONE || ino == ROOT_INO {
+                drop(l);
+                return self.finish(seq, Batch::default());
+            }
+            // Changes from here on queue a fresh op; this one covers the state snapshotted now.
+            l.queue.take_sync(seq, ino);
+            let key = l.key_of(ino)?;
+            // Already in the bucket as it is (an earlier op of the same inode took in the
+            // changes this one was queued for): nothing to write again.
+            let in_sync = n.kind != Kind::Dir
+                && !n.dirty
+                && n.overwrites.is_none()
+                && n.remote.as_ref().is_some_and(|r| r.key == key);
+            if in_sync {
+                drop(l);
+                return self.finish(seq, Batch::default());
+            }
+            l.queue.uploading = Some(ino);
+            let content = match n.kind {
+                Kind::Symlink => {
+                    let data = Bytes::from(n.target.clone().unwrap_or_default().into_bytes());
+                    let hash = blake3::hash(&data).to_hex().to_string();
+                    Some(Content::Bytes { data, hash })
+                }
+                Kind::Dir | Kind::File => None,
+            };
+            (n, key, content)
+        };
+        let (mut node, key, mut content) = plan;
+        if node.kind == Kind::File && node.staged {
+            match self.snapshot(seq, ino).await? {
+                Some((c, generation)) => {
+                    content = Some(c);
+                    // The attributes go up with the content: take them as of the same state
+                    // (a chmod between the plan and the copy bumped the generation too).
+                    match core.tree().get(ino) {
+                        Ok(now) if now.generation == generation && now.parent == node.parent => {
+                            node = now.clone();
+                        }
+                        _ => node.generation = generation,
+                    }
+                }
+                None => {
+                    // Deleted while we copied it.
+                    return self.finish(seq, Batch::default());
+                }
+            }
+        }
+        let attrs = node.posix_attrs();
+
+        if node.kind == Kind::Dir {
+            return self.sync_dir(seq, node, &key).await;
+        }
+
+        // The object at our key still belongs to a file that is moving away and has not
+        // been uploaded yet: go after it, and take that object over when it is retired.
+        {
+            let mut l = core.lock();
+            let owner = l.owner_of_key(&key).filter(|&o| o != ino);
+            let moving = owner.filter(|o| l.queue.has_sync(*o) && l.key_of(*o).is_ok_and(|k| k != key));
+            if moving.is_some() {
+                let mut batch = Batch::default();
+                l.requeue(ino, Duration::ZERO, &mut batch)?;
+                // `requeue` bumped the generation; the file itself did not change.
+                if let Ok(n) = l.get_mut(ino) {
+                    n.generation = node.generation;
+                }
+                drop(l);
+                return self.finish(seq, batch);
+            }
+        }
+        let moved_from = node.remote.as_ref().filter(|r| r.key != key).cloned();
+        let base = match &node.remote {
+            Some(r) if r.key == key => Some(r.clone()),
+            _ => node.overwrites.clone().filter(|r| r.key == key),
+        };
+        // Nothing staged: either a pure move, or an attribute change that needs the content.
+        let content = match content {
+            Some(c) => c,
+            None => {
+                let Some(src) = node.remote.clone() else {
+                    // A file that never had content anywhere: upload it empty.
+                    let data = Bytes::new();
+                    let hash = blake3::hash(&data).to_hex().to_string();
+                    return self
+                        .put_and_record(seq, &node, &key, base, moved_from, Content::Bytes { data, hash }, attrs)
+                        .await;
+                };
+                if !node.dirty && moved_from.is_some() && base.is_none() {
+                    return self.move_object(seq, &node, &key, &src).await;
+                }
+                match self.download_snapshot(seq, &src).await {
+                    Ok(c) => c,
+                    Err(FsError::Stale(_) | FsError::Remote(object_store::Error::NotFound { .. })) => {
+                        let now = self.head_source(&src).await?;
+                        match self.source_moved_on(seq, &node, &src, now).await? {
+                            Some(c) => c,
+                            None => return Ok(()),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        self.put_and_record(seq, &node, &key, base, moved_from, content, attrs).await
+    }
+
+    /// Copies the staging file for upload without holding up writers; a copy that a write
+    /// overlapped is thrown away and taken again, so a torn state is never uploaded.
+    async fn snapshot(&self, seq: Seq, ino: Ino) -> FsResult<Option<(Content, u64)>> {
+        let core = &*self.core;
+        let state = || core.tree().get(ino).ok().map(|n| (n.generation, n.writing));
+        let name = format!("up-{seq}");
+        let threshold = core.cfg.multipart_threshold;
+        for _ in 0..4 {
+            let Some(before) = state() else { return Ok(None) };
+            if before.1 > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let job = core.staging.snapshot_job(ino, &name, threshold);
+            let copied = tokio::task::spawn_blocking(job).await.map_err(|e| FsError::Io(std::io::Error::other(e)))?;
+            let (snap, size, hash) = match copied {
+                Ok(c) => c,
+                Err(_) if state().is_none() => return Ok(None),
+                // A big file's copy needs room in the cache dir: make some from copies of
+                // files already in the bucket, and try again (else the upload waits and
+                // retries until there is room, shown in `status`).
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && core.drop_clean_copies() > 0 => continue,
+                Err(e) => return Err(e.into()),
+            };
+            // No write started or was under way while we copied: the copy is one state.
+            if state() == Some(before) {
+                return Ok(Some((Content::of(snap, size, hash), before.0)));
+            }
+        }
+        // Still busy: copy under the lock once no write is in its pwrite (a new one cannot
+        // start without the lock).
+        loop {
+            {
+                let tree = core.tree();
+                let Ok(n) = tree.get(ino) else { return Ok(None) };
+                if n.writing == 0 {
+                    let generation = n.generation;
+                    let (snap, size, hash) = core.staging.snapshot_job(ino, &name, threshold)()?;
+                    return Ok(Some((Content::of(snap, size, hash), generation)));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A folder lives in the bucket as its marker (carrying its attributes); a moved folder
+    /// writes the marker at its new key (`FolderMoved` retires the old one).
+    async fn sync_dir(&self, seq: Seq, mut node: Inode, key: &str) -> FsResult<()> {
+        let core = &*self.core;
+        if !node.attrs_known && node.remote.is_some() {
+            // Keep the attributes the old marker carries.
+            core.fetch_attrs(vec![node.ino]).await;
+            if let Ok(n) = core.tree().get(node.ino) {
+                node = Inode { generation: node.generation, ..n.clone() };
+            }
+        }
+        let attrs = node.posix_attrs();
+        let marker = obj_path(&layout::marker_key(key))?;
+        core.queue().in_flight.insert(key.to_string());
+        let opts = PutOptions { attributes: attrs.to_attributes(None, None), ..Default::default() };
+        core.store.put_opts(&marker, PutPayload::new(), opts).await?;
+        let mut batch = Batch::default();
+        {
+            let mut l = core.lock();
+            if l.contains(node.ino) {
+                // A folder moved with its parent leaves its old marker behind.
+                if let Some(old) = l.get(node.ino)?.remote.clone().filter(|o| o.key != key) {
+                    l.push_op(
+                        Op::Delete { remote: folder_remote(layout::marker_key(&old.key)) },
+                        Duration::ZERO,
+                        &mut batch,
+                    )?;
+                }
+                l.set_remote(node.ino, Some(folder_remote(key.to_string())));
+                let n = l.get_mut(node.ino)?;
+                if n.generation == node.generation {
+                    n.dirty = false;
+                }
+                n.attrs_known = true;
+                l.persist(node.ino, &mut batch)?;
+            }
+        }
+        self.finish(seq, batch)?;
+        self.uploaded("folder", key, None, None);
+        Ok(())
+    }
+}
