@@ -136,6 +136,20 @@ pub enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Follow what the mount does and sees, one line per event, like `tail -f`: changes
+    /// made here, uploads, conflicts, changes found in the bucket (schema: docs/FORMAT.md).
+    Events {
+        mountpoint: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Start at this sequence number: first what the mount still holds (a `lagged` line
+        /// says how many it no longer has), then what comes.
+        #[arg(long)]
+        since: Option<u64>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Show pending uploads, the last error and cache use.
     Status {
         mountpoint: PathBuf,
@@ -211,6 +225,87 @@ fn call(mountpoint: &Path, state_dir: Option<&Path>, req: Request) -> anyhow::Re
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(control::call(&socket, &req))
+}
+
+/// `events`: prints the mount's event stream until the mount goes away.
+fn events(mountpoint: &Path, state_dir: Option<&Path>, json: bool, since: Option<u64>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
+    let socket = socket_for(mountpoint, state_dir);
+    if !socket.exists() {
+        bail!("no autosync mount at {}: mount it first (or pass the mount's --state-dir)", mountpoint.display());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut lines = control::events(&socket, since).await?.lines();
+        let mut out = std::io::stdout().lock();
+        let mut check = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            let line = tokio::select! {
+                l = lines.next_line() => l?,
+                _ = check.tick() => {
+                    // The reader of our output went away (`| head`): stop now, not at the
+                    // next event.
+                    if stdout_closed() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let Some(line) = line else { break };
+            let text = if json {
+                line
+            } else {
+                match serde_json::from_str::<crate::fs::Event>(&line) {
+                    Ok(e) => describe_event(&e),
+                    Err(_) => line,
+                }
+            };
+            // A closed pipe (`| head`) ends the command quietly.
+            if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Whether standard output is a pipe whose reader is gone.
+fn stdout_closed() -> bool {
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout();
+    let mut fds = [nix::poll::PollFd::new(stdout.as_fd(), nix::poll::PollFlags::empty())];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0].revents().is_some_and(|r| r.intersects(nix::poll::PollFlags::POLLERR | nix::poll::PollFlags::POLLHUP))
+}
+
+/// One event as a line for people: number, time, kind, path, and what else it carries.
+fn describe_event(e: &crate::fs::Event) -> String {
+    let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let mut line = format!("{:>6} {} {kind:<18}", e.seq, e.time);
+    if let Some(p) = &e.path {
+        line.push_str(&format!(" {p}"));
+    }
+    if let Some(f) = &e.from {
+        line.push_str(&format!(" (from {f})"));
+    }
+    let extra = [
+        e.op.as_ref().map(|o| format!("op={o}")),
+        e.change.as_ref().map(|c| format!("change={c}")),
+        e.bytes.map(|b| format!("bytes={b}")),
+        e.size.map(|s| format!("size={s}")),
+        e.uid.map(|u| format!("uid={u}")),
+        e.pid.map(|p| format!("pid={p}")),
+        e.missed.map(|m| format!("missed={m}")),
+        e.policy.as_ref().map(|p| format!("policy={p}")),
+    ];
+    for x in extra.into_iter().flatten() {
+        line.push_str(&format!(" {x}"));
+    }
+    for m in [&e.outcome, &e.message].into_iter().flatten() {
+        line.push_str(&format!(": {m}"));
+    }
+    line
 }
 
 /// `flush` on a terminal: a progress bar of the changes and bytes sent (from the mount's
@@ -445,6 +540,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{when}  {}  [{}] {}", c.path, c.policy, c.outcome);
             }
             Ok(())
+        }
+        Command::Events { mountpoint, json, since, state_dir } => {
+            events(&mountpoint, state_dir.as_deref(), json, since)
         }
         Command::Status { mountpoint, json, state_dir } => {
             let reply = call(&mountpoint, state_dir.as_deref(), Request::Status)?;

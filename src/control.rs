@@ -1,5 +1,6 @@
-//! The control socket: how `autosync flush|status|unmount` reach a running mount. One JSON
-//! request per connection, one JSON reply.
+//! The control socket: how `autosync flush|status|unmount|events` reach a running mount.
+//! One JSON request per connection, then one JSON reply; or, for `events`, one JSON line
+//! per event for as long as the client reads.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +27,11 @@ pub enum Request {
     CacheClear,
     /// The conflict records.
     Conflicts,
+    /// Follow the event stream: from `since` (what is still held), else from the next one.
+    Events {
+        #[serde(default)]
+        since: Option<u64>,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -58,8 +64,10 @@ pub fn serve(fs: Arc<Fs>, socket: &Path, unmount: mpsc::Sender<()>) -> anyhow::R
 async fn handle(fs: Arc<Fs>, stream: UnixStream, unmount: mpsc::Sender<()>) -> anyhow::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await?;
+    let mut r = BufReader::new(r);
+    r.read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Events { since }) => return follow(&fs, since, r, w).await,
         Ok(Request::Status) => {
             Reply { ok: true, status: Some(fs.status()), pending: None, error: None, ..Default::default() }
         }
@@ -100,6 +108,40 @@ async fn handle(fs: Arc<Fs>, stream: UnixStream, unmount: mpsc::Sender<()>) -> a
     out.push(b'\n');
     w.write_all(&out).await?;
     Ok(())
+}
+
+/// Writes every event to the client, one JSON line each, until it goes away. A client
+/// that reads slowly only slows this task: the stream tells it how many events it missed.
+async fn follow(
+    fs: &Fs,
+    since: Option<u64>,
+    mut r: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+) -> anyhow::Result<()> {
+    let mut listener = fs.events(since);
+    let mut gone = [0u8; 1];
+    loop {
+        let event = tokio::select! {
+            e = listener.next() => e,
+            // The client closed its end (it sends nothing more after the request).
+            _ = tokio::io::AsyncReadExt::read(&mut r, &mut gone) => return Ok(()),
+        };
+        let Some(event) = event else { return Ok(()) };
+        let mut out = serde_json::to_vec(&*event)?;
+        out.push(b'\n');
+        w.write_all(&out).await?;
+    }
+}
+
+/// Opens the event stream of the mount behind `socket`: lines of JSON, one per event.
+pub async fn events(socket: &Path, since: Option<u64>) -> anyhow::Result<BufReader<UnixStream>> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| anyhow!("no running mount answers at {}: {e}", socket.display()))?;
+    let mut out = serde_json::to_vec(&Request::Events { since })?;
+    out.push(b'\n');
+    stream.write_all(&out).await?;
+    Ok(BufReader::new(stream))
 }
 
 /// Sends one request to the mount behind `socket` and waits for the reply.

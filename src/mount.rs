@@ -405,6 +405,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
             }
         };
         sd_notify("STOPPING=1");
+        fs.unmounting();
         let left = fs.flush_all(grace).await;
         if left > 0 {
             let st = fs.status();

@@ -268,6 +268,9 @@ impl Events {
 
     /// Numbers, stamps and sends an event; returns its number. Never waits for a listener.
     pub fn emit(&self, mut event: Event) -> u64 {
+        if event.uid.is_none() {
+            event = event.caller(caller());
+        }
         let mut st = super::lock(&self.state);
         if st.next >= st.reserved
             && let Some(dir) = &self.dir

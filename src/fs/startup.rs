@@ -103,7 +103,8 @@ pub fn open_core(
     // After a crash, the staged copy of a file with no change pending may hold writes
     // that no `fsync` or `close` acknowledged (and that will never upload): the bucket's
     // copy is the file's content. A clean stop leaves nothing unacknowledged.
-    let clean = meta.get("clean") == Some(&1);
+    // A state dir made just now has nothing to distrust.
+    let clean = meta.get("clean").is_none_or(|&c| c == 1);
     if !clean {
         let unacked: Vec<Ino> =
             tree.nodes().filter(|n| n.staged && !n.dirty && !queue.has_sync(n.ino)).map(|n| n.ino).collect();

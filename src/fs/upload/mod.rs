@@ -148,6 +148,8 @@ impl Uploader {
 
     /// An `uploaded` event: `op` reached the bucket at `key`.
     pub(super) fn uploaded(&self, op: &str, key: &str, size: Option<u64>, version: Option<String>) {
+        // A folder marker stands for its folder.
+        let key = key.strip_suffix(layout::FOLDER_MARKER).map_or(key, |k| k.trim_end_matches('/'));
         let mut e = Event::new(EventKind::Uploaded).op(op).path(self.core.rel_path(key)).version(version);
         if let Some(s) = size {
             e = e.size(s);
