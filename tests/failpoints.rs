@@ -222,3 +222,51 @@ async fn a_journal_write_error_turns_the_mount_read_only() {
     assert_eq!(h.bucket().await["kept"], b"acknowledged");
     h.write("later", b"x").await.unwrap();
 }
+
+/// A listing answered before this mount's deletes landed and merged after them does not
+/// bring back what they removed: the folder they emptied stays gone. (Held between its
+/// answer and its merge by a failpoint; before the fix the folder showed again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_listing_older_than_our_deletes_does_not_bring_back_what_they_removed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _scenario = scenario();
+    let (h, _sw) = harness(CAPS[0], WEEK, cfg()).await;
+    h.mkdir("d1").await.unwrap();
+    h.write("d1/b", b"xyz").await.unwrap();
+    h.flush().await;
+    h.rename("d1/b", "a").await.unwrap();
+    h.rmdir("d1").await.unwrap();
+    let (reached, release) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (r, go) = (Arc::clone(&reached), Arc::clone(&release));
+    fail::cfg_callback("listing-before-merge", move || {
+        r.store(true, Ordering::SeqCst);
+        while !go.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    })
+    .expect("failpoint");
+    // A listing of the root, answered now (d1/b and d1's marker are still there).
+    let fs = Arc::clone(h.fs());
+    let late = tokio::spawn(async move {
+        let fh = fs.opendir(autosync::fs::ROOT_INO).await?;
+        let names: Vec<String> =
+            fs.readdir(fh, 0)?.into_iter().map(|e| e.name).filter(|n| !n.starts_with('.')).collect();
+        fs.releasedir(fh);
+        Ok::<_, FsError>(names)
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !reached.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the listing is answered and held before its merge");
+    off("listing-before-merge");
+    // Meanwhile the move and the deletes land.
+    h.flush().await;
+    assert_eq!(h.bucket().await, BTreeMap::from([("a".to_string(), b"xyz".to_vec())]));
+    release.store(true, Ordering::SeqCst);
+    let names = late.await.unwrap().unwrap();
+    assert_eq!(names, ["a"], "the late listing brought the emptied folder back");
+    assert_eq!(h.tree().await, BTreeMap::from([("a".to_string(), Some(b"xyz".to_vec()))]));
+}

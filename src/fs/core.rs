@@ -301,11 +301,11 @@ impl<'a> Locked<'a> {
         self.tree.children(ino).any(|(_, k)| self.has_pending_below(k))
     }
 
-    /// Folder keys that hold objects this mount is moving or deleting (pending or under
-    /// way): a folder the bucket shows only because of them is on its way out, and a
-    /// listing must not bring it back.
-    pub fn vacating_folders(&self) -> std::collections::HashSet<String> {
-        let mut keys: Vec<&str> = self.queue.hidden().collect();
+    /// Folder keys that hold objects this mount is moving or deleting (pending, under way,
+    /// or done since `since`, the epoch a listing was taken at): a folder the bucket shows
+    /// only because of them is on its way out, and a listing must not bring it back.
+    pub fn vacating_folders(&self, since: u64) -> std::collections::HashSet<String> {
+        let mut keys: Vec<&str> = self.queue.hidden(since).collect();
         for ino in self.queue.synced_inodes().chain(self.queue.uploading) {
             if let Some(r) = self.tree.get(ino).ok().and_then(|n| n.remote.as_ref())
                 && self.tree.key_of(ino).ok().as_deref() != Some(r.key.as_str())

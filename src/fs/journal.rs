@@ -34,6 +34,9 @@ pub struct Queue {
     syncs: HashMap<Ino, Seq>,
     /// Keys (and `prefix/` folder keys) with a pending delete or move: hidden from listings.
     hidden: HashMap<String, u32>,
+    /// Keys hidden until an op that completed at the given epoch (the last few): a listing
+    /// taken before then may still show what that op removed.
+    unhidden: std::collections::VecDeque<(u64, String)>,
     next_seq: u64,
     next_conflict: u64,
     /// Bumped when an upload lands, so a listing taken before it does not delete its file.
@@ -51,6 +54,7 @@ impl Queue {
             ops: BTreeMap::new(),
             syncs: HashMap::new(),
             hidden: HashMap::new(),
+            unhidden: std::collections::VecDeque::new(),
             next_seq: next_seq.max(1),
             next_conflict: next_conflict.max(1),
             epoch: 0,
@@ -171,6 +175,10 @@ impl Queue {
                 op @ (Op::Delete { .. } | Op::FolderMoved { .. }) => {
                     for k in hidden_keys(&op) {
                         self.unhide(&k);
+                        if self.unhidden.len() == UNHIDDEN_KEPT {
+                            self.unhidden.pop_front();
+                        }
+                        self.unhidden.push_back((self.epoch, k));
                     }
                 }
             }
@@ -187,9 +195,21 @@ impl Queue {
         }
     }
 
-    /// The keys pending deletes and moves hide (a key, or `prefix/` for a folder).
-    pub fn hidden(&self) -> impl Iterator<Item = &str> {
-        self.hidden.keys().map(String::as_str)
+    /// The keys pending deletes and moves hide (a key, or `prefix/` for a folder), and
+    /// those hidden by ops that completed after `since` (the epoch a listing was taken at).
+    pub fn hidden(&self, since: u64) -> impl Iterator<Item = &str> {
+        self.hidden.keys().map(String::as_str).chain(self.unhidden_since(since).map(|(_, k)| k.as_str()))
+    }
+
+    fn unhidden_since(&self, since: u64) -> impl Iterator<Item = &(u64, String)> {
+        self.unhidden.iter().rev().take_while(move |(e, _)| *e > since)
+    }
+
+    /// Whether a key a listing taken at epoch `since` shows is hidden: by a pending delete
+    /// or move, or by one that completed after the listing was taken (the listing may show
+    /// what it removed).
+    pub fn is_hidden_since(&self, key: &str, since: u64) -> bool {
+        self.is_hidden(key) || self.unhidden_since(since).any(|(_, k)| hides(k, key))
     }
 
     /// Whether a listed key is hidden by a pending delete or move (of it, or of a folder
@@ -219,6 +239,17 @@ impl Queue {
         batch.meta.push(("next_conflict", self.next_conflict));
         batch.conflict(n, &record)?;
         Ok(())
+    }
+}
+
+/// How many keys of completed deletes and moves stay known to listings taken before them.
+const UNHIDDEN_KEPT: usize = 4096;
+
+/// Whether the hidden key `hidden` (a key, or `prefix/`) hides the listed `key`.
+fn hides(hidden: &str, key: &str) -> bool {
+    match hidden.strip_suffix('/') {
+        Some(dir) => key == dir || key.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/')),
+        None => key == hidden,
     }
 }
 
@@ -395,8 +426,11 @@ mod tests {
         assert!(q.is_hidden("d/.autosync-folder") && q.is_hidden("d"));
         assert!(q.is_hidden("old/x/y") && q.is_hidden("old"));
         assert!(!q.is_hidden("older") && !q.is_hidden("dd"));
+        let listed = q.epoch;
         q.complete(b, &mut batch);
         assert!(!q.is_hidden("d"));
+        assert!(q.is_hidden_since("d", listed), "a listing taken before the delete may show it");
+        assert!(!q.is_hidden_since("d", q.epoch), "one taken after it does not");
         q.take_sync(a, Ino(5));
         assert_eq!(q.sync_of(Ino(5)), None, "changes from now on queue a fresh op");
         q.attempt_failed(a, &Op::Sync { ino: Ino(5) });

@@ -211,6 +211,8 @@ impl Listings {
         // the folder's own listing changed.
         let mut inval = Vec::new();
         let mut names_changed = false;
+        // Tests hold a listing here, between its answer and its merge.
+        fail::fail_point!("listing-before-merge");
         {
             let mut l = core.lock();
             let mut batch = Batch::default();
@@ -230,12 +232,13 @@ impl Listings {
                     seen.insert(name); // a folder of ours being written right now
                     continue;
                 }
-                if !self.acceptable(&l, &full, &name) {
+                if !self.acceptable(&l, &full, &name, listed_epoch) {
                     continue;
                 }
                 // New here, and holding what we are moving or deleting: not a folder to
                 // show (once those ops are done, a listing shows it if anything is left).
-                if l.child(ino, &name).is_none() && vacating.get_or_insert_with(|| l.vacating_folders()).contains(&full)
+                if l.child(ino, &name).is_none()
+                    && vacating.get_or_insert_with(|| l.vacating_folders(listed_epoch)).contains(&full)
                 {
                     continue;
                 }
@@ -270,7 +273,7 @@ impl Listings {
                     seen.insert(name); // ours, landing right now: the uploader records it
                     continue;
                 }
-                if !self.acceptable(&l, &full, &name) {
+                if !self.acceptable(&l, &full, &name, listed_epoch) {
                     continue;
                 }
                 if seen.contains(&name) {
@@ -512,7 +515,10 @@ impl Listings {
     /// is not known yet as inodes.
     pub async fn populate_tree(&self, ino: Ino) -> FsResult<()> {
         let core = &*self.core;
-        let key = core.tree().key_of(ino)?;
+        let (key, epoch) = {
+            let l = core.lock();
+            (l.key_of(ino)?, l.queue.epoch)
+        };
         let prefix = if key.is_empty() { None } else { Some(obj_path(&key)?) };
         let objects: Vec<ObjectMeta> = core.store.list(prefix.as_ref()).try_collect().await?;
         let mut l = core.lock();
@@ -533,7 +539,7 @@ impl Listings {
                 if last && (*part == layout::FOLDER_MARKER || l.queue.in_flight.contains(&part_key)) {
                     break;
                 }
-                if !self.acceptable(&l, &part_key, part) {
+                if !self.acceptable(&l, &part_key, part, epoch) {
                     break;
                 }
                 match l.child(dir, part) {
@@ -568,8 +574,9 @@ impl Listings {
     }
 
     /// Whether a listed key can appear in the mount (valid name, not hidden by a pending
-    /// change, not owned by an inode that was renamed locally).
-    fn acceptable(&self, l: &Locked<'_>, full: &str, name: &str) -> bool {
+    /// change or one done since the listing was taken at `epoch`, not owned by an inode
+    /// that was renamed locally).
+    fn acceptable(&self, l: &Locked<'_>, full: &str, name: &str, epoch: u64) -> bool {
         if layout::is_reserved(name) {
             return false;
         }
@@ -579,7 +586,7 @@ impl Listings {
             }
             return false;
         }
-        if l.queue.is_hidden(full) {
+        if l.queue.is_hidden_since(full, epoch) {
             return false;
         }
         if let Some(owner) = l.owner_of_key(full) {

@@ -22,6 +22,8 @@ use super::Store;
 pub struct FaultSwitch {
     down: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
+    holding: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
     /// Writes that reached the store, per key: single puts that succeeded, and multipart
     /// uploads started.
@@ -36,6 +38,22 @@ impl FaultSwitch {
     /// server that stopped responding; they go on once it is lifted.
     pub fn set_stalled(&self, stalled: bool) {
         self.stalled.store(stalled, Ordering::SeqCst);
+    }
+    /// While held, folder listings are answered (as the bucket is when they are asked) but
+    /// their answers wait to be returned: a listing that arrives late.
+    pub fn set_listings_held(&self, held: bool) {
+        self.held.store(held, Ordering::SeqCst);
+    }
+    async fn hold(&self) {
+        self.holding.fetch_add(1, Ordering::SeqCst);
+        while self.held.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.holding.fetch_sub(1, Ordering::SeqCst);
+    }
+    /// How many listings are answered and waiting to be returned.
+    pub fn listings_held(&self) -> u64 {
+        self.holding.load(Ordering::SeqCst)
     }
     async fn stall(&self) {
         while self.stalled.load(Ordering::SeqCst) {
@@ -123,7 +141,9 @@ impl ObjectStore for FaultyStore {
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
         self.switch.check()?;
         self.switch.stall().await;
-        self.inner.list_with_delimiter(prefix).await
+        let answer = self.inner.list_with_delimiter(prefix).await;
+        self.switch.hold().await;
+        answer
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {

@@ -112,32 +112,30 @@ impl Uploader {
             modified: node.posix_attrs().mtime,
         };
         let mut batch = Batch::default();
-        {
-            let mut inner = self.core.lock();
-            let unchanged = inner.get(ino).is_ok_and(|n| {
-                n.parent != Ino::NONE && n.generation == node.generation && n.open == 0 && n.writing == 0
-            });
-            if !unchanged {
-                drop(inner);
-                let _ = std::fs::remove_file(&tmp);
-                return Err(FsError::Stale(format!("{path} changed here while it was merged; merging again")));
-            }
-            let record = self.conflict_record(Policy::Merge, &path, outcome, Some(path.clone()), theirs, local);
-            self.core.staging.install(ino, &tmp, file)?;
-            self.core.staging.sync_dir()?;
-            let n = inner.get_mut(ino)?;
-            n.staged = true;
-            n.size = merged.len() as u64;
-            n.mtime_ns = now_ns();
-            n.ctime_ns = n.mtime_ns;
-            n.dirty = true;
-            n.overwrites = None;
-            inner.set_remote(ino, Some(their_remote));
-            inner.touch(ino, Duration::ZERO, &mut batch)?;
-            inner.queue.epoch += 1;
-            inner.queue.record_conflict(record, &mut batch)?;
+        let mut inner = self.core.lock();
+        let unchanged = inner
+            .get(ino)
+            .is_ok_and(|n| n.parent != Ino::NONE && n.generation == node.generation && n.open == 0 && n.writing == 0);
+        if !unchanged {
+            drop(inner);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(FsError::Stale(format!("{path} changed here while it was merged; merging again")));
         }
-        self.finish(seq, batch)?;
+        let record = self.conflict_record(Policy::Merge, &path, outcome, Some(path.clone()), theirs, local);
+        self.core.staging.install(ino, &tmp, file)?;
+        self.core.staging.sync_dir()?;
+        let n = inner.get_mut(ino)?;
+        n.staged = true;
+        n.size = merged.len() as u64;
+        n.mtime_ns = now_ns();
+        n.ctime_ns = n.mtime_ns;
+        n.dirty = true;
+        n.overwrites = None;
+        inner.set_remote(ino, Some(their_remote));
+        inner.touch(ino, Duration::ZERO, &mut batch)?;
+        inner.queue.epoch += 1;
+        inner.queue.record_conflict(record, &mut batch)?;
+        self.finish(inner, seq, batch)?;
         self.core.invalidate(Invalidation::Inode(ino));
         Ok(())
     }

@@ -95,58 +95,51 @@ impl Uploader {
         };
         let mut batch = Batch::default();
         let mut inval = Vec::new();
-        {
-            let mut inner = self.core.lock();
-            let Ok(n) = inner.get(node.ino) else {
-                drop(inner);
-                self.finish(seq, batch)?;
-                return Ok(None);
-            };
-            if n.parent == Ino::NONE || n.generation != node.generation {
-                // Deleted here meanwhile, or changed again (its newer op is queued): that
-                // decides, not this one.
-                drop(inner);
-                self.finish(seq, batch)?;
-                return Ok(None);
-            }
-            if n.open > 0 {
-                return Err(FsError::Stale(format!(
-                    "{path} changed in the bucket; trying again once the file is closed"
-                )));
-            }
-            let (parent, name) = (n.parent, n.name.clone());
-            let (policy, _) = self.core.cfg.conflict.for_path(&path);
-            let outcome = match &now {
-                Some(_) => {
-                    let n = inner.get_mut(node.ino)?;
-                    n.size = now.as_ref().map_or(0, |m| m.size);
-                    n.staged = false;
-                    inner.set_remote(node.ino, now.as_ref().map(remote_of));
-                    inner.touch(node.ino, Duration::ZERO, &mut batch)?;
-                    inval.push(Invalidation::Inode(node.ino));
-                    format!(
-                        "{path} changed in the bucket before this mount's rename or attribute change of it arrived; that change is applied to the bucket's version"
-                    )
-                }
-                None => {
-                    // Whatever it was to replace stays: nothing of it was touched yet.
-                    inner.get_mut(node.ino)?.overwrites = None;
-                    inner.remove_tree(node.ino, &mut batch);
-                    if let Ok(p) = inner.get_mut(parent) {
-                        p.listed_at = None;
-                    }
-                    inval.push(Invalidation::Entry { parent, name });
-                    format!(
-                        "{path} was deleted in the bucket before this mount's rename or attribute change of it arrived, and it was not cached here; it is gone here too"
-                    )
-                }
-            };
-            let record =
-                self.conflict_record(policy, &path, outcome, now.as_ref().map(|_| path.clone()), &theirs, local);
-            inner.queue.epoch += 1;
-            inner.queue.record_conflict(record, &mut batch)?;
+        let mut inner = self.core.lock();
+        let Ok(n) = inner.get(node.ino) else {
+            self.finish(inner, seq, batch)?;
+            return Ok(None);
+        };
+        if n.parent == Ino::NONE || n.generation != node.generation {
+            // Deleted here meanwhile, or changed again (its newer op is queued): that
+            // decides, not this one.
+            self.finish(inner, seq, batch)?;
+            return Ok(None);
         }
-        self.finish(seq, batch)?;
+        if n.open > 0 {
+            return Err(FsError::Stale(format!("{path} changed in the bucket; trying again once the file is closed")));
+        }
+        let (parent, name) = (n.parent, n.name.clone());
+        let (policy, _) = self.core.cfg.conflict.for_path(&path);
+        let outcome = match &now {
+            Some(_) => {
+                let n = inner.get_mut(node.ino)?;
+                n.size = now.as_ref().map_or(0, |m| m.size);
+                n.staged = false;
+                inner.set_remote(node.ino, now.as_ref().map(remote_of));
+                inner.touch(node.ino, Duration::ZERO, &mut batch)?;
+                inval.push(Invalidation::Inode(node.ino));
+                format!(
+                    "{path} changed in the bucket before this mount's rename or attribute change of it arrived; that change is applied to the bucket's version"
+                )
+            }
+            None => {
+                // Whatever it was to replace stays: nothing of it was touched yet.
+                inner.get_mut(node.ino)?.overwrites = None;
+                inner.remove_tree(node.ino, &mut batch);
+                if let Ok(p) = inner.get_mut(parent) {
+                    p.listed_at = None;
+                }
+                inval.push(Invalidation::Entry { parent, name });
+                format!(
+                    "{path} was deleted in the bucket before this mount's rename or attribute change of it arrived, and it was not cached here; it is gone here too"
+                )
+            }
+        };
+        let record = self.conflict_record(policy, &path, outcome, now.as_ref().map(|_| path.clone()), &theirs, local);
+        inner.queue.epoch += 1;
+        inner.queue.record_conflict(record, &mut batch)?;
+        self.finish(inner, seq, batch)?;
         for what in inval {
             self.core.invalidate(what);
         }
@@ -264,42 +257,40 @@ impl Uploader {
         }
         let mut batch = Batch::default();
         let mut inval = Vec::new();
-        {
-            let mut inner = self.core.lock();
-            let remote =
-                Remote { key: copy_key, etag: put.e_tag, version: put.version, size: content.size(), modified: None };
-            let alive = inner.get(node.ino).is_ok_and(|n| n.parent != Ino::NONE);
-            if alive {
-                let (parent, old_name) = inner.get(node.ino).map(|n| (n.parent, n.name.clone()))?;
-                inner.detach(node.ino);
-                let free = inner.child(parent, &copy_name).is_none();
-                let n = inner.get_mut(node.ino)?;
-                if free {
-                    n.name = copy_name.clone();
-                }
-                if n.overwrites.as_ref().is_some_and(|o| o.key == key) {
-                    n.overwrites = None;
-                }
-                if n.generation == node.generation {
-                    n.dirty = false;
-                }
-                n.attrs_known = true;
-                let name_now = n.name.clone();
-                inner.move_to(node.ino, parent, &name_now)?;
-                inner.set_remote(node.ino, Some(remote));
-                inner.persist(node.ino, &mut batch)?;
-                if let Ok(p) = inner.get_mut(parent) {
-                    // Relist so the bucket's version appears at the original name.
-                    p.listed_at = None;
-                }
-                // The kernel's entry for the name now names the copy.
-                inval.push(Invalidation::Entry { parent, name: old_name });
-                inval.push(Invalidation::Inode(parent));
+        let mut inner = self.core.lock();
+        let remote =
+            Remote { key: copy_key, etag: put.e_tag, version: put.version, size: content.size(), modified: None };
+        let alive = inner.get(node.ino).is_ok_and(|n| n.parent != Ino::NONE);
+        if alive {
+            let (parent, old_name) = inner.get(node.ino).map(|n| (n.parent, n.name.clone()))?;
+            inner.detach(node.ino);
+            let free = inner.child(parent, &copy_name).is_none();
+            let n = inner.get_mut(node.ino)?;
+            if free {
+                n.name = copy_name.clone();
             }
-            inner.queue.epoch += 1;
-            inner.queue.record_conflict(record, &mut batch)?;
+            if n.overwrites.as_ref().is_some_and(|o| o.key == key) {
+                n.overwrites = None;
+            }
+            if n.generation == node.generation {
+                n.dirty = false;
+            }
+            n.attrs_known = true;
+            let name_now = n.name.clone();
+            inner.move_to(node.ino, parent, &name_now)?;
+            inner.set_remote(node.ino, Some(remote));
+            inner.persist(node.ino, &mut batch)?;
+            if let Ok(p) = inner.get_mut(parent) {
+                // Relist so the bucket's version appears at the original name.
+                p.listed_at = None;
+            }
+            // The kernel's entry for the name now names the copy.
+            inval.push(Invalidation::Entry { parent, name: old_name });
+            inval.push(Invalidation::Inode(parent));
         }
-        self.finish(seq, batch)?;
+        inner.queue.epoch += 1;
+        inner.queue.record_conflict(record, &mut batch)?;
+        self.finish(inner, seq, batch)?;
         for what in inval {
             self.core.invalidate(what);
         }
@@ -473,25 +464,23 @@ impl Uploader {
         let outcome = "the bucket's version kept the path; this mount's version was discarded".to_string();
         let record = self.conflict_record(policy, &path, outcome, Some(path.clone()), &theirs, local);
         let mut batch = Batch::default();
-        {
-            let mut inner = self.core.lock();
-            if inner.get(node.ino).is_ok_and(|n| n.parent != Ino::NONE) {
-                let n = inner.get_mut(node.ino)?;
-                if n.staged {
-                    n.staged = false;
-                    self.core.staging.remove(node.ino);
-                }
-                n.dirty = false;
-                n.size = t.meta.size;
-                n.attrs_known = false;
-                n.overwrites = None;
-                inner.set_remote(node.ino, Some(remote_of(&t.meta)));
-                inner.persist(node.ino, &mut batch)?;
+        let mut inner = self.core.lock();
+        if inner.get(node.ino).is_ok_and(|n| n.parent != Ino::NONE) {
+            let n = inner.get_mut(node.ino)?;
+            if n.staged {
+                n.staged = false;
+                self.core.staging.remove(node.ino);
             }
-            inner.queue.epoch += 1;
-            inner.queue.record_conflict(record, &mut batch)?;
+            n.dirty = false;
+            n.size = t.meta.size;
+            n.attrs_known = false;
+            n.overwrites = None;
+            inner.set_remote(node.ino, Some(remote_of(&t.meta)));
+            inner.persist(node.ino, &mut batch)?;
         }
-        self.finish(seq, batch)?;
+        inner.queue.epoch += 1;
+        inner.queue.record_conflict(record, &mut batch)?;
+        self.finish(inner, seq, batch)?;
         // The file shows the bucket's version now.
         self.core.invalidate(Invalidation::Inode(node.ino));
         Ok(())

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use object_store::{ObjectStoreExt, PutOptions, PutPayload};
 use tokio::sync::{Notify, watch};
 
-use super::core::Core;
+use super::core::{Core, Locked};
 use super::error::{FsError, FsResult};
 use super::events::{Event, Kind as EventKind};
 use super::object::{etag_same, folder_remote, obj_path};
@@ -136,14 +136,15 @@ impl Uploader {
         }
     }
 
-    /// Removes a finished op from the journal, durably.
-    pub(super) fn finish(&self, seq: Seq, mut batch: Batch) -> FsResult<()> {
+    /// Removes a finished op from the journal, durably, with what its end changed (`batch`),
+    /// under the same locks `batch` was made under: a batch committed after its locks were
+    /// let go could write an inode's record over a newer one (a rename made meanwhile).
+    pub(super) fn finish(&self, mut l: Locked<'_>, seq: Seq, mut batch: Batch) -> FsResult<()> {
         // Counted before the op leaves the queue, so a flush waiter sees it.
         self.core.counters().uploads_done += 1;
-        let mut queue = self.core.queue();
-        queue.complete(seq, &mut batch);
+        l.queue.complete(seq, &mut batch);
         self.upload_done.notify_waiters();
-        self.core.commit(&queue, batch, true)
+        l.commit(batch, true)
     }
 
     /// An `uploaded` event: `op` reached the bucket at `key`.
@@ -180,21 +181,18 @@ impl Uploader {
                     });
                     if busy {
                         l.push_op(Op::FolderMoved { from: from.clone() }, Duration::ZERO, &mut batch)?;
+                        return self.finish(l, seq, batch);
                     }
-                }
-                if !batch.is_empty() {
-                    self.finish(seq, batch)?;
-                    return Ok(());
                 }
                 let marker = folder_remote(layout::marker_key(from));
                 self.delete_checked(&marker).await?;
-                self.finish(seq, Batch::default())?;
+                self.finish(self.core.lock(), seq, Batch::default())?;
                 self.uploaded("delete", &marker.key, None, None);
                 Ok(())
             }
             Op::Delete { remote } => {
                 self.delete_checked(remote).await?;
-                self.finish(seq, Batch::default())?;
+                self.finish(self.core.lock(), seq, Batch::default())?;
                 self.uploaded("delete", &remote.key, None, None);
                 Ok(())
             }
@@ -236,12 +234,10 @@ impl Uploader {
         let plan = {
             let mut l = core.lock();
             let Some(n) = l.get(ino).ok().cloned() else {
-                drop(l);
-                return self.finish(seq, Batch::default());
+                return self.finish(l, seq, Batch::default());
             };
             if n.parent == Ino::NONE || ino == ROOT_INO {
-                drop(l);
-                return self.finish(seq, Batch::default());
+                return self.finish(l, seq, Batch::default());
             }
             // Changes from here on queue a fresh op; this one covers the state snapshotted now.
             l.queue.take_sync(seq, ino);
@@ -253,8 +249,7 @@ impl Uploader {
                 && n.overwrites.is_none()
                 && n.remote.as_ref().is_some_and(|r| r.key == key);
             if in_sync {
-                drop(l);
-                return self.finish(seq, Batch::default());
+                return self.finish(l, seq, Batch::default());
             }
             l.queue.uploading = Some(ino);
             let content = match n.kind {
@@ -283,7 +278,7 @@ impl Uploader {
                 }
                 None => {
                     // Deleted while we copied it.
-                    return self.finish(seq, Batch::default());
+                    return self.finish(self.core.lock(), seq, Batch::default());
                 }
             }
         }
@@ -306,8 +301,7 @@ impl Uploader {
                 if let Ok(n) = l.get_mut(ino) {
                     n.generation = node.generation;
                 }
-                drop(l);
-                return self.finish(seq, batch);
+                return self.finish(l, seq, batch);
             }
         }
         let moved_from = node.remote.as_ref().filter(|r| r.key != key).cloned();
@@ -408,27 +402,25 @@ impl Uploader {
         let opts = PutOptions { attributes: attrs.to_attributes(None, None), ..Default::default() };
         core.store.put_opts(&marker, PutPayload::new(), opts).await?;
         let mut batch = Batch::default();
-        {
-            let mut l = core.lock();
-            if l.contains(node.ino) {
-                // A folder moved with its parent leaves its old marker behind.
-                if let Some(old) = l.get(node.ino)?.remote.clone().filter(|o| o.key != key) {
-                    l.push_op(
-                        Op::Delete { remote: folder_remote(layout::marker_key(&old.key)) },
-                        Duration::ZERO,
-                        &mut batch,
-                    )?;
-                }
-                l.set_remote(node.ino, Some(folder_remote(key.to_string())));
-                let n = l.get_mut(node.ino)?;
-                if n.generation == node.generation {
-                    n.dirty = false;
-                }
-                n.attrs_known = true;
-                l.persist(node.ino, &mut batch)?;
+        let mut l = core.lock();
+        if l.contains(node.ino) {
+            // A folder moved with its parent leaves its old marker behind.
+            if let Some(old) = l.get(node.ino)?.remote.clone().filter(|o| o.key != key) {
+                l.push_op(
+                    Op::Delete { remote: folder_remote(layout::marker_key(&old.key)) },
+                    Duration::ZERO,
+                    &mut batch,
+                )?;
             }
+            l.set_remote(node.ino, Some(folder_remote(key.to_string())));
+            let n = l.get_mut(node.ino)?;
+            if n.generation == node.generation {
+                n.dirty = false;
+            }
+            n.attrs_known = true;
+            l.persist(node.ino, &mut batch)?;
         }
-        self.finish(seq, batch)?;
+        self.finish(l, seq, batch)?;
         self.uploaded("folder", key, None, None);
         Ok(())
     }

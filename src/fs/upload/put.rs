@@ -169,26 +169,24 @@ impl Uploader {
         self.core.store.copy(&obj_path(&src.key)?, &dest).await?;
         let meta = self.core.store.head(&dest).await?;
         let mut batch = Batch::default();
-        {
-            let mut inner = self.core.lock();
-            // The old key goes through the queue: hidden at once, so readers and listings
-            // never see it missing while the inode still points at it.
-            if inner.contains(node.ino) {
-                inner.set_remote(node.ino, Some(remote_of(&meta)));
-                let left_behind = inner.get_mut(node.ino)?.overwrites.take_if(|o| o.key != key);
-                inner.persist(node.ino, &mut batch)?;
-                if let Some(o) = left_behind {
-                    inner.retire(o, Duration::ZERO, &mut batch)?;
-                }
-            } else {
-                // Deleted while we moved it.
-                inner.retire(remote_of(&meta), Duration::ZERO, &mut batch)?;
+        let mut inner = self.core.lock();
+        // The old key goes through the queue: hidden at once, so readers and listings
+        // never see it missing while the inode still points at it.
+        if inner.contains(node.ino) {
+            inner.set_remote(node.ino, Some(remote_of(&meta)));
+            let left_behind = inner.get_mut(node.ino)?.overwrites.take_if(|o| o.key != key);
+            inner.persist(node.ino, &mut batch)?;
+            if let Some(o) = left_behind {
+                inner.retire(o, Duration::ZERO, &mut batch)?;
             }
-            // After recording the new key, so a file now at the old key can claim it.
-            inner.retire(src.clone(), Duration::ZERO, &mut batch)?;
-            inner.queue.epoch += 1;
+        } else {
+            // Deleted while we moved it.
+            inner.retire(remote_of(&meta), Duration::ZERO, &mut batch)?;
         }
-        self.finish(seq, batch)?;
+        // After recording the new key, so a file now at the old key can claim it.
+        inner.retire(src.clone(), Duration::ZERO, &mut batch)?;
+        inner.queue.epoch += 1;
+        self.finish(inner, seq, batch)?;
         self.uploaded("move", key, Some(meta.size), meta.e_tag.clone());
         Ok(())
     }
@@ -233,51 +231,49 @@ impl Uploader {
     ) -> FsResult<()> {
         let mut batch = Batch::default();
         let version = put.e_tag.clone();
-        {
-            let mut inner = self.core.lock();
-            let remote = Remote {
-                key: key.to_string(),
-                etag: put.e_tag,
-                version: put.version,
-                size: content.size(),
-                modified: None,
+        let mut inner = self.core.lock();
+        let remote = Remote {
+            key: key.to_string(),
+            etag: put.e_tag,
+            version: put.version,
+            size: content.size(),
+            modified: None,
+        };
+        if inner.contains(node.ino) && inner.get(node.ino)?.parent != Ino::NONE {
+            inner.set_remote(node.ino, Some(remote));
+            let n = inner.get_mut(node.ino)?;
+            // Only the replaced object we just wrote over is used up; a rename made
+            // during the upload may have set a new one.
+            // The replaced object we just wrote over is used up; one at another key was
+            // left behind by a later move (a rename during the upload sets a new one).
+            let left_behind = match n.overwrites.take() {
+                Some(o) if o.key == key => None,
+                Some(o) if n.generation == node.generation => Some(o),
+                other => {
+                    n.overwrites = other;
+                    None
+                }
             };
-            if inner.contains(node.ino) && inner.get(node.ino)?.parent != Ino::NONE {
-                inner.set_remote(node.ino, Some(remote));
-                let n = inner.get_mut(node.ino)?;
-                // Only the replaced object we just wrote over is used up; a rename made
-                // during the upload may have set a new one.
-                // The replaced object we just wrote over is used up; one at another key was
-                // left behind by a later move (a rename during the upload sets a new one).
-                let left_behind = match n.overwrites.take() {
-                    Some(o) if o.key == key => None,
-                    Some(o) if n.generation == node.generation => Some(o),
-                    other => {
-                        n.overwrites = other;
-                        None
-                    }
-                };
-                if n.generation == node.generation {
-                    n.dirty = false;
-                }
-                inner.persist(node.ino, &mut batch)?;
-                if let Some(o) = left_behind {
-                    inner.retire(o, Duration::ZERO, &mut batch)?;
-                }
-            } else {
-                // Deleted while it was uploading.
-                inner.retire(remote, Duration::ZERO, &mut batch)?;
+            if n.generation == node.generation {
+                n.dirty = false;
             }
-            // After recording the new key, so a file now at the old key can claim it.
-            if let Some(old) = moved_from {
-                inner.retire(old, Duration::ZERO, &mut batch)?;
+            inner.persist(node.ino, &mut batch)?;
+            if let Some(o) = left_behind {
+                inner.retire(o, Duration::ZERO, &mut batch)?;
             }
-            inner.queue.epoch += 1;
-            if let Some(record) = conflict {
-                inner.queue.record_conflict(record, &mut batch)?;
-            }
+        } else {
+            // Deleted while it was uploading.
+            inner.retire(remote, Duration::ZERO, &mut batch)?;
         }
-        self.finish(seq, batch)?;
+        // After recording the new key, so a file now at the old key can claim it.
+        if let Some(old) = moved_from {
+            inner.retire(old, Duration::ZERO, &mut batch)?;
+        }
+        inner.queue.epoch += 1;
+        if let Some(record) = conflict {
+            inner.queue.record_conflict(record, &mut batch)?;
+        }
+        self.finish(inner, seq, batch)?;
         self.uploaded("put", key, Some(content.size()), version);
         Ok(())
     }
