@@ -1098,8 +1098,14 @@ async fn run_model_with(steps: Vec<Step>, upload_delay: Duration) {
     assert_eq!(h.fs().status().conflicts, 0);
 }
 
+/// Cases per proptest: 64, or `PROPTEST_CASES` (an explicit count in the config would
+/// otherwise hide the variable).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(64), ..ProptestConfig::default() })]
     /// Uploads run only at flushes (and restarts replay nothing early): every interleaving
     /// of local changes, remote changes, uploads and restarts is deterministic.
     #[test]

@@ -665,9 +665,15 @@ fn lenient() -> bool {
     std::env::var_os("TWO_CLIENTS_STRICT").is_none()
 }
 
+/// Cases per proptest: 64, or `PROPTEST_CASES` (an explicit count in the config would
+/// otherwise hide the variable).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 proptest! {
     // Minimal failures become named tests below: no regressions file.
-    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(64), failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Uploads happen only at the flush steps: every interleaving is deterministic. Half
     /// the runs use the store's conditional writes, half compare-then-write.

@@ -23,8 +23,56 @@ pub struct Staging {
     dir: PathBuf,
     tmp: PathBuf,
     sealer: Arc<Sealer>,
-    open: Mutex<HashMap<Ino, Arc<SealedFile>>>,
+    open: Mutex<Open>,
     usage: Mutex<Usage>,
+}
+
+/// The staging files open now (at most [`MAX_OPEN`] that nobody else holds), and the
+/// lengths of the staged files closed meanwhile. Two handles of one staging file must never
+/// coexist (each keeps its own view of the blocks), so only a file nobody holds is closed.
+#[derive(Debug, Default)]
+struct Open {
+    files: HashMap<Ino, (Arc<SealedFile>, u64)>,
+    closed: HashMap<Ino, u64>,
+    tick: u64,
+}
+
+/// Staging files kept open: one descriptor each (a mount that wrote 20,000 files would
+/// otherwise hold 20,000 descriptors and run out of them).
+const MAX_OPEN: usize = 256;
+
+impl Open {
+    fn get(&mut self, ino: Ino) -> Option<Arc<SealedFile>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.files.get_mut(&ino).map(|(f, t)| {
+            *t = tick;
+            Arc::clone(f)
+        })
+    }
+
+    fn insert(&mut self, ino: Ino, f: Arc<SealedFile>) -> Arc<SealedFile> {
+        self.tick += 1;
+        self.closed.remove(&ino);
+        self.files.insert(ino, (Arc::clone(&f), self.tick));
+        if self.files.len() > MAX_OPEN {
+            self.close_idle();
+        }
+        f
+    }
+
+    /// Closes the least recently used files nobody holds, down to 3/4 of the bound.
+    fn close_idle(&mut self) {
+        let mut idle: Vec<(u64, Ino)> =
+            self.files.iter().filter(|(_, (f, _))| Arc::strong_count(f) == 1).map(|(i, (_, t))| (*t, *i)).collect();
+        idle.sort_unstable();
+        let excess = self.files.len().saturating_sub(MAX_OPEN * 3 / 4);
+        for (_, ino) in idle.into_iter().take(excess) {
+            if let Some((f, _)) = self.files.remove(&ino) {
+                self.closed.insert(ino, f.len());
+            }
+        }
+    }
 }
 
 /// Staged bytes: the sum of the staged files' lengths, taken at `at`, plus what writes
@@ -49,30 +97,34 @@ impl Staging {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         let usage = Usage { at: std::time::Instant::now() - USAGE_REFRESH, bytes: 0, added: 0 };
-        Ok(Self { dir, tmp, sealer, open: Mutex::new(HashMap::new()), usage: Mutex::new(usage) })
+        Ok(Self { dir, tmp, sealer, open: Mutex::new(Open::default()), usage: Mutex::new(usage) })
     }
 
     fn path(&self, ino: Ino) -> PathBuf {
         self.dir.join(self.sealer.hidden_name("staging", &ino.0.to_le_bytes()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, Arc<SealedFile>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The staging file of `ino`, opened read-write.
     pub fn file(&self, ino: Ino) -> std::io::Result<Arc<SealedFile>> {
-        if let Some(f) = self.lock().get(&ino) {
-            return Ok(Arc::clone(f));
+        if let Some(f) = self.lock().get(ino) {
+            return Ok(f);
         }
         let f = Arc::new(SealedFile::open(&self.path(ino), Arc::clone(&self.sealer))?);
-        Ok(Arc::clone(self.lock().entry(ino).or_insert(f)))
+        let mut open = self.lock();
+        // Opened by another caller meanwhile: theirs is the one handle.
+        if let Some(f) = open.get(ino) {
+            return Ok(f);
+        }
+        Ok(open.insert(ino, f))
     }
 
     pub fn create_empty(&self, ino: Ino) -> std::io::Result<Arc<SealedFile>> {
         let f = Arc::new(SealedFile::create(&self.path(ino), Arc::clone(&self.sealer))?);
-        self.lock().insert(ino, Arc::clone(&f));
-        Ok(f)
+        Ok(self.lock().insert(ino, f))
     }
 
     /// A temp file to fill; `install` moves it into place as the staging file of `ino`.
@@ -85,12 +137,14 @@ impl Staging {
     pub fn install(&self, ino: Ino, tmp: &Path, file: SealedFile) -> std::io::Result<Arc<SealedFile>> {
         std::fs::rename(tmp, self.path(ino))?;
         let f = Arc::new(file);
-        self.lock().insert(ino, Arc::clone(&f));
-        Ok(f)
+        Ok(self.lock().insert(ino, f))
     }
 
     pub fn remove(&self, ino: Ino) {
-        self.lock().remove(&ino);
+        let mut open = self.lock();
+        open.files.remove(&ino);
+        open.closed.remove(&ino);
+        drop(open);
         let _ = std::fs::remove_file(self.path(ino));
     }
 
@@ -142,7 +196,8 @@ impl Staging {
     pub fn used(&self, recount: bool) -> u64 {
         let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
         if recount || u.at.elapsed() >= USAGE_REFRESH {
-            u.bytes = self.lock().values().map(|f| f.len()).sum();
+            let open = self.lock();
+            u.bytes = open.files.values().map(|(f, _)| f.len()).sum::<u64>() + open.closed.values().sum::<u64>();
             u.added = 0;
             u.at = std::time::Instant::now();
         }
@@ -211,5 +266,34 @@ impl<'a> BlockWriter<'a> {
     pub fn finish(mut self) -> std::io::Result<(u64, String)> {
         self.spill()?;
         Ok((self.offset, self.hasher.finalize().to_hex().to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheKey;
+
+    #[test]
+    fn many_staged_files_keep_few_descriptors_and_their_bytes_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = Arc::new(Sealer::new(&CacheKey::from_bytes([7; 32])));
+        let st = Staging::new(dir.path(), sealer, 1).unwrap();
+        let n = MAX_OPEN as u64 * 3;
+        let held = st.create_empty(Ino(2)).unwrap();
+        for i in 2..2 + n {
+            let f = if i == 2 { Arc::clone(&held) } else { st.create_empty(Ino(i)).unwrap() };
+            f.write_all_at(format!("file {i}").as_bytes(), 0).unwrap();
+        }
+        let open = st.lock().files.len();
+        assert!(open <= MAX_OPEN, "{open} staging files open");
+        // A file someone holds is never closed (two handles of one file must not coexist).
+        assert!(Arc::ptr_eq(&held, &st.file(Ino(2)).unwrap()));
+        let want: u64 = (2..2 + n).map(|i| format!("file {i}").len() as u64).sum();
+        assert_eq!(st.used(true), want, "closed files still count");
+        // A closed file opens again with its content.
+        assert_eq!(st.file(Ino(3)).unwrap().read_all().unwrap(), b"file 3");
+        st.remove(Ino(3));
+        assert_eq!(st.used(true), want - 6);
     }
 }
