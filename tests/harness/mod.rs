@@ -104,20 +104,24 @@ impl Harness {
 
     pub async fn write(&self, path: &str, data: &[u8]) -> Result<(), FsError> {
         let (parent, name) = self.parent_of(path).await?;
-        let fh = match self.fs().lookup(parent, name).await {
-            Ok(a) => {
-                let (fh, _) = self.fs().open(a.ino).await?;
-                self.fs().setattr(a.ino, SetAttr { size: Some(0), ..Default::default() }).await?;
-                fh
-            }
-            Err(FsError::NotFound) => self.fs().create(parent, name, 0o644, 0, 0).await?.1,
+        let (fh, existing) = match self.fs().lookup(parent, name).await {
+            Ok(a) => (self.fs().open(a.ino).await?.0, Some(a.ino)),
+            Err(FsError::NotFound) => (self.fs().create(parent, name, 0o644, 0, 0).await?.1, None),
             Err(e) => return Err(e),
         };
-        if !data.is_empty() {
-            assert_eq!(self.fs().write(fh, 0, data).await?, data.len() as u32);
+        // Closed whatever happened, as the kernel closes a program's file.
+        let written = async {
+            if let Some(ino) = existing {
+                self.fs().setattr(ino, SetAttr { size: Some(0), ..Default::default() }).await?;
+            }
+            if !data.is_empty() {
+                assert_eq!(self.fs().write(fh, 0, data).await?, data.len() as u32);
+            }
+            self.fs().flush(fh).await
         }
-        self.fs().flush(fh).await?;
-        self.fs().release(fh).await
+        .await;
+        self.fs().release(fh).await?;
+        written
     }
 
     /// Writes `data` over the start of an existing file, in place (no truncate), then
@@ -154,19 +158,24 @@ impl Harness {
         let _ = flush.await;
     }
 
+    /// Reads a whole file, and closes it whatever happened, as the kernel does when a
+    /// program's read fails (a handle left open would hold the file open for ever).
     pub async fn read(&self, path: &str) -> Result<Vec<u8>, FsError> {
         let ino = self.resolve(path).await?;
         let (fh, _) = self.fs().open(ino).await?;
         let mut out = Vec::new();
-        loop {
-            let b = self.fs().read(fh, out.len() as u64, 128 * 1024).await?;
-            if b.is_empty() {
-                break;
+        let read = async {
+            loop {
+                let b = self.fs().read(fh, out.len() as u64, 128 * 1024).await?;
+                if b.is_empty() {
+                    return Ok(());
+                }
+                out.extend_from_slice(&b);
             }
-            out.extend_from_slice(&b);
         }
+        .await;
         self.fs().release(fh).await?;
-        Ok(out)
+        read.map(|()| out)
     }
 
     pub async fn mkdir(&self, path: &str) -> Result<(), FsError> {
