@@ -3,6 +3,7 @@
 //! a listener that reads nothing while 10,000 files are created is told how many events it
 //! missed, and the numbers it sees and misses add up to every event (local folder).
 
+#[macro_use]
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
@@ -185,24 +186,6 @@ fn events_show_a_script_and_its_uploads_in_order(backend: Backend) {
         .map(|v| (s(v, "kind"), v["seq"].as_u64().unwrap_or(0), v["missed"].as_u64().unwrap_or(0)))
         .collect();
     assert_eq!(summary, [("lagged", first, end + 3 - first), ("mounted", end + 3, 0)], "{after:#?}");
-}
-
-macro_rules! against_every_backend {
-    ($($test:ident),* $(,)?) => {
-        against_every_backend!(@mod local, Local, $($test),*);
-        against_every_backend!(@mod moto, Moto, $($test),*);
-        against_every_backend!(@mod garage, Garage, $($test),*);
-        against_every_backend!(@mod garage3, Garage3, $($test),*);
-        against_every_backend!(@mod azurite, Azurite, $($test),*);
-    };
-    (@mod $module:ident, $backend:ident, $($test:ident),*) => {
-        mod $module {
-            $(#[test]
-            fn $test() {
-                super::$test(super::Backend::$backend)
-            })*
-        }
-    };
 }
 
 against_every_backend!(events_show_a_script_and_its_uploads_in_order);

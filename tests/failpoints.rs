@@ -212,6 +212,10 @@ async fn a_journal_write_error_turns_the_mount_read_only() {
     // Sticky: the journal works again, but the mount no longer trusts it.
     let why = h.fs().status().read_only.expect("read-only after a journal error");
     assert!(why.contains("journal write failed") && !why.contains('\n'), "{why}");
+    let events = h.fs().events(Some(1)).held();
+    let gone = events.iter().filter(|e| e.kind == autosync::fs::events::Kind::ReadOnly).collect::<Vec<_>>();
+    assert_eq!(gone.len(), 1, "one read_only event: {events:?}");
+    assert_eq!(gone[0].message.as_deref(), Some(why.as_str()));
     let err = h.write("later", b"x").await.unwrap_err();
     assert_eq!(err.errno(), libc::EROFS, "{err:?}");
     assert_eq!(h.read("kept").await.unwrap(), b"acknowledged", "reads go on");

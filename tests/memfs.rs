@@ -138,6 +138,14 @@ async fn edit_edit_conflict_keeps_both_versions() {
     assert!(copies[0].0.ends_with(".txt"));
     assert_eq!(copies[0].1, b"mine");
     assert_eq!(h.fs().status().conflicts, 1);
+    let events = h.fs().events(Some(1)).held();
+    let conflict: Vec<_> = events.iter().filter(|e| e.kind == autosync::fs::events::Kind::Conflict).collect();
+    assert_eq!(conflict.len(), 1, "{events:?}");
+    assert_eq!(
+        (conflict[0].path.as_deref(), conflict[0].policy.as_deref(), conflict[0].from.as_deref()),
+        (Some("notes.txt"), Some("keep-both"), Some(copies[0].0.as_str())),
+        "the event names the path, the policy and where our version went"
+    );
     // The mount shows both too.
     let t = files(&h.tree().await);
     assert_eq!(t["notes.txt"], b"theirs");
@@ -449,7 +457,20 @@ async fn the_poll_shows_remote_changes_and_invalidates_the_kernel_cache() {
     a.flush().await;
     assert_eq!(b.read("d/x.txt").await.unwrap(), b"v1", "within beta's TTL, nothing is asked");
     tokio::time::sleep(Duration::from_millis(5)).await; // older than half the poll interval
+    let before_poll = b.fs().status().next_event;
     let polled = b.fs().poll_once().await;
+    // What the poll found is in the event stream too.
+    let mut seen: Vec<(String, String)> = b
+        .fs()
+        .events(Some(before_poll))
+        .held()
+        .iter()
+        .filter(|e| e.kind == autosync::fs::events::Kind::RemoteChanged)
+        .map(|e| (e.path.clone().unwrap_or_default(), e.change.clone().unwrap_or_default()))
+        .collect();
+    seen.sort();
+    let want = [("d/x.txt", "changed"), ("d/y.txt", "deleted"), ("d/z.txt", "added")];
+    assert_eq!(seen, want.map(|(p, c)| (p.to_string(), c.to_string())));
     assert!(polled >= 2, "the root and d are in use: {polled}");
     let sent: Vec<Invalidation> = rx.try_iter().collect();
     assert!(sent.contains(&Invalidation::Inode(x)), "{sent:?}");
@@ -743,9 +764,15 @@ async fn staging_at_its_limit_gives_enospc_until_uploads_make_room() {
     let err = h.write("b", &b).await.unwrap_err();
     assert_eq!(err.errno(), libc::ENOSPC, "{err:?}");
     assert!(err.to_string().contains("--staging-size"), "{err}");
+    let full = |h: &Harness| {
+        let events = h.fs().events(Some(1)).held();
+        events.iter().filter(|e| e.kind == autosync::fs::events::Kind::OutOfSpace).count()
+    };
+    assert_eq!(full(&h), 1, "running out of space is an event");
     assert!(h.read("a").await.unwrap() == a, "staged data changed");
     // `a` cannot leave staging before it is uploaded: still no room.
     assert_eq!(h.write("b", &b).await.unwrap_err().errno(), libc::ENOSPC);
+    assert_eq!(full(&h), 1, "once per episode");
     h.flush().await;
     h.write("b", &b).await.unwrap();
     h.flush().await;

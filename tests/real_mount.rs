@@ -13,6 +13,7 @@
 //!
 //! Set `AUTOSYNC_TEST_LOG` (e.g. `debug`) to change the daemons' `RUST_LOG` (default `info`).
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
@@ -1382,27 +1383,6 @@ fn gcs_lists_reads_and_deletes() {
 // ---------------------------------------------------------------------------------------------
 // Every test against every backend
 // ---------------------------------------------------------------------------------------------
-
-/// For each test function `f(Backend)`, the tests `local::f`, `moto::f`, `garage::f`, `garage3::f`
-/// and `azurite::f`. (Not `gcs`: fake-gcs-server cannot take object_store's uploads; the S3 tier
-/// tests what works there.)
-macro_rules! against_every_backend {
-    ($($test:ident),* $(,)?) => {
-        against_every_backend!(@mod local, Local, $($test),*);
-        against_every_backend!(@mod moto, Moto, $($test),*);
-        against_every_backend!(@mod garage, Garage, $($test),*);
-        against_every_backend!(@mod garage3, Garage3, $($test),*);
-        against_every_backend!(@mod azurite, Azurite, $($test),*);
-    };
-    (@mod $module:ident, $backend:ident, $($test:ident),*) => {
-        mod $module {
-            $(#[test]
-            fn $test() {
-                super::$test(super::Backend::$backend)
-            })*
-        }
-    };
-}
 
 against_every_backend!(
     two_mounts_of_one_bucket_keep_every_version_and_converge,

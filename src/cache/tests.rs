@@ -91,9 +91,15 @@ fn flipped_byte_is_an_integrity_failure_and_the_file_goes() {
     bytes[1000] ^= 1;
     std::fs::write(&files[0], &bytes).unwrap();
 
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = std::sync::Arc::clone(&told);
+    c.on_integrity_failure(Box::new(move |key: &str, index: u64, _why: &str| {
+        t.lock().unwrap().push((key.to_string(), index));
+    }));
     assert_eq!(c.get(&id(0)), None);
     let s = c.stats();
     assert_eq!((s.integrity_failures, s.misses, s.hits, s.blocks, s.bytes), (1, 1, 0, 0, 0));
+    assert_eq!(*told.lock().unwrap(), [(id(0).key.to_string(), 0)], "the observer is told");
     assert!(!files[0].exists());
     // Fetched again and put back, it is served again.
     c.put(&id(0), &block(0));

@@ -344,6 +344,31 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// What is there now, without waiting: the events held and sent so far (a `lagged`
+    /// event where some were missed).
+    pub fn held(&mut self) -> Vec<Arc<Event>> {
+        let mut out: Vec<Arc<Event>> = Vec::new();
+        loop {
+            if let Some(e) = self.backlog.pop_front() {
+                self.last = e.seq + e.missed.map_or(0, |m| m.saturating_sub(1));
+                out.push(e);
+                continue;
+            }
+            match self.rx.try_recv() {
+                Ok(e) if e.seq <= self.last => continue,
+                Ok(e) => {
+                    self.last = e.seq;
+                    out.push(e);
+                }
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    out.push(Arc::new(Event::lagged(self.last + 1, n)));
+                    self.last += n;
+                }
+                Err(_) => return out,
+            }
+        }
+    }
+
     /// The next event, or a `lagged` event when this listener fell behind; None once the
     /// mount is gone.
     pub async fn next(&mut self) -> Option<Arc<Event>> {
@@ -417,6 +442,8 @@ mod tests {
         let mut fresh = ev.subscribe(None);
         ev.emit(created("f6"));
         assert_eq!(fresh.next().await.unwrap().seq, 7, "without --since: from the next event");
+        let now: Vec<u64> = ev.subscribe(Some(5)).held().iter().map(|e| e.seq).collect();
+        assert_eq!(now, [5, 6, 7], "what is there now, without waiting");
     }
 
     #[tokio::test]

@@ -18,6 +18,29 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+/// For each test function `f(Backend)`, the tests `local::f`, `moto::f`, `garage::f`,
+/// `garage3::f` and `azurite::f`. (Not `gcs`: fake-gcs-server cannot take object_store's
+/// uploads; the S3 tier tests what works there.) The using file has `Backend` in scope and
+/// declares this module with `#[macro_use]`.
+#[allow(unused_macros)]
+macro_rules! against_every_backend {
+    ($($test:ident),* $(,)?) => {
+        against_every_backend!(@mod local, Local, $($test),*);
+        against_every_backend!(@mod moto, Moto, $($test),*);
+        against_every_backend!(@mod garage, Garage, $($test),*);
+        against_every_backend!(@mod garage3, Garage3, $($test),*);
+        against_every_backend!(@mod azurite, Azurite, $($test),*);
+    };
+    (@mod $module:ident, $backend:ident, $($test:ident),*) => {
+        mod $module {
+            $(#[test]
+            fn $test() {
+                super::$test(super::Backend::$backend)
+            })*
+        }
+    };
+}
+
 pub mod servers;
 pub mod unquote;
 
