@@ -63,6 +63,10 @@ pub enum Command {
         /// Seconds between the last change to a file and its upload.
         #[arg(long, default_value_t = 2.0)]
         upload_delay: f64,
+        /// Most changes uploaded at once. Changes to one path, or to paths above or below
+        /// each other, still go in the order they were made.
+        #[arg(long, default_value_t = crate::fs::DEFAULT_TRANSFERS)]
+        transfers: usize,
         /// Seconds a folder listing is trusted before asking the bucket again.
         #[arg(long, default_value_t = 5.0)]
         metadata_ttl: f64,
@@ -375,6 +379,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             key_file,
             daemon,
             upload_delay,
+            transfers,
             metadata_ttl,
             poll_interval,
             conflict,
@@ -407,6 +412,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if uses_priority && conflict_priority.is_empty() {
                 bail!("--conflict priority needs --conflict-priority HOST|@USER[,...] (highest rank first)");
             }
+            if transfers == 0 {
+                bail!("--transfers must be at least 1, e.g. 16");
+            }
             let opts = MountOptions {
                 source,
                 mountpoint,
@@ -423,6 +431,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 key_file,
                 upload_delay: secs(upload_delay, "upload-delay")?,
+                transfers,
                 metadata_ttl: secs(metadata_ttl, "metadata-ttl")?,
                 poll_interval: secs(poll_interval, "poll-interval")?,
                 shutdown_grace: secs(shutdown_grace, "shutdown-grace")?,
@@ -550,11 +559,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
-                println!("pending uploads: {} ({} bytes)", st.pending_ops, st.pending_bytes);
+                println!(
+                    "pending uploads: {} ({} bytes, {} under way)",
+                    st.pending_ops, st.pending_bytes, st.uploading
+                );
                 println!("uploaded:        {}", st.uploads_done);
                 println!("conflicts:       {}", st.conflicts);
                 println!("staged on disk:  {} bytes", st.staged_bytes);
                 println!("last error:      {}", st.last_error.as_deref().unwrap_or("none"));
+                for f in &st.failing {
+                    println!("failing:         {} (after {} attempts)", f.error, f.tries);
+                }
                 let cw = match (st.conditional_create, st.conditional_update) {
                     (true, true) => "conditional writes: enforced by the store".to_string(),
                     (c, u) => format!(

@@ -880,15 +880,18 @@ fn garage3_a_node_dies_in_the_middle_of_a_workload() {
         });
 
         // The kill comes once both threads are there and the multipart upload of big.bin has
-        // begun, as the log of the node autosync talks to shows.
+        // begun, as the log of the node autosync talks to shows. What is pending is taken
+        // when they get there, big.bin just closed (its upload waits out the upload delay):
+        // uploads run in parallel, and the rest may be in the bucket by the time of the kill.
         let garage_log = || fs::read_to_string(&autosync_node.log).unwrap_or_default();
-        wait_for("the workload to reach the kill point", Duration::from_secs(120), || {
+        let pending = wait_for("the workload to reach the kill point", Duration::from_secs(120), || {
             let there = writer_at.load(Ordering::SeqCst) >= WRITER_KILL_AT
-                && reader_at.load(Ordering::SeqCst) >= READER_KILL_AT
-                && garage_log().contains("POST /quorum/new/big.bin?uploads");
-            (there || writer.is_finished() || reader.is_finished()).then_some(())
+                && reader_at.load(Ordering::SeqCst) >= READER_KILL_AT;
+            (there || writer.is_finished() || reader.is_finished()).then(|| m.status_json()["pending_ops"].as_u64())
         });
-        let pending = m.status_json()["pending_ops"].as_u64();
+        wait_for("the multipart upload of big.bin", Duration::from_secs(120), || {
+            garage_log().contains("POST /quorum/new/big.bin?uploads").then_some(())
+        });
         victim.kill();
         let kill_time = started.elapsed();
         killed.store(true, Ordering::SeqCst);
@@ -899,7 +902,8 @@ fn garage3_a_node_dies_in_the_middle_of_a_workload() {
         (want, writes_after, reads_after, (pending, multipart_cut), kill_time)
     });
     let workload_time = started.elapsed();
-    // The kill came in the middle: uploads were queued, and the rest of the work came after.
+    // The kill came in the middle: uploads were queued at the kill point, and the rest of the
+    // work came after.
     assert!(pending_at_kill.is_some_and(|n| n > 0), "no upload was pending when the node died: {pending_at_kill:?}");
     assert_eq!(writes_after.steps, STEPS - WRITER_KILL_AT, "writer steps after the kill");
     assert_eq!(reads_after.steps, SEEDS - READER_KILL_AT, "reader steps after the kill");

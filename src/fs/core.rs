@@ -283,6 +283,27 @@ impl<'a> Locked<'a> {
         Ok(())
     }
 
+    /// [`retire`](Self::retire) of `remote`, our own write over `replaced`: a file that was
+    /// to overwrite `replaced` overwrites `remote` instead.
+    pub fn retire_successor(
+        &mut self,
+        remote: Remote,
+        replaced: Option<&Remote>,
+        delay: Duration,
+        batch: &mut Batch,
+    ) -> FsResult<()> {
+        if let Some(old) = replaced
+            && let Some(ino) = self.tree.ino_at_key(&remote.key)
+        {
+            let n = self.tree.get_mut(ino)?;
+            if n.overwrites.as_ref().is_some_and(|o| o.key == old.key && o.etag == old.etag) {
+                n.overwrites = Some(remote);
+                return self.tree.persist(ino, batch);
+            }
+        }
+        self.retire(remote, delay, batch)
+    }
+
     /// No local change of this inode is pending or in flight: the bucket's word is final.
     pub fn is_settled(&self, ino: Ino) -> bool {
         self.tree.get(ino).is_ok_and(|n| {
@@ -290,7 +311,7 @@ impl<'a> Locked<'a> {
                 && n.open == 0
                 && n.overwrites.is_none()
                 && !self.queue.has_sync(ino)
-                && self.queue.uploading != Some(ino)
+                && !self.queue.is_uploading(ino)
         })
     }
 
@@ -306,7 +327,7 @@ impl<'a> Locked<'a> {
     /// only because of them is on its way out, and a listing must not bring it back.
     pub fn vacating_folders(&self, since: u64) -> std::collections::HashSet<String> {
         let mut keys: Vec<&str> = self.queue.hidden(since).collect();
-        for ino in self.queue.synced_inodes().chain(self.queue.uploading) {
+        for ino in self.queue.synced_inodes().chain(self.queue.uploading()) {
             if let Some(r) = self.tree.get(ino).ok().and_then(|n| n.remote.as_ref())
                 && self.tree.key_of(ino).ok().as_deref() != Some(r.key.as_str())
             {

@@ -171,18 +171,11 @@ impl Files {
         }
         let len = (size as u64).min(file_size - offset) as usize;
         if staged {
-            let f = core.staging.file(ino)?;
-            let mut buf = vec![0u8; len];
-            let mut done = 0;
-            while done < len {
-                let n = f.read_at(&mut buf[done..], offset + done as u64)?;
-                if n == 0 {
-                    break;
-                }
-                done += n;
+            match read_staged(&*core.staging.file(ino)?, offset, len) {
+                Ok(b) => return Ok(b),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => self.drop_damaged_staging(ino, e)?,
+                Err(e) => return Err(e.into()),
             }
-            buf.truncate(done);
-            return Ok(buf.into());
         }
         let Some(mut remote) = remote else { return Ok(Bytes::from(vec![0u8; len])) };
         let range = offset..offset + len as u64;
@@ -348,6 +341,38 @@ impl Files {
         Ok(())
     }
 
+    /// The staged copy of `ino` failed its integrity check (`err`). A copy of what the
+    /// bucket already holds is dropped, and the bucket's version is read instead (as for
+    /// cache blocks); one with changes not yet uploaded answers EIO, said in the log, in
+    /// `status` and in the events (its changes cannot be read back).
+    fn drop_damaged_staging(&self, ino: Ino, err: std::io::Error) -> FsResult<()> {
+        let core = &*self.core;
+        let mut l = core.lock();
+        let path = l.key_of(ino).unwrap_or_else(|_| format!("inode {ino}"));
+        let uploading = l.queue.is_uploading(ino);
+        let n = l.get_mut(ino)?;
+        let clean = !n.dirty && n.remote.as_ref().is_some_and(|r| r.size == n.size);
+        if !clean || uploading {
+            let msg = format!(
+                "{path}: the staged copy, with changes not yet uploaded, failed its integrity check ({err}): reads of it answer EIO"
+            );
+            tracing::error!("{msg}");
+            l.emit(Event::new(EventKind::CacheIntegrity).path(core.rel_path(&path)).message(msg.clone()));
+            drop(l);
+            core.note_error(msg);
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+        }
+        n.staged = false;
+        let mut batch = Batch::default();
+        l.tree.persist(ino, &mut batch)?;
+        l.commit(batch, false)?;
+        core.staging.remove(ino);
+        let msg = format!("the staged copy failed its integrity check ({err}); the bucket's version is read instead");
+        tracing::warn!(path = %path, "{msg}");
+        l.emit(Event::new(EventKind::CacheIntegrity).path(core.rel_path(&path)).message(msg));
+        Ok(())
+    }
+
     /// Replaces the staging file with an empty one (truncate to zero needs no download).
     pub fn restage_empty(&self, ino: Ino) -> FsResult<Arc<SealedFile>> {
         let mut tree = self.core.tree();
@@ -445,4 +470,19 @@ impl Files {
         core.staging.grow(grow);
         Ok(())
     }
+}
+
+/// Up to `len` bytes of a staged file from `offset`.
+fn read_staged(f: &SealedFile, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let n = f.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    buf.truncate(done);
+    Ok(buf.into())
 }

@@ -8,7 +8,8 @@
 //! holds both, so the database records the queue and the inodes in the order they changed.
 //! Nothing here does I/O to the bucket.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,24 @@ pub struct Queued {
     pub op: Op,
     /// Not before: the upload delay pushes it back while a file keeps changing.
     pub ready_at: Instant,
+    /// Failed attempts in a row, the last one's error, and when to try again (capped
+    /// exponential backoff, per change: a change that keeps failing holds up only the
+    /// changes that overlap it).
+    pub tries: u32,
+    pub last_error: Option<String>,
+    pub retry_at: Option<Instant>,
+}
+
+/// A change the uploader is working on.
+#[derive(Debug, Default)]
+pub struct Running {
+    /// The inode a `Sync` uploads.
+    pub ino: Option<Ino>,
+    /// What it touched when it started (its keys may move while it runs).
+    pub footprint: Footprint,
+    /// Keys it is writing right now: a listing may already show them, but they are not
+    /// someone else's new objects.
+    pub writing: HashSet<String>,
 }
 
 /// The queue and what goes with it: the state behind the journal's lock.
@@ -41,11 +60,8 @@ pub struct Queue {
     next_conflict: u64,
     /// Bumped when an upload lands, so a listing taken before it does not delete its file.
     pub epoch: u64,
-    /// The inode the uploader is working on.
-    pub uploading: Option<Ino>,
-    /// Keys the uploader is writing right now: a listing may already show them, but they
-    /// are not someone else's new objects.
-    pub in_flight: HashSet<String>,
+    /// The changes the uploader is working on.
+    running: BTreeMap<Seq, Running>,
 }
 
 impl Queue {
@@ -58,8 +74,7 @@ impl Queue {
             next_seq: next_seq.max(1),
             next_conflict: next_conflict.max(1),
             epoch: 0,
-            uploading: None,
-            in_flight: HashSet::new(),
+            running: BTreeMap::new(),
         }
     }
 
@@ -72,9 +87,96 @@ impl Queue {
         self.ops.iter().map(|(s, q)| (*s, q))
     }
 
-    /// The oldest op: the one the uploader takes next (uploads run one at a time, in order).
+    /// The oldest op.
+    #[cfg(test)]
     pub fn head(&self) -> Option<(Seq, Op, Instant)> {
         self.ops.iter().next().map(|(s, q)| (*s, q.op.clone(), q.ready_at))
+    }
+
+    /// Whether the uploader is in the middle of uploading `ino`.
+    pub fn is_uploading(&self, ino: Ino) -> bool {
+        self.running.values().any(|r| r.ino == Some(ino))
+    }
+
+    /// The inodes being uploaded right now.
+    pub fn uploading(&self) -> impl Iterator<Item = Ino> + '_ {
+        self.running.values().filter_map(|r| r.ino)
+    }
+
+    /// Whether any change is being uploaded right now.
+    pub fn any_running(&self) -> bool {
+        !self.running.is_empty()
+    }
+
+    /// How many changes are being uploaded right now.
+    pub fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
+    /// The uploader started on `seq`, which touches `footprint` (its keys may move while
+    /// it runs: a scan blocks both what it started with and what it touches now).
+    pub fn start(&mut self, seq: Seq, footprint: Footprint) {
+        self.running.insert(seq, Running { footprint, ..Running::default() });
+    }
+
+    /// The running `seq` is about to plan its work, and `now` is what it touches as the
+    /// tree stands (a change made between its start and now may have moved its keys). Keys
+    /// it did not start with join its footprint when they overlap no other running change
+    /// and no change queued before it: true. Otherwise it stops running, with no attempt
+    /// counted, and waits its turn again: false.
+    pub fn refit(&mut self, seq: Seq, now: Footprint, footprint: impl Fn(&Op) -> Footprint) -> bool {
+        let Some(r) = self.running.get(&seq) else { return true };
+        let new: Vec<String> = now.0.into_iter().filter(|k| !r.footprint.0.contains(k)).collect();
+        if new.is_empty() {
+            return true;
+        }
+        let new = Footprint(new);
+        let mut blocked = Blocked::default();
+        for (s, r) in &self.running {
+            if *s != seq {
+                blocked.add(&r.footprint);
+            }
+        }
+        for q in self.ops.range(..seq).take(SCAN_WINDOW).map(|(_, q)| q) {
+            blocked.add(&footprint(&q.op));
+        }
+        if blocked.overlaps(&new) {
+            self.running.remove(&seq);
+            return false;
+        }
+        let r = self.running.get_mut(&seq).expect("checked above");
+        r.footprint.0.extend(new.0);
+        r.footprint.0.sort();
+        r.footprint.0.dedup();
+        true
+    }
+
+    /// `seq` is the upload of `ino`.
+    pub fn set_uploading(&mut self, seq: Seq, ino: Ino) {
+        self.running.entry(seq).or_default().ino = Some(ino);
+    }
+
+    /// `seq` is writing the object at `key` right now.
+    pub fn writing(&mut self, seq: Seq, key: &str) {
+        self.running.entry(seq).or_default().writing.insert(key.to_string());
+    }
+
+    /// Whether an upload under way is writing the object at `key`.
+    pub fn is_being_written(&self, key: &str) -> bool {
+        self.running.values().any(|r| r.writing.contains(key))
+    }
+
+    /// The changes that keep failing, oldest first: the key or inode each is about, with
+    /// its last error and how many attempts failed.
+    pub fn failing(&self) -> impl Iterator<Item = (Seq, &Queued)> {
+        self.ops.iter().filter(|(_, q)| q.last_error.is_some()).map(|(s, q)| (*s, q))
+    }
+
+    /// Any change waiting out a backoff may be tried again at once (a flush was asked for).
+    pub fn retry_now(&mut self) {
+        for q in self.ops.values_mut() {
+            q.retry_at = None;
+        }
     }
 
     /// The queued `Sync` of an inode.
@@ -111,7 +213,7 @@ impl Queue {
         if let Op::Sync { ino } = op {
             self.syncs.insert(ino, seq);
         }
-        self.ops.insert(seq, Queued { op, ready_at });
+        self.ops.insert(seq, Queued { op, ready_at, tries: 0, last_error: None, retry_at: None });
     }
 
     /// Pushes an inode's queued upload back to `delay` from now, if one is queued.
@@ -145,26 +247,41 @@ impl Queue {
         }
     }
 
-    /// An attempt at `seq` failed: it stays first in line and takes a fresh snapshot when
-    /// retried, so changes made meanwhile join it instead of queueing another upload.
-    pub fn attempt_failed(&mut self, seq: Seq, op: &Op) {
-        self.attempt_ended();
+    /// An attempt at `seq` failed with `error`: it keeps its place in line, is tried again
+    /// after a backoff that doubles with each failure (capped at [`BACKOFF_MAX`]), and takes
+    /// a fresh snapshot then, so changes made meanwhile join it instead of queueing another
+    /// upload. Returns how many attempts failed in a row.
+    pub fn attempt_failed(&mut self, seq: Seq, op: &Op, error: String) -> u32 {
+        self.attempt_ended(seq);
         if let Op::Sync { ino } = op
             && self.ops.contains_key(&seq)
         {
             self.syncs.entry(*ino).or_insert(seq);
         }
+        let Some(q) = self.ops.get_mut(&seq) else { return 0 };
+        q.tries += 1;
+        let backoff = BACKOFF_FIRST.saturating_mul(1 << (q.tries - 1).min(16)).min(BACKOFF_MAX);
+        let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+        q.retry_at = Some(Instant::now() + backoff + jitter);
+        q.last_error = Some(error);
+        q.tries
     }
 
-    fn attempt_ended(&mut self) {
-        self.uploading = None;
-        self.in_flight.clear();
+    /// An attempt at `seq` ended without completing it or failing (it requeued itself).
+    pub fn ended(&mut self, seq: Seq) {
+        if self.running.remove(&seq).is_some() {
+            self.epoch += 1;
+        }
+    }
+
+    fn attempt_ended(&mut self, seq: Seq) {
+        self.running.remove(&seq);
         self.epoch += 1;
     }
 
     /// `seq` is done: out of the queue (and of `batch`'s database), its keys shown again.
     pub fn complete(&mut self, seq: Seq, batch: &mut Batch) {
-        self.attempt_ended();
+        self.attempt_ended(seq);
         if let Some(q) = self.ops.remove(&seq) {
             match q.op {
                 Op::Sync { ino } => {
@@ -242,6 +359,10 @@ impl Queue {
     }
 }
 
+/// The wait before the first retry of a failed change, and the most it grows to.
+pub const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// How many keys of completed deletes and moves stay known to listings taken before them.
 const UNHIDDEN_KEPT: usize = 4096;
 
@@ -273,15 +394,11 @@ pub fn hidden_keys(op: &Op) -> Vec<String> {
 /// everything below it (a folder). The rule of which change may run beside which:
 /// two changes whose footprints [overlap](Footprint::overlaps), at one key or at keys above
 /// or below each other (a folder and what is in it, a rename and its source), keep their
-/// journal order; changes that do not overlap may run at once, in any order.
-///
-/// Uploads run one at a time for now, oldest first, which keeps this rule trivially; the
-/// parallel uploader (`--transfers`) starts whatever [`Queue::may_start`] allows.
+/// journal order; changes that do not overlap may run at once, in any order. The uploader
+/// starts what [`Queue::startable`] gives it, up to `--transfers` at once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[allow(dead_code)] // the rule the parallel uploader applies; tested below
 pub struct Footprint(Vec<String>);
 
-#[allow(dead_code)]
 impl Footprint {
     /// The footprint of an op. For a `Sync`, `keys` are the inode's keys: where it lives
     /// now, where its object is (before a move lands), and the object it replaces.
@@ -302,22 +419,104 @@ impl Footprint {
     }
 
     /// Whether the two changes must keep their order: a key of one is a key of the other,
-    /// or above or below it.
+    /// or above or below it (the definition [`Blocked`] implements for many at once).
+    #[cfg(test)]
     pub fn overlaps(&self, other: &Footprint) -> bool {
         self.0.iter().any(|a| other.0.iter().any(|b| a == b || below(a, b) || below(b, a)))
     }
 }
 
-#[allow(dead_code)]
 /// Whether `key` is below the folder key `dir` (everything is below the bucket root, "").
+#[cfg(test)]
 fn below(key: &str, dir: &str) -> bool {
     dir.is_empty() || key.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
 }
 
-#[allow(dead_code)]
+/// The keys of the changes a scan has passed without starting them (or that run): a
+/// later change that overlaps one waits. Lookups walk a key's folders and the range of
+/// keys below it, so a scan of n changes costs n·depth·log n, not n².
+#[derive(Default)]
+struct Blocked(BTreeSet<String>);
+
+impl Blocked {
+    fn add(&mut self, f: &Footprint) {
+        self.0.extend(f.0.iter().cloned());
+    }
+
+    fn overlaps(&self, f: &Footprint) -> bool {
+        f.0.iter().any(|k| {
+            if self.0.contains(k.as_str()) || self.0.contains("") {
+                return true;
+            }
+            if k.is_empty() {
+                return !self.0.is_empty();
+            }
+            let mut up = k.as_str();
+            while let Some(i) = up.rfind('/') {
+                up = &up[..i];
+                if self.0.contains(up) {
+                    return true;
+                }
+            }
+            // Keys below k: from "k/" up to (not including) "k0" ('0' follows '/').
+            let from = format!("{k}/");
+            let to = format!("{k}0");
+            self.0.range::<str, _>((Bound::Included(from.as_str()), Bound::Excluded(to.as_str()))).next().is_some()
+        })
+    }
+}
+
+/// How far past the oldest queued change a scan looks for one that may start.
+const SCAN_WINDOW: usize = 4096;
+
+/// What [`Queue::startable`] found.
+pub struct Startable {
+    /// Changes that may start now, oldest first, with their footprints.
+    pub start: Vec<(Seq, Op, Footprint)>,
+    /// When a change passed over because it was not ready (the upload delay, a backoff)
+    /// becomes ready.
+    pub next_ready: Option<Instant>,
+}
+
 impl Queue {
-    /// Whether the queued op `seq` may start while the ops in `running` run: its footprint
-    /// overlaps no running op's, nor that of any op queued before it (which must go first).
+    /// The changes that may start now, oldest first, at most `slots` of them: each is
+    /// ready (past its upload delay, unless `urgent`, and its backoff), not running, and
+    /// its footprint overlaps neither a running change's nor that of any change queued
+    /// before it (which must go first).
+    pub fn startable(
+        &self,
+        slots: usize,
+        now: Instant,
+        urgent: bool,
+        footprint: impl Fn(&Op) -> Footprint,
+    ) -> Startable {
+        let mut blocked = Blocked::default();
+        for r in self.running.values() {
+            blocked.add(&r.footprint);
+        }
+        let mut out = Startable { start: Vec::new(), next_ready: None };
+        for (seq, q) in self.ops.iter().take(SCAN_WINDOW) {
+            if out.start.len() >= slots {
+                break;
+            }
+            let mine = footprint(&q.op);
+            let not_before = [(!urgent).then_some(q.ready_at), q.retry_at].into_iter().flatten().max();
+            let waiting = not_before.filter(|&t| t > now);
+            if self.running.contains_key(seq) || waiting.is_some() || blocked.overlaps(&mine) {
+                if let Some(t) = waiting {
+                    out.next_ready = Some(out.next_ready.map_or(t, |n| n.min(t)));
+                }
+                blocked.add(&mine);
+                continue;
+            }
+            blocked.add(&mine);
+            out.start.push((*seq, q.op.clone(), mine));
+        }
+        out
+    }
+
+    /// The definition [`startable`](Self::startable) implements, one change at a time.
+    #[cfg(test)]
     pub fn may_start(&self, seq: Seq, running: &[Seq], footprint: impl Fn(&Op) -> Footprint) -> bool {
         let Some(q) = self.ops.get(&seq) else { return false };
         let mine = footprint(&q.op);
@@ -433,9 +632,95 @@ mod tests {
         assert!(!q.is_hidden_since("d", q.epoch), "one taken after it does not");
         q.take_sync(a, Ino(5));
         assert_eq!(q.sync_of(Ino(5)), None, "changes from now on queue a fresh op");
-        q.attempt_failed(a, &Op::Sync { ino: Ino(5) });
+        q.start(a, Footprint::default());
+        assert!(q.any_running());
+        assert_eq!(q.attempt_failed(a, &Op::Sync { ino: Ino(5) }, "a: refused".into()), 1);
         assert_eq!(q.sync_of(Ino(5)), Some(a), "a failed attempt takes in later changes");
-        assert_eq!(q.uploading, None);
+        assert!(!q.any_running());
+        let failing: Vec<_> = q.failing().map(|(s, f)| (s, f.last_error.clone(), f.tries)).collect();
+        assert_eq!(failing, [(a, Some("a: refused".to_string()), 1)]);
+    }
+
+    /// Random queues over a few nested keys: the scan starts exactly what the
+    /// definition allows, oldest first.
+    #[test]
+    fn the_scan_starts_what_the_rule_allows() {
+        use proptest::prelude::*;
+        const KEYS: [&str; 8] = ["a", "a/b", "a/b/c", "a/bc", "ab", "b", "b/a", "c"];
+        let op = (0..3u8, 0..KEYS.len(), 0..KEYS.len());
+        proptest!(ProptestConfig::with_cases(512), |(ops in proptest::collection::vec(op, 1..24), run in proptest::collection::vec(any::<bool>(), 24))| {
+            // Sync of inode i: its keys are KEYS[i] and (a move) KEYS[j].
+            let mut keys: HashMap<Ino, Vec<String>> = HashMap::new();
+            let mut q = Queue::new(1, 1);
+            let mut batch = Batch::default();
+            for (n, (kind, i, j)) in ops.iter().enumerate() {
+                let op = match kind {
+                    0 => {
+                        let ino = Ino(100 + n as u64);
+                        keys.insert(ino, vec![KEYS[*i].to_string(), KEYS[*j].to_string()]);
+                        Op::Sync { ino }
+                    }
+                    1 => delete(KEYS[*i]),
+                    _ => Op::FolderMoved { from: KEYS[*i].to_string() },
+                };
+                q.push(op, Duration::ZERO, &mut batch).unwrap();
+            }
+            let fp = |op: &Op| Footprint::of(op, |ino| keys[&ino].clone());
+            // Start some of what may start, as the uploader would.
+            let mut running = Vec::new();
+            for (seq, op, f) in q.startable(usize::MAX, Instant::now(), false, fp).start {
+                if run[seq.0 as usize % run.len()] {
+                    running.push(seq);
+                    q.start(seq, f);
+                }
+                let _ = op;
+            }
+            let want: Vec<Seq> = q
+                .iter()
+                .map(|(s, _)| s)
+                .filter(|s| !running.contains(s) && q.may_start(*s, &running, fp))
+                .collect();
+            let got: Vec<Seq> = q.startable(usize::MAX, Instant::now(), false, fp).start.iter().map(|s| s.0).collect();
+            prop_assert_eq!(&got, &want);
+            let two: Vec<Seq> = q.startable(2, Instant::now(), false, fp).start.iter().map(|s| s.0).collect();
+            prop_assert_eq!(&two[..], &want[..want.len().min(2)], "at most the free slots");
+        });
+    }
+
+    /// A change not ready yet (its upload delay, a backoff after failures) holds up the
+    /// changes that overlap it, and nothing else.
+    #[test]
+    fn a_change_waiting_holds_up_only_what_overlaps_it() {
+        let keys: HashMap<Ino, Vec<String>> = HashMap::from([
+            (Ino(2), vec!["docs/a".to_string()]),
+            (Ino(3), vec!["docs/a".to_string()]),
+            (Ino(4), vec!["other".to_string()]),
+        ]);
+        let fp = |op: &Op| Footprint::of(op, |ino| keys[&ino].clone());
+        let mut q = Queue::new(1, 1);
+        let mut batch = Batch::default();
+        let failing = q.push(Op::Sync { ino: Ino(2) }, Duration::ZERO, &mut batch).unwrap();
+        let same = q.push(Op::Sync { ino: Ino(3) }, Duration::ZERO, &mut batch).unwrap();
+        let unrelated = q.push(Op::Sync { ino: Ino(4) }, Duration::ZERO, &mut batch).unwrap();
+        let folder = q.push(Op::FolderMoved { from: "docs".into() }, Duration::ZERO, &mut batch).unwrap();
+        let starts = |q: &Queue, urgent| -> Vec<Seq> {
+            q.startable(16, Instant::now(), urgent, fp).start.iter().map(|s| s.0).collect()
+        };
+        assert_eq!(starts(&q, false), [failing, unrelated]);
+        q.start(failing, fp(&Op::Sync { ino: Ino(2) }));
+        assert_eq!(starts(&q, false), [unrelated], "not the running one, nor what overlaps it");
+        q.attempt_failed(failing, &Op::Sync { ino: Ino(2) }, "docs/a: refused".into());
+        let found = q.startable(16, Instant::now(), false, fp);
+        assert_eq!(found.start.iter().map(|s| s.0).collect::<Vec<_>>(), [unrelated], "backing off");
+        let retry = found.next_ready.expect("the backoff's end is when to look again");
+        assert!(retry > Instant::now() + Duration::from_millis(400), "{retry:?}");
+        q.retry_now();
+        assert_eq!(starts(&q, false), [failing, unrelated], "a flush cuts the backoff short");
+        // The upload delay: not ready, unless a flush asks for everything now.
+        let late = q.push(Op::Sync { ino: Ino(4) }, Duration::from_secs(60), &mut batch).unwrap();
+        assert!(!starts(&q, false).contains(&late));
+        assert_eq!(starts(&q, true), [failing, unrelated], "the earlier change to `other` goes first");
+        let _ = (same, folder);
     }
 
     #[test]

@@ -222,13 +222,13 @@ impl Listings {
             let mut events = Vec::new();
             // Checked under the lock that merges: an upload that landed after the listing
             // was taken makes it too old to delete or update anything.
-            let epoch_changed = l.queue.epoch != listed_epoch || l.queue.uploading.is_some();
+            let epoch_changed = l.queue.epoch != listed_epoch || l.queue.any_running();
             let mut seen: HashSet<String> = HashSet::new();
             let mut vacating: Option<HashSet<String>> = None;
             for p in &listing.common_prefixes {
                 let Some(name) = p.filename().map(str::to_string) else { continue };
                 let full = p.as_ref().to_string();
-                if l.queue.in_flight.contains(&full) {
+                if l.queue.is_being_written(&full) {
                     seen.insert(name); // a folder of ours being written right now
                     continue;
                 }
@@ -269,7 +269,7 @@ impl Listings {
                     }
                     continue;
                 }
-                if l.queue.in_flight.contains(&full) {
+                if l.queue.is_being_written(&full) {
                     seen.insert(name); // ours, landing right now: the uploader records it
                     continue;
                 }
@@ -536,7 +536,7 @@ impl Listings {
             for (i, part) in parts.iter().enumerate() {
                 let last = i + 1 == parts.len();
                 let part_key = layout::join_key(&dir_key, part);
-                if last && (*part == layout::FOLDER_MARKER || l.queue.in_flight.contains(&part_key)) {
+                if last && (*part == layout::FOLDER_MARKER || l.queue.is_being_written(&part_key)) {
                     break;
                 }
                 if !self.acceptable(&l, &part_key, part, epoch) {

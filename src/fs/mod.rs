@@ -81,6 +81,8 @@ pub struct FsConfig {
     /// How often the folders in use are listed again in the background (zero: never).
     pub poll_interval: Duration,
     pub multipart_threshold: u64,
+    /// Most changes uploaded at once (`--transfers`).
+    pub transfers: usize,
     /// Longest file name accepted (the local-folder store needs room for its temp suffix).
     pub max_name_len: usize,
     /// Block size, read-ahead and memory bound of reads from the bucket.
@@ -105,6 +107,9 @@ pub struct FsConfig {
     pub conflict: ConflictConfig,
 }
 
+/// Changes uploaded at once by default (rclone's and s3fs's knobs are in this range).
+pub const DEFAULT_TRANSFERS: usize = 16;
+
 impl Default for FsConfig {
     fn default() -> Self {
         FsConfig {
@@ -116,6 +121,7 @@ impl Default for FsConfig {
             user: username(),
             poll_interval: Duration::ZERO,
             multipart_threshold: MULTIPART_THRESHOLD,
+            transfers: DEFAULT_TRANSFERS,
             max_name_len: 255,
             blocks: BlockConfig::default(),
             disk_cache: None,
@@ -170,6 +176,23 @@ pub struct Status {
     /// The number the next event gets.
     #[serde(default)]
     pub next_event: u64,
+    /// Changes being uploaded right now.
+    #[serde(default)]
+    pub uploading: usize,
+    /// Changes whose last attempt failed, oldest first: what each is about and its error.
+    #[serde(default)]
+    pub failing: Vec<Failing>,
+}
+
+/// A change that keeps failing, as `status` shows it.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Failing {
+    /// The journal sequence number of the change.
+    pub seq: u64,
+    /// `path: error` of its last attempt.
+    pub error: String,
+    /// Attempts that failed in a row.
+    pub tries: u32,
 }
 
 /// What `autosync cache stats` shows: the disk cache's counters, and reads in memory.
@@ -486,7 +509,7 @@ impl Fs {
 
     pub fn status(&self) -> Status {
         let core = &*self.core;
-        let (pending_ops, pending_bytes, inodes) = {
+        let (pending_ops, pending_bytes, inodes, uploading, failing) = {
             let l = core.lock();
             let bytes = l
                 .queue
@@ -496,7 +519,12 @@ impl Fs {
                     _ => None,
                 })
                 .sum();
-            (l.queue.len(), bytes, l.len())
+            let failing = l
+                .queue
+                .failing()
+                .map(|(seq, q)| Failing { seq: seq.0, error: q.last_error.clone().unwrap_or_default(), tries: q.tries })
+                .collect();
+            (l.queue.len(), bytes, l.len(), l.queue.running_count(), failing)
         };
         let c = core.counters();
         Status {
@@ -512,6 +540,8 @@ impl Fs {
             read_only: core.journal.read_only(),
             cache: core.blocks.report(),
             next_event: core.events.next_seq(),
+            uploading,
+            failing,
         }
     }
 

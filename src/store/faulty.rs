@@ -1,6 +1,7 @@
 //! Fault injection for tests: a store wrapper that refuses every request while switched off,
 //! or leaves reads and listings unanswered while stalled, so outages can be simulated without stopping a
-//! server.
+//! server; it can also refuse writes below one prefix only, and slow writes down so that
+//! uploads overlap.
 
 use std::fmt;
 use std::sync::Arc;
@@ -25,6 +26,10 @@ pub struct FaultSwitch {
     held: Arc<AtomicBool>,
     holding: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
+    /// Writes to keys starting with this are refused (one change that keeps failing).
+    refuse_prefix: Arc<std::sync::Mutex<Option<String>>>,
+    /// Each write waits up to this many microseconds (random) before it reaches the store.
+    write_latency_us: Arc<AtomicU64>,
     /// Writes that reached the store, per key: single puts that succeeded, and multipart
     /// uploads started.
     writes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
@@ -60,7 +65,38 @@ impl FaultSwitch {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
-    /// How many requests were refused while down.
+    /// While set, writes (puts, copies, moves, deletes) whose key starts with `prefix` are
+    /// refused, and everything else goes through.
+    pub fn refuse_writes_under(&self, prefix: Option<&str>) {
+        *self.refuse_prefix.lock().unwrap_or_else(|e| e.into_inner()) = prefix.map(str::to_string);
+    }
+    /// Each write waits a random time up to `max` first, so that uploads overlap and finish
+    /// in any order.
+    pub fn set_write_latency(&self, max: std::time::Duration) {
+        self.write_latency_us.store(max.as_micros() as u64, Ordering::SeqCst);
+    }
+    async fn write(&self, location: &Path) -> Result<()> {
+        self.check()?;
+        let max = self.write_latency_us.load(Ordering::SeqCst);
+        if max > 0 {
+            tokio::time::sleep(std::time::Duration::from_micros(rand::random::<u64>() % max)).await;
+        }
+        let refused = self
+            .refuse_prefix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|p| location.as_ref().starts_with(p.as_str()));
+        if refused {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(object_store::Error::Generic {
+                store: "faulty",
+                source: format!("injected refusal of {location}").into(),
+            });
+        }
+        Ok(())
+    }
+    /// How many requests were refused (while down, or below the refused prefix).
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
     }
@@ -101,7 +137,7 @@ impl fmt::Display for FaultyStore {
 #[async_trait]
 impl ObjectStore for FaultyStore {
     async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
-        self.switch.check()?;
+        self.switch.write(location).await?;
         let r = self.inner.put_opts(location, payload, opts).await;
         if r.is_ok() {
             self.switch.wrote(location);
@@ -110,7 +146,7 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
-        self.switch.check()?;
+        self.switch.write(location).await?;
         let r = self.inner.put_multipart_opts(location, opts).await;
         if r.is_ok() {
             self.switch.wrote(location);
@@ -128,6 +164,17 @@ impl ObjectStore for FaultyStore {
         if let Err(e) = self.switch.check() {
             return futures::stream::once(async move { Err(e) }).boxed();
         }
+        let switch = self.switch.clone();
+        let locations = locations
+            .then(move |l| {
+                let switch = switch.clone();
+                async move {
+                    let l = l?;
+                    switch.write(&l).await?;
+                    Ok(l)
+                }
+            })
+            .boxed();
         self.inner.delete_stream(locations)
     }
 
@@ -147,12 +194,13 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.switch.check()?;
+        self.switch.write(to).await?;
         self.inner.copy_opts(from, to, options).await
     }
 
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
-        self.switch.check()?;
+        self.switch.write(from).await?;
+        self.switch.write(to).await?;
         self.inner.rename_opts(from, to, options).await
     }
 }

@@ -217,7 +217,7 @@ impl Uploader {
                 if inner.child(parent, &copy_name).is_some() {
                     continue;
                 }
-                inner.queue.in_flight.insert(copy_key.clone());
+                inner.queue.writing(seq, &copy_key);
             }
             match self.conditional_put(node.ino, &copy_key, None, &content, attrs).await {
                 Ok(p) => {
@@ -387,7 +387,7 @@ impl Uploader {
         let saved = match &theirs {
             Some(_) if !discard => {
                 let copy_key = self.free_copy_key(key).await?;
-                self.core.queue().in_flight.insert(copy_key.clone());
+                self.core.queue().writing(seq, &copy_key);
                 self.core.store.copy(&obj_path(key)?, &obj_path(&copy_key)?).await?;
                 Some(copy_key)
             }

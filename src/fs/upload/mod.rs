@@ -1,9 +1,10 @@
-//! The uploader: takes changes from the journal (one at a time, in order: see
-//! [`Footprint`](super::journal::Footprint) for the rule that will let unrelated ones run
-//! at once) and turns each into store calls: a folder's marker, a snapshot of a file put
+//! The uploader: takes changes from the journal (up to `--transfers` at once; changes that
+//! touch one key, or keys above or below each other, keep their order: see
+//! [`Footprint`](super::journal::Footprint)) and turns each into store calls: a folder's marker, a snapshot of a file put
 //! conditionally (`put.rs`), a server-side move, a checked delete. A change whose base is no
 //! longer what the bucket holds goes to the conflicts part (`super::conflict`). Errors keep
-//! the change first in line, retried with capped backoff.
+//! the change in its place in line, retried with capped backoff; it holds up only the
+//! changes that overlap it.
 //!
 //! It owns the flush requests and the signal of a finished attempt. It never changes what a
 //! local file contains (but for a merge, which the conflicts part installs), and it applies
@@ -16,13 +17,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use object_store::{ObjectStoreExt, PutOptions, PutPayload};
 use tokio::sync::{Notify, watch};
 
 use super::core::{Core, Locked};
 use super::error::{FsError, FsResult};
 use super::events::{Event, Kind as EventKind};
+use super::journal::Footprint;
 use super::object::{etag_same, folder_remote, obj_path};
+use super::tree::Tree;
 use super::types::{Ino, Inode, Kind, Op, ROOT_INO, Remote, Seq};
 use crate::layout;
 use crate::state::Batch;
@@ -45,65 +50,87 @@ impl Uploader {
         Uploader { core, upload_done: Notify::new(), flush_kick: Notify::new(), urgent: AtomicU64::new(0) }
     }
 
-    /// Runs until `stop` resolves, then returns (whatever is left stays in the journal).
+    /// Runs until `stop` resolves, then lets the uploads under way end and returns
+    /// (whatever is left stays in the journal). Up to `transfers` changes run at once: what
+    /// [`Queue::startable`](super::journal::Queue::startable) allows.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) {
         let core = &*self.core;
-        let mut backoff = Duration::from_millis(500);
+        let transfers = core.cfg.transfers.max(1);
+        let mut running = FuturesUnordered::new();
         loop {
             if *stop.borrow() {
-                return;
+                break;
             }
-            let next = core.queue().head();
-            let Some((seq, op, ready_at)) = next else {
-                tokio::select! {
-                    _ = core.journal.wake.notified() => {},
-                    _ = stop.changed() => {},
-                }
-                continue;
-            };
             let urgent = self.urgent.load(Ordering::SeqCst) > 0;
-            if !urgent && ready_at > Instant::now() {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(ready_at.into()) => {},
-                    _ = core.journal.wake.notified() => {},
-                    _ = stop.changed() => {},
+            let next_ready = {
+                let mut l = core.lock();
+                let Locked { tree, queue, .. } = &mut l;
+                let found = queue.startable(transfers - running.len(), Instant::now(), urgent, |op| {
+                    Footprint::of(op, |ino| sync_keys(tree, ino))
+                });
+                for (seq, op, footprint) in found.start {
+                    queue.start(seq, footprint);
+                    running.push(self.attempt(seq, op));
                 }
-                continue;
-            }
-            match self.process(seq, &op).await {
-                Err(FsError::Halted(at)) => {
-                    tracing::warn!(at, "uploader stopped at a failpoint");
-                    return;
+                found.next_ready
+            };
+            let ready = async {
+                match next_ready {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
                 }
-                Ok(_) => {
-                    backoff = Duration::from_millis(500);
-                    core.counters().last_error = None;
-                }
-                Err(e) => {
-                    core.queue().attempt_failed(seq, &op);
-                    self.upload_done.notify_waiters();
-                    let what = self.describe(&op);
-                    tracing::error!(path = %what, "upload failed, will retry: {e}");
-                    core.counters().last_error = Some(format!("{what}: {e}"));
-                    core.events
-                        .emit(Event::new(EventKind::UploadFailed).path(core.rel_path(&what)).message(e.to_string()));
-                    // Capped exponential backoff with jitter; a flush request cuts it short.
-                    let jitter = Duration::from_millis(rand::random::<u64>() % 250);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff + jitter) => {},
-                        _ = self.flush_kick.notified() => {},
-                        _ = stop.changed() => {},
+            };
+            tokio::select! {
+                Some(halted) = running.next(), if !running.is_empty() => {
+                    if halted {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
+                },
+                _ = core.journal.wake.notified() => {},
+                _ = ready => {},
+                _ = self.flush_kick.notified() => {},
+                _ = stop.changed() => {},
             }
         }
+        while let Some(halted) = running.next().await {
+            if halted {
+                return;
+            }
+        }
+    }
+
+    /// One attempt at `seq`; true when a failpoint halted the uploader.
+    async fn attempt(&self, seq: Seq, op: Op) -> bool {
+        let core = &*self.core;
+        let result = self.process(seq, &op).await;
+        let halted = matches!(result, Err(FsError::Halted(_)));
+        match result {
+            Err(FsError::Halted(at)) => tracing::warn!(at, "uploader stopped at a failpoint"),
+            Ok(()) => {
+                core.queue().ended(seq);
+                let none_failing = core.queue().failing().next().is_none();
+                if none_failing {
+                    core.counters().last_error = None;
+                }
+            }
+            Err(e) => {
+                let what = self.describe(&op);
+                let msg = format!("{what}: {e}");
+                let tries = core.queue().attempt_failed(seq, &op, msg.clone());
+                self.upload_done.notify_waiters();
+                tracing::error!(path = %what, tries, "upload failed, will retry: {e}");
+                core.counters().last_error = Some(msg);
+                core.events.emit(Event::new(EventKind::UploadFailed).path(core.rel_path(&what)).message(e.to_string()));
+            }
+        }
+        halted
     }
 
     /// Waits until every local change is in the bucket, or the timeout passes. Returns the
     /// number of changes still pending.
     pub async fn flush_all(&self, timeout: Duration) -> usize {
         self.urgent.fetch_add(1, Ordering::SeqCst);
+        self.core.queue().retry_now();
         self.core.journal.wake.notify_one();
         self.flush_kick.notify_one();
         let mut rx = self.core.journal.pending();
@@ -119,7 +146,7 @@ impl Uploader {
             let notified = self.upload_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.core.queue().uploading != Some(ino) {
+            if !self.core.queue().is_uploading(ino) {
                 return;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -128,6 +155,7 @@ impl Uploader {
         }
     }
 
+    /// What the uploader is about: a key, or an inode not in the tree any more.
     fn describe(&self, op: &Op) -> String {
         match op {
             Op::Sync { ino } => self.core.tree().key_of(*ino).unwrap_or_else(|_| format!("inode {ino}")),
@@ -191,8 +219,20 @@ impl Uploader {
                 Ok(())
             }
             Op::Delete { remote } => {
-                self.delete_checked(remote).await?;
-                self.finish(self.core.lock(), seq, Batch::default())?;
+                let gone = self.delete_checked(remote).await?;
+                let mut l = self.core.lock();
+                let mut batch = Batch::default();
+                // A file made under that name since, queued to replace the object just
+                // deleted, now creates the key: the object is gone by our own hand, not
+                // another client's (left, its put would be taken for a conflict).
+                if gone && let Some(ino) = l.ino_at_key(&remote.key) {
+                    let n = l.get_mut(ino)?;
+                    if n.overwrites.as_ref().is_some_and(|o| o.key == remote.key && o.etag == remote.etag) {
+                        n.overwrites = None;
+                        l.persist(ino, &mut batch)?;
+                    }
+                }
+                self.finish(l, seq, batch)?;
                 self.uploaded("delete", &remote.key, None, None);
                 Ok(())
             }
@@ -200,7 +240,8 @@ impl Uploader {
     }
 
     /// Deletes an object unless it changed since we saw it (then the other edit survives).
-    pub(super) async fn delete_checked(&self, remote: &Remote) -> FsResult<()> {
+    /// True when the key no longer holds that object.
+    pub(super) async fn delete_checked(&self, remote: &Remote) -> FsResult<bool> {
         let core = &*self.core;
         if let Some(dir) = remote.key.strip_suffix(layout::FOLDER_MARKER) {
             // A folder that lives at that key again (made after the delete was queued)
@@ -208,22 +249,22 @@ impl Uploader {
             let tree = core.tree();
             let now = tree.ino_at_key(dir.trim_end_matches('/'));
             if now.and_then(|i| tree.get(i).ok()).is_some_and(|n| n.kind == Kind::Dir) {
-                return Ok(());
+                return Ok(false);
             }
         }
         let path = obj_path(&remote.key)?;
         match core.store.head(&path).await {
-            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(object_store::Error::NotFound { .. }) => return Ok(true),
             Err(e) => return Err(e.into()),
             Ok(m) => {
                 if remote.etag.is_some() && !etag_same(remote.etag.as_deref(), m.e_tag.as_deref()) {
                     tracing::warn!(key = %remote.key, "not deleting: the object changed in the bucket since it was read; the other edit survives");
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
         match core.store.delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
             Err(e) => Err(e.into()),
         }
     }
@@ -239,6 +280,15 @@ impl Uploader {
             if n.parent == Ino::NONE || ino == ROOT_INO {
                 return self.finish(l, seq, Batch::default());
             }
+            // A rename since the uploader started this op may have given it keys another
+            // upload is writing: then it waits for that one.
+            {
+                let Locked { tree, queue, .. } = &mut l;
+                let now = Footprint::of(&Op::Sync { ino }, |i| sync_keys(tree, i));
+                if !queue.refit(seq, now, |op| Footprint::of(op, |i| sync_keys(tree, i))) {
+                    return Ok(());
+                }
+            }
             // Changes from here on queue a fresh op; this one covers the state snapshotted now.
             l.queue.take_sync(seq, ino);
             let key = l.key_of(ino)?;
@@ -251,7 +301,7 @@ impl Uploader {
             if in_sync {
                 return self.finish(l, seq, Batch::default());
             }
-            l.queue.uploading = Some(ino);
+            l.queue.set_uploading(seq, ino);
             let content = match n.kind {
                 Kind::Symlink => {
                     let data = Bytes::from(n.target.clone().unwrap_or_default().into_bytes());
@@ -268,9 +318,12 @@ impl Uploader {
                 Some((c, generation)) => {
                     content = Some(c);
                     // The attributes go up with the content: take them as of the same state
-                    // (a chmod between the plan and the copy bumped the generation too).
+                    // (a chmod between the plan and the copy bumped the generation too),
+                    // unless a rename since moved it away from the key planned for.
                     match core.tree().get(ino) {
-                        Ok(now) if now.generation == generation && now.parent == node.parent => {
+                        Ok(now)
+                            if now.generation == generation && now.parent == node.parent && now.name == node.name =>
+                        {
                             node = now.clone();
                         }
                         _ => node.generation = generation,
@@ -398,7 +451,7 @@ impl Uploader {
         }
         let attrs = node.posix_attrs();
         let marker = obj_path(&layout::marker_key(key))?;
-        core.queue().in_flight.insert(key.to_string());
+        core.queue().writing(seq, key);
         let opts = PutOptions { attributes: attrs.to_attributes(None, None), ..Default::default() };
         core.store.put_opts(&marker, PutPayload::new(), opts).await?;
         let mut batch = Batch::default();
@@ -424,4 +477,14 @@ impl Uploader {
         self.uploaded("folder", key, None, None);
         Ok(())
     }
+}
+
+/// The keys a `Sync` of `ino` touches: where it lives now, where its object is (before a
+/// move lands) and the object it replaces.
+fn sync_keys(tree: &Tree, ino: Ino) -> Vec<String> {
+    let mut keys: Vec<String> = tree.key_of(ino).into_iter().collect();
+    if let Ok(n) = tree.get(ino) {
+        keys.extend([&n.remote, &n.overwrites].into_iter().flatten().map(|r| r.key.clone()));
+    }
+    keys
 }

@@ -165,7 +165,7 @@ impl Uploader {
             }
             Err(e) => return Err(e.into()),
         }
-        self.core.queue().in_flight.insert(key.to_string());
+        self.core.queue().writing(seq, key);
         self.core.store.copy(&obj_path(&src.key)?, &dest).await?;
         let meta = self.core.store.head(&dest).await?;
         let mut batch = Batch::default();
@@ -202,7 +202,7 @@ impl Uploader {
         content: Content,
         attrs: PosixAttrs,
     ) -> FsResult<()> {
-        self.core.queue().in_flight.insert(key.to_string());
+        self.core.queue().writing(seq, key);
         tracing::debug!(key, ?base, ?moved_from, "put");
         let result = self.conditional_put(node.ino, key, base.as_ref(), &content, attrs).await;
         let put = match result {
@@ -262,8 +262,11 @@ impl Uploader {
                 inner.retire(o, Duration::ZERO, &mut batch)?;
             }
         } else {
-            // Deleted while it was uploading.
-            inner.retire(remote, Duration::ZERO, &mut batch)?;
+            // Deleted while it was uploading. A file that took over the version this put
+            // wrote over (a rename onto it meanwhile) takes over this one instead: it is the
+            // same file's next version, ours, not another client's.
+            let replaced = [&node.remote, &node.overwrites].into_iter().flatten().find(|r| r.key == key);
+            inner.retire_successor(remote, replaced, Duration::ZERO, &mut batch)?;
         }
         // After recording the new key, so a file now at the old key can claim it.
         if let Some(old) = moved_from {
