@@ -1,8 +1,9 @@
 //! Sealing one block with AES-256-GCM, bound to its identity, and the keyed file name of
-//! that identity. Pure functions over bytes: no file I/O here.
+//! that identity. Pure functions over bytes: no file I/O here. The one place that calls
+//! the cipher (aws-lc-rs, see the README's design notes): every sealed format goes
+//! through [`Sealer`].
 
-use aes_gcm::aead::generic_array::GenericArray;
-use aes_gcm::{AeadInPlace, Aes256Gcm, KeyInit};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use rand::RngCore;
 
 use super::CacheError;
@@ -57,7 +58,7 @@ pub enum OpenError {
 
 /// Seals and opens blocks, and names them; built from the master key's subkeys.
 pub struct Sealer {
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     name_key: [u8; 32],
 }
 
@@ -70,7 +71,8 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     pub fn new(key: &CacheKey) -> Self {
         let seal_key = key.seal_key();
-        Sealer { cipher: Aes256Gcm::new(GenericArray::from_slice(&seal_key)), name_key: key.name_key() }
+        let cipher = UnboundKey::new(&AES_256_GCM, &seal_key).expect("an AES-256 key is 32 bytes");
+        Sealer { cipher: LessSafeKey::new(cipher), name_key: key.name_key() }
     }
 
     pub fn name(&self, id: &BlockId) -> BlockName {
@@ -106,11 +108,12 @@ impl Sealer {
         head[4] = FORMAT_VERSION;
         rand::rng().fill_bytes(&mut head[5..]);
         body.copy_from_slice(plain);
+        let nonce: [u8; NONCE_LEN] = head[5..].try_into().expect("the header ends with the nonce");
         let tag = self
             .cipher
-            .encrypt_in_place_detached(GenericArray::from_slice(&head[5..]), &Self::aad(id), body)
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(Self::aad(id)), body)
             .map_err(|_| CacheError::TooLarge { len: plain.len() })?;
-        tag_out.copy_from_slice(&tag);
+        tag_out.copy_from_slice(tag.as_ref());
         Ok(())
     }
 
@@ -123,12 +126,8 @@ impl Sealer {
             return Err(OpenError::Header);
         }
         let end = file.len() - TAG_LEN;
-        let (head, rest) = file.split_at_mut(HEADER_LEN);
-        let (body, tag) = rest.split_at_mut(end - HEADER_LEN);
-        let nonce = GenericArray::from_slice(&head[5..HEADER_LEN]);
-        self.cipher
-            .decrypt_in_place_detached(nonce, &Self::aad(id), body, GenericArray::from_slice(tag))
-            .map_err(|_| OpenError::Tag)?;
+        let (head, sealed) = file.split_at_mut(HEADER_LEN);
+        self.open_parts(&Self::aad(id), &head[5..], sealed)?;
         Ok(HEADER_LEN..end)
     }
 
@@ -144,18 +143,22 @@ impl Sealer {
         rand::rng().fill_bytes(&mut nonce);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(GenericArray::from_slice(&nonce), aad, buf)
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
             .map_err(|_| CacheError::TooLarge { len: buf.len() })?;
-        Ok((nonce, tag.into()))
+        let tag: [u8; TAG_LEN] = tag.as_ref().try_into().expect("a GCM tag is 16 bytes");
+        Ok((nonce, tag))
     }
 
-    /// Opens what [`Sealer::seal_parts`] sealed, in place.
-    pub(crate) fn open_parts(&self, aad: &[u8], nonce: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<(), OpenError> {
-        if nonce.len() != NONCE_LEN || tag.len() != TAG_LEN {
+    /// Opens what [`Sealer::seal_parts`] sealed, in place: `sealed` is the ciphertext with
+    /// its tag right after it, and holds the plaintext, then the tag, when it returns.
+    pub(crate) fn open_parts(&self, aad: &[u8], nonce: &[u8], sealed: &mut [u8]) -> Result<(), OpenError> {
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| OpenError::Short)?;
+        if sealed.len() < TAG_LEN {
             return Err(OpenError::Short);
         }
         self.cipher
-            .decrypt_in_place_detached(GenericArray::from_slice(nonce), aad, buf, GenericArray::from_slice(tag))
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), sealed)
+            .map(|_| ())
             .map_err(|_| OpenError::Tag)
     }
 
@@ -235,5 +238,39 @@ mod tests {
             assert!(s.open(&id(0), f).is_err(), "flip at {i}");
         }
         assert!(s.open(&id(0), sealed[..sealed.len() - 1].to_vec()).is_err());
+    }
+
+    /// The same bytes as the `aes-gcm` crate, the cipher these formats were first written
+    /// with: what it sealed opens here, and the other way round.
+    #[test]
+    fn same_bytes_as_the_aes_gcm_crate() {
+        use aes_gcm::aead::generic_array::GenericArray;
+        use aes_gcm::{AeadInPlace, Aes256Gcm, KeyInit};
+        let key = CacheKey::from_bytes([9; 32]);
+        let s = Sealer::new(&key);
+        let other = Aes256Gcm::new(GenericArray::from_slice(&key.seal_key()));
+        let plain: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let sealed = s.seal(&id(3), &plain).unwrap();
+        let (head, rest) = sealed.split_at(HEADER_LEN);
+        let (body, tag) = rest.split_at(plain.len());
+        let mut opened = body.to_vec();
+        other
+            .decrypt_in_place_detached(
+                GenericArray::from_slice(&head[5..]),
+                &Sealer::aad(&id(3)),
+                &mut opened,
+                GenericArray::from_slice(tag),
+            )
+            .unwrap();
+        assert_eq!(opened, plain);
+        let mut theirs = sealed[..HEADER_LEN].to_vec();
+        let mut body = plain.clone();
+        let tag = other
+            .encrypt_in_place_detached(GenericArray::from_slice(&head[5..]), &Sealer::aad(&id(3)), &mut body)
+            .unwrap();
+        theirs.extend_from_slice(&body);
+        theirs.extend_from_slice(&tag);
+        assert_eq!(theirs, sealed, "same nonce, same bytes");
+        assert_eq!(s.open(&id(3), theirs).unwrap(), plain);
     }
 }

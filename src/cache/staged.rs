@@ -196,14 +196,13 @@ impl SealedFile {
                 continue;
             }
             let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
-            let (body, tag) = rest[8..].split_at_mut(8);
-            let ok =
-                seq % 2 == slot as u64 && self.sealer.open_parts(&self.aad(b'L', 0, seq), nonce, body, tag).is_ok();
+            let sealed = &mut rest[8..];
+            let ok = seq % 2 == slot as u64 && self.sealer.open_parts(&self.aad(b'L', 0, seq), nonce, sealed).is_ok();
             if !ok {
                 failed = true;
                 continue;
             }
-            let len = u64::from_le_bytes(body[..8].try_into().unwrap_or_default());
+            let len = u64::from_le_bytes(sealed[..8].try_into().unwrap_or_default());
             if best.is_none_or(|(_, s)| seq > s) {
                 best = Some((len, seq));
             }
@@ -245,8 +244,7 @@ impl SealedFile {
             return Ok(None);
         }
         let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
-        let (body, tag) = rest[8..].split_at_mut(STAGE_BLOCK as usize);
-        if self.sealer.open_parts(&self.aad(b'B', index, seq), nonce, body, tag).is_err() {
+        if self.sealer.open_parts(&self.aad(b'B', index, seq), nonce, &mut rest[8..]).is_err() {
             return Ok(None);
         }
         buf.truncate(SLOT_HEAD + STAGE_BLOCK as usize);

@@ -173,10 +173,9 @@ impl StateDb {
             return Err(StateError::Sealed);
         }
         let mut buf = sealed.to_vec();
-        let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
-        let (body, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
-        self.sealer.open_parts(&aad(table, id), nonce, body, tag).map_err(|_| StateError::Sealed)?;
-        Ok(serde_json::from_slice(body)?)
+        let (nonce, sealed) = buf.split_at_mut(NONCE_LEN);
+        self.sealer.open_parts(&aad(table, id), nonce, sealed).map_err(|_| StateError::Sealed)?;
+        Ok(serde_json::from_slice(&sealed[..sealed.len() - TAG_LEN])?)
     }
 
     pub fn load<I: DeserializeOwned, O: DeserializeOwned>(&self) -> Result<Loaded<I, O>, StateError> {

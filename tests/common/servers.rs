@@ -948,8 +948,8 @@ impl Emulator {
         let to_sign = format!(
             "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{path}\nrestype:container"
         );
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64.decode(AZURITE_KEY).unwrap());
-        let sig = b64.encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref());
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &b64.decode(AZURITE_KEY).unwrap());
+        let sig = b64.encode(aws_lc_rs::hmac::sign(&key, to_sign.as_bytes()).as_ref());
         let auth = format!("SharedKey {AZURITE_ACCOUNT}:{sig}");
         let headers = [("x-ms-date", date.as_str()), ("x-ms-version", version), ("Authorization", auth.as_str())];
         match http(self.port, "PUT", &format!("{path}?restype=container"), &headers, b"") {
