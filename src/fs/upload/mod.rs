@@ -43,11 +43,14 @@ pub struct Uploader {
     flush_kick: Notify,
     /// Flush requests: while non-zero the uploader ignores `upload_delay`.
     urgent: AtomicU64,
+    /// Multipart parts held in memory, in MiB, shared by every upload under way.
+    part_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Uploader {
     pub fn new(core: Arc<Core>) -> Uploader {
-        Uploader { core, upload_done: Notify::new(), flush_kick: Notify::new(), urgent: AtomicU64::new(0) }
+        let part_budget = Arc::new(tokio::sync::Semaphore::new((put::PART_BUDGET >> 20) as usize));
+        Uploader { core, upload_done: Notify::new(), flush_kick: Notify::new(), urgent: AtomicU64::new(0), part_budget }
     }
 
     /// Runs until `stop` resolves, then lets the uploads under way end and returns

@@ -9,9 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{
-    GetOptions, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
-};
+use object_store::{GetOptions, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, UpdateVersion};
 
 use super::Uploader;
 use crate::cache::SealedFile;
@@ -21,6 +19,22 @@ use crate::fs::staging::{BlockWriter, Snapshot};
 use crate::fs::types::{ConflictRecord, Ino, Inode, Remote, Seq};
 use crate::layout::{self, PosixAttrs};
 use crate::state::Batch;
+
+/// The smallest multipart part (S3 wants 5 MiB for every part but the last).
+pub const MIN_PART: u64 = 8 << 20;
+/// Parts in memory at once, across every upload under way (in MiB-sized permits).
+pub const PART_BUDGET: u64 = 64 << 20;
+
+/// S3's largest part.
+const MAX_PART: u64 = 5 << 30;
+
+/// The part size for a file of `size` bytes: [`MIN_PART`], or larger (in whole MiB) for
+/// files so big that 8 MiB parts would pass S3's limit of 10,000 parts. A part larger than
+/// the budget takes all of it.
+pub fn part_size(size: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    size.div_ceil(9_000).div_ceil(MIB).saturating_mul(MIB).clamp(MIN_PART, MAX_PART)
+}
 
 /// What a conditional put found.
 pub(crate) enum PutError {
@@ -281,6 +295,98 @@ impl Uploader {
         Ok(())
     }
 
+    /// A multipart upload of `content` at `path`: parts of [`part_size`] read one after
+    /// another and sent while the next are read, as many at once as the shared part
+    /// budget has room for (so 16 large files going up together hold at most
+    /// [`PART_BUDGET`] of parts in memory, or one part, for files whose parts are larger).
+    /// Any part failing aborts the whole upload.
+    async fn put_parts(
+        &self,
+        path: &Path,
+        opts: PutMultipartOptions,
+        content: &Content,
+    ) -> Result<object_store::PutResult, PutError> {
+        let size = content.size();
+        let part = part_size(size);
+        let mut upload = self.core.store.put_multipart_opts(path, opts).await?;
+        // Parts run as tasks of their own, so they go on while the next part is read (and
+        // while it waits for room); the set aborts them if it is dropped.
+        let mut in_flight = tokio::task::JoinSet::new();
+        let joined = |r: Result<object_store::Result<()>, tokio::task::JoinError>| -> Result<(), PutError> {
+            r.map_err(|e| FsError::Io(std::io::Error::other(e)))?.map_err(PutError::from)
+        };
+        let mut offset = 0u64;
+        let result: Result<(), PutError> = async {
+            while offset < size {
+                let len = part.min(size - offset);
+                let permit = Arc::clone(&self.part_budget)
+                    .acquire_many_owned(len.div_ceil(1 << 20).min(PART_BUDGET >> 20) as u32)
+                    .await
+                    .map_err(|e| object_store::Error::Generic { store: "parts", source: e.into() })?;
+                let data = match content {
+                    Content::Bytes { data, .. } => data.slice(offset as usize..(offset + len) as usize),
+                    Content::File { file, .. } => {
+                        let f = Arc::clone(file);
+                        let at = offset;
+                        tokio::task::spawn_blocking(move || {
+                            let mut buf = vec![0u8; len as usize];
+                            let n = f.read_at(&mut buf, at)?;
+                            if n as u64 != len {
+                                return Err(std::io::Error::other(format!(
+                                    "the snapshot ended at {} bytes, {size} expected",
+                                    at + n as u64
+                                )));
+                            }
+                            Ok(Bytes::from(buf))
+                        })
+                        .await
+                        .map_err(|e| object_store::Error::Generic { store: "parts", source: e.into() })?
+                        .map_err(|e| object_store::Error::Generic { store: "parts", source: e.into() })?
+                    }
+                };
+                offset += len;
+                let put = upload.put_part(data.into());
+                in_flight.spawn(async move {
+                    let r = put.await;
+                    drop(permit);
+                    r
+                });
+                // Reap what has finished, without waiting for what has not.
+                while let Some(r) = in_flight.try_join_next() {
+                    joined(r)?;
+                }
+                let cut_short = offset < size
+                    && (|| {
+                        fail::fail_point!("upload-multipart-middle", |_| true);
+                        false
+                    })();
+                if cut_short {
+                    // A part goes up first; the upload is never completed.
+                    if let Some(r) = in_flight.join_next().await {
+                        joined(r)?;
+                    }
+                    return Err(PutError::Other(FsError::Halted("upload-multipart-middle")));
+                }
+            }
+            while let Some(r) = in_flight.join_next().await {
+                joined(r)?;
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(upload.complete().await?),
+            Err(PutError::Other(FsError::Halted(at))) => Err(PutError::Other(FsError::Halted(at))),
+            Err(e) => {
+                drop(in_flight);
+                if let Err(abort) = upload.abort().await {
+                    tracing::debug!(%path, "aborting a failed multipart upload: {abort}");
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Writes `content` at `key` only if the object there is still `base` (or absent when
     /// `base` is None). Uses the store's conditional writes where the probe found them, and
     /// compare-then-write elsewhere (a race window: see docs/SEMANTICS.md). An object there
@@ -363,41 +469,11 @@ impl Uploader {
         } else {
             PutMode::Overwrite
         };
-        let res = if multipart {
+        if multipart {
             let opts = PutMultipartOptions { attributes, ..Default::default() };
-            let upload = self.core.store.put_multipart_opts(&path, opts).await?;
-            let mut writer = WriteMultipart::new_with_chunk_size(upload, 16 << 20);
-            match content {
-                Content::Bytes { data, .. } => writer.put(data.clone()),
-                Content::File { file, .. } => {
-                    let mut offset = 0u64;
-                    loop {
-                        let f = Arc::clone(file);
-                        let chunk = tokio::task::spawn_blocking(move || {
-                            let mut buf = vec![0u8; 8 << 20];
-                            let n = f.read_at(&mut buf, offset)?;
-                            buf.truncate(n);
-                            Ok::<_, std::io::Error>(buf)
-                        })
-                        .await
-                        .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
-                        if chunk.is_empty() {
-                            break;
-                        }
-                        offset += chunk.len() as u64;
-                        writer.wait_for_capacity(4).await?;
-                        writer.put(chunk.into());
-                        if offset > 16 << 20 {
-                            // At least one part has gone up; the upload is never completed.
-                            fail::fail_point!("upload-multipart-middle", |_| {
-                                Err(PutError::Other(FsError::Halted("upload-multipart-middle")))
-                            });
-                        }
-                    }
-                }
-            }
-            writer.finish().await
-        } else {
+            return self.put_parts(&path, opts, content).await;
+        }
+        let res = {
             let payload = match content {
                 Content::Bytes { data, .. } => PutPayload::from_bytes(data.clone()),
                 Content::File { file, .. } => {
@@ -453,5 +529,23 @@ impl Uploader {
             return Ok(Claim::Rebase(remote_of(&meta)));
         }
         Ok(Claim::Theirs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_whole_mib_at_least_the_minimum_and_at_most_10000() {
+        assert_eq!(part_size(33 << 20), MIN_PART);
+        assert_eq!(part_size(70 << 30), MIN_PART);
+        for size in [1u64 << 20, 300 << 20, 71 << 30, 100 << 30, 640 << 30, 5 << 40] {
+            let p = part_size(size);
+            assert!((MIN_PART..=MAX_PART).contains(&p) && p.is_multiple_of(1 << 20), "{size}: {p}");
+            assert!(size.div_ceil(p) <= 10_000, "{size} in {} parts of {p}", size.div_ceil(p));
+        }
+        assert_eq!(part_size(100 << 30), 12 << 20);
+        assert_eq!(part_size(1 << 50), MAX_PART);
     }
 }
