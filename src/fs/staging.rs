@@ -25,6 +25,11 @@ pub struct Staging {
     sealer: Arc<Sealer>,
     open: Mutex<Open>,
     usage: Mutex<Usage>,
+    /// Staging files were created or moved into place since the folder's last sync began.
+    dir_changed: std::sync::atomic::AtomicBool,
+    /// Held through a sync of the folder: one that finds nothing to do waits for one under
+    /// way, which covers what it would have.
+    dir_sync: Mutex<()>,
 }
 
 /// The staging files open now (at most [`MAX_OPEN`] that nobody else holds), and the
@@ -97,7 +102,15 @@ impl Staging {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         let usage = Usage { at: std::time::Instant::now() - USAGE_REFRESH, bytes: 0, added: 0 };
-        Ok(Self { dir, tmp, sealer, open: Mutex::new(Open::default()), usage: Mutex::new(usage) })
+        Ok(Self {
+            dir,
+            tmp,
+            sealer,
+            open: Mutex::new(Open::default()),
+            usage: Mutex::new(usage),
+            dir_changed: std::sync::atomic::AtomicBool::new(true),
+            dir_sync: Mutex::new(()),
+        })
     }
 
     fn path(&self, ino: Ino) -> PathBuf {
@@ -122,8 +135,13 @@ impl Staging {
         Ok(open.insert(ino, f))
     }
 
+    fn dir_changed(&self) {
+        self.dir_changed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn create_empty(&self, ino: Ino) -> std::io::Result<Arc<SealedFile>> {
         let f = Arc::new(SealedFile::create(&self.path(ino), Arc::clone(&self.sealer))?);
+        self.dir_changed();
         Ok(self.lock().insert(ino, f))
     }
 
@@ -136,6 +154,7 @@ impl Staging {
 
     pub fn install(&self, ino: Ino, tmp: &Path, file: SealedFile) -> std::io::Result<Arc<SealedFile>> {
         std::fs::rename(tmp, self.path(ino))?;
+        self.dir_changed();
         let f = Arc::new(file);
         Ok(self.lock().insert(ino, f))
     }
@@ -186,9 +205,20 @@ impl Staging {
         }
     }
 
-    /// Makes file creations and renames in the staging folder durable.
+    /// Makes file creations and renames in the staging folder durable: one fsync of the
+    /// folder, skipped when none was made since the last (a file written and synced again
+    /// and again, a database's, costs its own fdatasync only). Removals need none: a file
+    /// left by a crash belongs to no inode and goes at the next start.
     pub fn sync_dir(&self) -> std::io::Result<()> {
-        File::open(&self.dir)?.sync_all()
+        use std::sync::atomic::Ordering::SeqCst;
+        let _one = self.dir_sync.lock().unwrap_or_else(|e| e.into_inner());
+        if self.dir_changed.swap(false, SeqCst)
+            && let Err(e) = File::open(&self.dir).and_then(|d| d.sync_all())
+        {
+            self.dir_changed.store(true, SeqCst);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Bytes of staged contents (the files' lengths; on disk, each block takes two slots
