@@ -12,89 +12,39 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${AUTOSYNC_BIN:-$root/target/release/autosync}   # AUTOSYNC_BIN: another build
-die() { echo "benches/fio.sh: $*" >&2; exit 1; }
+me=benches/fio.sh
+source "$root/benches/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "run it as root (it mounts, and writes /proc/sys/vm/drop_caches)"
-command -v fio > /dev/null || die "fio not found: apt-get install -y fio"
-command -v rclone > /dev/null || die "rclone not found: apt-get install -y rclone"
-command -v jq > /dev/null || die "jq not found: apt-get install -y jq"
-garage=${AUTOSYNC_GARAGE:-$HOME/.cargo/bin/garage}
-[ -x "$garage" ] || garage=$(command -v garage) ||
-  die "garage not found: cargo install garage --locked --version 2.5.0 (or set AUTOSYNC_GARAGE)"
+need fio; need rclone; need jq; need bc
+find_garage
 [ -x "$bin" ] || die "no release build at $bin: cargo build --release"
 python=$root/.ci/venv/bin/python
 "$python" -c 'import boto3' 2> /dev/null || python=""   # boto3 reference is optional
 
 work=$(mktemp -d /var/tmp/autosync-fio.XXXXXX)
 mnt="$work/mnt"
-garage_pid="" sampler_pid=""
+sampler_pid=""
 cleanup() {
   set +e
   [ -n "$sampler_pid" ] && kill "$sampler_pid" 2> /dev/null
   if mountpoint -q "$mnt"; then
     timeout 60 "$bin" unmount "$mnt" --state-dir "$work/state" > /dev/null 2>&1 || umount -l "$mnt"
   fi
-  [ -n "$garage_pid" ] && kill "$garage_pid" 2> /dev/null && wait "$garage_pid" 2> /dev/null
+  stop_garage
   rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 40000))
-    ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return; }
-  done
-}
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-now() { date +%s.%N; }
-mbps() { echo "scale=1; $1 / ($2) / 1000000" | bc -l; }       # bytes, seconds -> MB/s
-ratio() { echo "scale=2; $1 / $2" | bc -l | sed 's/^\./0./'; }
 GiB=$((1 << 30))
 
-# ---- a single-node Garage, as tests/common/servers.rs starts it ----------------------------
-s3_port=$(free_port); rpc_port=$(free_port)
-while [ "$rpc_port" = "$s3_port" ]; do rpc_port=$(free_port); done
-mkdir -p "$work/garage" "$mnt" "$work/plain"
-cat > "$work/garage/garage.toml" << EOF
-metadata_dir = "$work/garage/meta"
-data_dir = "$work/garage/data"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:$rpc_port"
-rpc_public_addr = "127.0.0.1:$rpc_port"
-rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:$s3_port"
-root_domain = ".s3.garage.localhost"
-EOF
-g() { RUST_LOG=warn "$garage" -c "$work/garage/garage.toml" "$@"; }
-RUST_LOG=garage=warn NO_COLOR=1 "$garage" -c "$work/garage/garage.toml" server > "$work/garage/log" 2>&1 &
-garage_pid=$!
-for _ in $(seq 300); do g status > /dev/null 2>&1 && break; kill -0 "$garage_pid" 2> /dev/null ||
-  die "garage exited at start: $(tail -3 "$work/garage/log")"; sleep 0.1; done
-g status > /dev/null 2>&1 || die "garage did not answer its CLI within 30 s"
-node=$(g node id -q | cut -d@ -f1)
-g layout assign -z dc1 -c 10G "$node" > /dev/null
-g layout apply --version 1 > /dev/null
-key=$(g key create autosync-bench)
-key_id=$(awk -F: '$1 ~ /Key ID/ {gsub(/ /, "", $2); print $2}' <<< "$key")
-secret=$(awk -F: '$1 ~ /Secret key/ {gsub(/ /, "", $2); print $2}' <<< "$key")
+# ---- a single-node Garage (benches/lib.sh) --------------------------------------------------
+mkdir -p "$mnt" "$work/plain"
+start_garage "$work/garage"
 bucket=bench
-g bucket create "$bucket" > /dev/null
-g bucket allow --read --write --owner "$bucket" --key autosync-bench > /dev/null
-endpoint="http://127.0.0.1:$s3_port"
-
-unset AWS_CA_BUNDLE AWS_PROFILE AWS_SESSION_TOKEN AWS_ENDPOINT_URL
-export AWS_ACCESS_KEY_ID=$key_id AWS_SECRET_ACCESS_KEY=$secret AWS_REGION=garage AWS_DEFAULT_REGION=garage
-export AWS_REQUEST_CHECKSUM_CALCULATION=when_required AWS_RESPONSE_CHECKSUM_VALIDATION=when_required
+garage_bucket "$bucket"
 # rclone's remote `gar:` from the environment.
-export RCLONE_CONFIG_GAR_TYPE=s3 RCLONE_CONFIG_GAR_PROVIDER=Other RCLONE_CONFIG_GAR_ENDPOINT=$endpoint \
-  RCLONE_CONFIG_GAR_ACCESS_KEY_ID=$key_id RCLONE_CONFIG_GAR_SECRET_ACCESS_KEY=$secret \
-  RCLONE_CONFIG_GAR_REGION=garage RCLONE_CONFIG_GAR_FORCE_PATH_STYLE=true
+rclone_remote gar "$endpoint"
 
 # ---- the 1 GiB object (random data), put by rclone; the same bytes in a plain folder ------
 head -c $GiB /dev/urandom > "$work/plain/file"
@@ -116,7 +66,6 @@ unmount_fs() {
   for _ in $(seq 600); do kill -0 "$pid" 2> /dev/null || return 0; sleep 0.05; done
   die "the daemon ($pid) still runs 30 s after autosync unmount"
 }
-cpu_of() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat"; }   # CPU s
 mark() { c0=$(cpu_of "$pid"); g0=$(cpu_of "$garage_pid"); }   # before a job: CPU of daemon, Garage
 # fio_job NAME FILE ARGS...: runs one fio job, sets $mb (MB/s) and $iops. --invalidate=0: the
 # job itself never drops the file's page cache; the caller decides (drop_caches or not).
@@ -137,7 +86,6 @@ row() { printf '%-56s %8s %8s %8s %8s\n' "$1" "$2" "${3:-}" "${4:-}" "${5:-}"; }
 used() { printf '%.1f' "$(echo "$(cpu_of "$1") - $2" | bc)"; }
 # mrow LABEL: a row for a job on the mount, with the CPU seconds of the daemon and Garage since `mark`
 mrow() { row "$1" "$mb" "$iops" "$(used "$pid" "$c0")" "$(used "$garage_pid" "$g0")"; }
-builds() { local n; n=$(pgrep -c rustc || true); [ "$n" -gt 0 ] && echo "  (note: $n rustc running)" || true; }
 
 echo "machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)," \
   "$(free -g | awk '/Mem/{print $2}') GiB RAM, $(uname -r), fio $(fio --version | sed 's/fio-//')," \
