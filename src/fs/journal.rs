@@ -38,7 +38,8 @@ pub struct Queued {
 pub struct Running {
     /// The inode a `Sync` uploads.
     pub ino: Option<Ino>,
-    /// What it touched when it started (its keys may move while it runs).
+    /// Its keys when it started, and those [`Queue::refit`] added when it planned (a rename
+    /// may move them meanwhile).
     pub footprint: Footprint,
     /// Keys it is writing right now: a listing may already show them, but they are not
     /// someone else's new objects.

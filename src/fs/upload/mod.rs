@@ -1,10 +1,10 @@
-//! The uploader: takes changes from the journal (up to `--transfers` at once; changes that
-//! touch one key, or keys above or below each other, keep their order: see
-//! [`Footprint`](super::journal::Footprint)) and turns each into store calls: a folder's marker, a snapshot of a file put
-//! conditionally (`put.rs`), a server-side move, a checked delete. A change whose base is no
-//! longer what the bucket holds goes to the conflicts part (`super::conflict`). Errors keep
-//! the change in its place in line, retried with capped backoff; it holds up only the
-//! changes that overlap it.
+//! The uploader: takes changes from the journal (up to `--transfers` at once; changes
+//! that touch one key, or keys above or below each other, keep their order: see
+//! [`Footprint`](super::journal::Footprint)) and turns each into store calls: a folder's
+//! marker, a snapshot of a file put conditionally (`put.rs`), a server-side move, a
+//! checked delete. A change whose base is no longer what the bucket holds goes to the
+//! conflicts part (`super::conflict`). Errors keep the change in its place in line,
+//! retried with capped backoff; it holds up only the changes that overlap it.
 //!
 //! It owns the flush requests and the signal of a finished attempt. It never changes what a
 //! local file contains (but for a merge, which the conflicts part installs), and it applies
@@ -110,8 +110,11 @@ impl Uploader {
         match result {
             Err(FsError::Halted(at)) => tracing::warn!(at, "uploader stopped at a failpoint"),
             Ok(()) => {
-                core.queue().ended(seq);
-                let none_failing = core.queue().failing().next().is_none();
+                let none_failing = {
+                    let mut q = core.queue();
+                    q.ended(seq);
+                    q.failing().next().is_none()
+                };
                 if none_failing {
                     core.counters().last_error = None;
                 }

@@ -25,6 +25,11 @@ pub const MIN_PART: u64 = 8 << 20;
 /// Parts in memory at once, across every upload under way (in MiB-sized permits).
 pub const PART_BUDGET: u64 = 64 << 20;
 
+/// A failure of this process's own machinery (a task, the part budget), not the store's.
+fn local(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> PutError {
+    PutError::Other(FsError::Io(std::io::Error::other(e)))
+}
+
 /// S3's largest part.
 const MAX_PART: u64 = 5 << 30;
 
@@ -313,7 +318,7 @@ impl Uploader {
         // while it waits for room); the set aborts them if it is dropped.
         let mut in_flight = tokio::task::JoinSet::new();
         let joined = |r: Result<object_store::Result<()>, tokio::task::JoinError>| -> Result<(), PutError> {
-            r.map_err(|e| FsError::Io(std::io::Error::other(e)))?.map_err(PutError::from)
+            r.map_err(local)?.map_err(PutError::from)
         };
         let mut offset = 0u64;
         let result: Result<(), PutError> = async {
@@ -322,7 +327,7 @@ impl Uploader {
                 let permit = Arc::clone(&self.part_budget)
                     .acquire_many_owned(len.div_ceil(1 << 20).min(PART_BUDGET >> 20) as u32)
                     .await
-                    .map_err(|e| object_store::Error::Generic { store: "parts", source: e.into() })?;
+                    .map_err(local)?;
                 let data = match content {
                     Content::Bytes { data, .. } => data.slice(offset as usize..(offset + len) as usize),
                     Content::File { file, .. } => {
@@ -340,8 +345,8 @@ impl Uploader {
                             Ok(Bytes::from(buf))
                         })
                         .await
-                        .map_err(|e| object_store::Error::Generic { store: "parts", source: e.into() })?
-                        .map_err(|e| object_store::Error::Generic { store: "parts", source: e.into() })?
+                        .map_err(local)?
+                        .map_err(FsError::Io)?
                     }
                 };
                 offset += len;
@@ -376,7 +381,8 @@ impl Uploader {
         .await;
         match result {
             Ok(()) => Ok(upload.complete().await?),
-            Err(PutError::Other(FsError::Halted(at))) => Err(PutError::Other(FsError::Halted(at))),
+            // Stopped at a failpoint, as by a crash: nothing is cleaned up.
+            Err(e @ PutError::Other(FsError::Halted(_))) => Err(e),
             Err(e) => {
                 drop(in_flight);
                 if let Err(abort) = upload.abort().await {
