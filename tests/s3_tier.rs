@@ -812,6 +812,7 @@ fn garage3_a_node_dies_in_the_middle_of_a_workload() {
     let m = fx.mount(&server, "s3://quorum", "1", "a");
     let killed = AtomicBool::new(false);
     let (writer_at, reader_at) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let pending_at_kill_point = std::sync::Mutex::new(None);
     let wait_for_kill =
         || wait_for("the node to be killed", Duration::from_secs(120), || killed.load(Ordering::SeqCst).then_some(()));
     let started = Instant::now();
@@ -857,6 +858,10 @@ fn garage3_a_node_dies_in_the_middle_of_a_workload() {
                     assert!(read(&fx.m(&earlier(7))) == *data, "{} reads back wrong", earlier(7));
                 }
                 after.record(&killed, t);
+                if i + 1 == WRITER_KILL_AT {
+                    // big.bin just closed: its upload waits out the upload delay.
+                    *pending_at_kill_point.lock().unwrap() = m.status_json()["pending_ops"].as_u64();
+                }
                 writer_at.store(i + 1, Ordering::SeqCst);
             }
             (want, after)
@@ -880,15 +885,16 @@ fn garage3_a_node_dies_in_the_middle_of_a_workload() {
         });
 
         // The kill comes once both threads are there and the multipart upload of big.bin has
-        // begun, as the log of the node autosync talks to shows. What is pending is taken
-        // when they get there, big.bin just closed (its upload waits out the upload delay):
-        // uploads run in parallel, and the rest may be in the bucket by the time of the kill.
+        // begun, as the log of the node autosync talks to shows. What is pending is taken by
+        // the writer when it gets there: uploads run in parallel, and while the reader is on
+        // its way the rest may reach the bucket before the kill.
         let garage_log = || fs::read_to_string(&autosync_node.log).unwrap_or_default();
-        let pending = wait_for("the workload to reach the kill point", Duration::from_secs(120), || {
+        wait_for("the workload to reach the kill point", Duration::from_secs(120), || {
             let there = writer_at.load(Ordering::SeqCst) >= WRITER_KILL_AT
                 && reader_at.load(Ordering::SeqCst) >= READER_KILL_AT;
-            (there || writer.is_finished() || reader.is_finished()).then(|| m.status_json()["pending_ops"].as_u64())
+            (there || writer.is_finished() || reader.is_finished()).then_some(())
         });
+        let pending = *pending_at_kill_point.lock().unwrap();
         wait_for("the multipart upload of big.bin", Duration::from_secs(120), || {
             garage_log().contains("POST /quorum/new/big.bin?uploads").then_some(())
         });
