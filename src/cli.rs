@@ -564,6 +564,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     st.pending_ops, st.pending_bytes, st.uploading
                 );
                 println!("uploaded:        {}", st.uploads_done);
+                println!("uploaded bytes:  {} sent, {} copied in the bucket", st.bytes_sent, st.bytes_copied);
                 println!("conflicts:       {}", st.conflicts);
                 println!("staged on disk:  {} bytes", st.staged_bytes);
                 println!("last error:      {}", st.last_error.as_deref().unwrap_or("none"));

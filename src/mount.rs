@@ -290,7 +290,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let _ = std::fs::set_permissions(&cache_dir, std::fs::Permissions::from_mode(0o700));
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("autosync").build()?;
-    let (store, raw_lister) = source.build(&opts.endpoint)?;
+    let (store, s3_extras) = source.build(&opts.endpoint)?;
     let store = crate::store::retry::RetryStore::wrap(store, Default::default());
     rt.block_on(check_bucket(&store, &source, &opts.endpoint))?;
     let (caps, write_error) = rt.block_on(probe_caps(&store, source.prefix()));
@@ -330,8 +330,9 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let fs = Fs::open_state(store, source.prefix(), &state_dir, &cache_dir, cfg, caps)
         .map_err(|e| anyhow!("cannot open the mount state in {}: {e}", state_dir.display()))?;
 
-    if let Some(l) = raw_lister {
-        fs.set_raw_lister(l);
+    if let Some(x) = s3_extras {
+        fs.set_raw_lister(x.lister);
+        fs.set_part_copier(x.parts);
     }
     if let Some(e) = write_error {
         fs.note_error(format!("test write at mount refused: {}", short_error(&e)));

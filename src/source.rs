@@ -13,10 +13,13 @@ use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::memory::InMemory;
 
+use crate::store::S3Extras;
 use crate::store::Store;
 use crate::store::compat::{AzureMetaNames, GcsGeneration};
 use crate::store::local::LocalAttrStore;
-use crate::store::s3list::{RawS3Lister, SharedLister};
+use crate::store::s3list::RawS3Lister;
+use crate::store::s3parts::S3Parts;
+use crate::store::s3raw::RawS3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -162,8 +165,9 @@ impl Source {
         }
     }
 
-    /// The store, and for S3 a raw lister for folders holding keys object_store refuses.
-    pub fn build(&self, ep: &Endpoint) -> Result<(Store, Option<SharedLister>), SourceError> {
+    /// The store, and for S3 what it offers beyond object_store's calls (a raw lister for
+    /// folders holding keys object_store refuses, multipart uploads with copied parts).
+    pub fn build(&self, ep: &Endpoint) -> Result<(Store, Option<S3Extras>), SourceError> {
         let cfg = |e: object_store::Error| SourceError::Config(self.identity(), e.to_string());
         // Bounded retries so a dead endpoint fails a mount in seconds, not minutes; the
         // uploader has its own backoff loop on top for long outages.
@@ -182,9 +186,15 @@ impl Source {
                 if let Some(r) = &ep.region {
                     b = b.with_region(r);
                 }
-                let s3 = b.clone().build().map_err(cfg)?;
-                let lister = RawS3Lister::new(&b, Arc::clone(s3.credentials())).map(Arc::new);
-                return Ok((Arc::new(s3), lister));
+                let s3 = Arc::new(b.clone().build().map_err(cfg)?);
+                let extras = |creds: &_| {
+                    Some(S3Extras {
+                        lister: Arc::new(RawS3Lister::new(RawS3::new(&b, Arc::clone(creds))?)),
+                        parts: Arc::new(S3Parts::new(Arc::clone(&s3), RawS3::new(&b, Arc::clone(creds))?)),
+                    })
+                };
+                let extras = extras(s3.credentials());
+                return Ok((s3, extras));
             }
             Source::Gcs { bucket, .. } => {
                 let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).with_retry(retry);

@@ -373,6 +373,61 @@ fn random_writes_into_a_64_mib_file(backend: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4b. edits of a big file already in the bucket
+// ---------------------------------------------------------------------------------------------
+
+fn status_json(m: &Mount) -> serde_json::Value {
+    serde_json::from_str(&run_ok(m.cli("status").arg("--json")).stdout).expect("status JSON")
+}
+
+/// A 40 MiB file that another tool put into the bucket, edited through the mount: an append
+/// (`>>`), writes into it, a truncate. None of it is downloaded whole: the local copy holds
+/// the blocks written, and on S3 the bucket copies the unchanged ranges into the upload.
+fn edits_of_a_big_file_already_in_the_bucket(backend: Backend) {
+    let fx = Fixture::new("overbase", backend);
+    let mut rng = Rng(14);
+    let mut expected = rng.bytes((40 << 20) + 12_345);
+    fx.bucket.put("big.log", &expected);
+    let m = fx.mount();
+    let path = fx.m("big.log");
+    let append = format!("echo 'one more line' >> '{}'", path.display());
+    run_ok(sh("sh", &[&"-c", &append]));
+    expected.extend_from_slice(b"one more line\n");
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    for (off, len) in [(1_000u64, 10usize), (20 << 20, 5_000)] {
+        let data = rng.bytes(len);
+        f.write_all_at(&data, off).unwrap();
+        expected[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let staged = status_json(&m)["staged_bytes"].as_u64().unwrap();
+    assert!(staged < 4 << 20, "{staged} bytes staged for edits of a few KiB");
+    assert_eq!(hash_file(&path), blake3::hash(&expected), "the mount shows the edits over the bucket's bytes");
+    m.flush();
+    assert_eq!(blake3::hash(&fx.bucket.data("big.log")), blake3::hash(&expected), "the object after the edits");
+    let st = status_json(&m);
+    let (sent, copied) = (st["bytes_sent"].as_u64().unwrap(), st["bytes_copied"].as_u64().unwrap());
+    if matches!(backend, Backend::Moto | Backend::Garage | Backend::Garage3) {
+        assert!(copied >= 24 << 20 && sent <= 16 << 20, "S3: {sent} bytes sent, {copied} copied in the bucket");
+    } else {
+        assert_eq!(copied, 0);
+    }
+    // A truncate needs nothing of the file either; then a fresh mount reads the result.
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(30 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    expected.truncate(30 << 20);
+    m.flush();
+    m.unmount();
+    assert_eq!(blake3::hash(&fx.bucket.data("big.log")), blake3::hash(&expected), "the object after the truncate");
+    let m = fx.mount_with(&fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    assert_eq!(hash_file(&path), blake3::hash(&expected), "a fresh mount of the bucket");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------------
 // 5. renaming a folder of 1,000 files
 // ---------------------------------------------------------------------------------------------
 
@@ -1392,6 +1447,7 @@ against_every_backend!(
     git_clone_status_log_commit,
     sqlite_database_in_the_mount,
     random_writes_into_a_64_mib_file,
+    edits_of_a_big_file_already_in_the_bucket,
     rename_a_folder_of_1000_files,
     chmod_chown_touch_survive_remount,
     sigkill_then_remount_replays_the_journal,

@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 pub use key::{CREDENTIAL_NAME, CacheKey, KeySource, STATE_KEY_FILE};
 pub use seal::{BlockId, BlockName, FORMAT_VERSION, OVERHEAD, OpenError, Sealer};
-pub use staged::{STAGE_BLOCK, STAGE_VERSION, SealedFile};
+pub use staged::{Copied, STAGE_BLOCK, STAGE_VERSION, SealedFile, needed_block};
 
 /// The folder of the block cache inside the mount's cache dir.
 pub const BLOCKS_DIR: &str = "blocks";

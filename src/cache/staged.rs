@@ -1,8 +1,13 @@
 //! Sealed staging files: content not yet in the bucket, kept on local disk in 64 KiB blocks,
 //! each sealed with AES-256-GCM. A block is rewritten into the other of its two slots, so a
 //! write torn by a crash never destroys the version written before it. Small writes gather
-//! in one block kept in memory until another block, a resize or a sync needs it sealed. It
-//! knows bytes and offsets, not inodes or objects.
+//! in one block kept in memory until another block, a resize or a sync needs it sealed.
+//!
+//! A file may be sparse over a base: the first `base_len` bytes of every block never
+//! written here are the base's (the bucket's version the edit started from), which this
+//! module never holds. Reads report those ranges to the caller (`read_sparse`), and a
+//! partial write into such a block needs its base bytes first (`fill_block`). It knows
+//! bytes and offsets, not inodes or objects.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -18,22 +23,45 @@ use super::seal::{NONCE_LEN, Sealer, TAG_LEN};
 
 /// The first bytes of every staging file.
 pub const STAGE_MAGIC: [u8; 4] = *b"ASST";
-/// Bumped when the staging file layout or its AAD changes incompatibly.
-pub const STAGE_VERSION: u8 = 1;
+/// Bumped when the staging file layout or its AAD changes incompatibly. Version 1 files
+/// (no base length in the length record) still open, and never become sparse.
+pub const STAGE_VERSION: u8 = 2;
 /// Plaintext bytes per sealed block.
 pub const STAGE_BLOCK: u64 = 64 << 10;
 
 const ID_LEN: usize = 16;
 /// magic, version, 3 zero bytes, the file's random id.
 const HEAD_LEN: usize = 8 + ID_LEN;
-/// The two slots of the length record: nonce, sequence, sealed length (u64), tag.
+/// The two slots of the length record: nonce, sequence, sealed length and base length
+/// (u64 each; version 1: the length only), tag.
 const LEN_AT: [u64; 2] = [64, 128];
-const LEN_SLOT: usize = NONCE_LEN + 8 + 8 + TAG_LEN;
+const fn len_slot(version: u8) -> usize {
+    NONCE_LEN + 8 + len_plain(version) + TAG_LEN
+}
+const fn len_plain(version: u8) -> usize {
+    if version == 1 { 8 } else { 16 }
+}
 /// Blocks start on the second page.
 const DATA_START: u64 = 4096;
 /// A block slot: nonce, sequence, sealed block, tag.
 const SLOT_HEAD: usize = NONCE_LEN + 8;
 const SLOT: usize = SLOT_HEAD + STAGE_BLOCK as usize + TAG_LEN;
+
+/// The top bit of a block's sequence (version 2): the block's bytes below the file's base
+/// length are the base's, not the zeros its plaintext holds there (an append into the block
+/// the base ends in, which needs nothing of the base). In the AAD with the rest of it, so it
+/// cannot be set or cleared without the key.
+const BASE_PREFIX: u64 = 1 << 63;
+
+/// A block sequence without its flag.
+fn seq_no(raw: u64) -> u64 {
+    raw & !BASE_PREFIX
+}
+
+/// The next sequence of a block, keeping its flag.
+fn next_seq(raw: u64) -> u64 {
+    (seq_no(raw) + 1) | (raw & BASE_PREFIX)
+}
 
 /// Where the slot of block `index` holding sequence `seq` lives: even sequences in the
 /// first slot, odd ones in the second.
@@ -50,6 +78,32 @@ fn invalid(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
+/// A read or write reached bytes of the base, which this file does not hold: the caller
+/// brings them (`fill_block`, or the bucket's copy for a read).
+#[derive(Debug, thiserror::Error)]
+#[error("staged block {0} is the base's and not here yet")]
+pub struct NeedsBase(pub u64);
+
+fn needs_base(index: u64) -> io::Error {
+    io::Error::other(NeedsBase(index))
+}
+
+/// The block a [`NeedsBase`] error names, if it is one.
+pub fn needed_block(e: &io::Error) -> Option<u64> {
+    e.get_ref().and_then(|i| i.downcast_ref::<NeedsBase>()).map(|n| n.0)
+}
+
+/// A copy of a staging file (`copy_to`).
+pub struct Copied {
+    pub file: SealedFile,
+    pub len: u64,
+    /// The copy's base length: 0 when it holds all of its content.
+    pub base_len: u64,
+    /// blake3 (hex) of the content when it is all here; of the length, the base length and
+    /// the blocks held here (each with its index) otherwise.
+    pub hash: String,
+}
+
 /// A block being written in small pieces: its plaintext, sealed when left.
 #[derive(Debug)]
 struct Pending {
@@ -63,6 +117,9 @@ struct Pending {
 struct State {
     /// The plaintext length, with writes not yet recorded on disk.
     len: u64,
+    /// Bytes from the start that blocks never written here take from the base; never more
+    /// than `len`. Recorded with the length.
+    base_len: u64,
     /// `len` differs from the length record on disk.
     len_dirty: bool,
     len_seq: u64,
@@ -76,6 +133,8 @@ struct State {
 pub struct SealedFile {
     file: File,
     id: [u8; ID_LEN],
+    /// The file's format version (1 or [`STAGE_VERSION`]), in its AAD.
+    version: u8,
     sealer: Arc<Sealer>,
     state: Mutex<State>,
 }
@@ -89,6 +148,11 @@ impl std::fmt::Debug for SealedFile {
 impl SealedFile {
     /// Creates an empty staging file at `path`, replacing any file there.
     pub fn create(path: &Path, sealer: Arc<Sealer>) -> io::Result<SealedFile> {
+        Self::create_sparse(path, sealer, 0)
+    }
+
+    /// Creates a staging file of `len` bytes, all of them the base's until written here.
+    pub fn create_sparse(path: &Path, sealer: Arc<Sealer>, len: u64) -> io::Result<SealedFile> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(path)?;
         let mut id = [0u8; ID_LEN];
         rand::rng().fill_bytes(&mut id);
@@ -97,15 +161,19 @@ impl SealedFile {
         head[4] = STAGE_VERSION;
         head[8..].copy_from_slice(&id);
         file.write_all_at(&head, 0)?;
-        let f = SealedFile { file, id, sealer, state: Mutex::new(State::default()) };
-        f.write_len(&mut f.lock(), 0)?;
+        let f = SealedFile { file, id, version: STAGE_VERSION, sealer, state: Mutex::new(State::default()) };
+        {
+            let mut st = f.lock();
+            st.base_len = len;
+            f.write_len(&mut st, len)?;
+        }
         Ok(f)
     }
 
     /// Seals the block gathered in memory, if any.
     fn flush_pending(&self, st: &mut State) -> io::Result<()> {
         if let Some(p) = st.pending.take()
-            && let Err(e) = self.write_block(st, p.index, p.seq + 1, &p.plain)
+            && let Err(e) = self.write_block(st, p.index, next_seq(p.seq), &p.plain)
         {
             // Kept for the next flush (a full disk may have room again): a later `fsync`
             // must not report these bytes durable when they never reached the disk.
@@ -131,16 +199,18 @@ impl SealedFile {
         let mut head = [0u8; HEAD_LEN];
         file.read_exact_at(&mut head, 0)
             .map_err(|_| invalid(format!("{} is not a staging file (too short)", path.display())))?;
-        if head[..4] != STAGE_MAGIC || head[4] != STAGE_VERSION {
+        let version = head[4];
+        if head[..4] != STAGE_MAGIC || !(1..=STAGE_VERSION).contains(&version) {
             return Err(invalid(format!("{} is not a staging file of format {STAGE_VERSION}", path.display())));
         }
         let mut id = [0u8; ID_LEN];
         id.copy_from_slice(&head[8..]);
-        let f = SealedFile { file, id, sealer, state: Mutex::new(State::default()) };
-        let (len, len_seq) = f.read_len()?;
+        let f = SealedFile { file, id, version, sealer, state: Mutex::new(State::default()) };
+        let (len, base_len, len_seq) = f.read_len()?;
         {
             let mut st = f.lock();
             st.len = len;
+            st.base_len = base_len.min(len);
             st.len_seq = len_seq;
             if f.file.metadata()?.len() > physical_len(len) {
                 f.file.set_len(physical_len(len))?;
@@ -152,7 +222,7 @@ impl SealedFile {
                     && plain[tail..].iter().any(|&b| b != 0)
                 {
                     plain[tail..].fill(0);
-                    f.write_block(&mut st, index, seq + 1, &plain)?;
+                    f.write_block(&mut st, index, next_seq(seq), &plain)?;
                 }
             }
         }
@@ -172,10 +242,21 @@ impl SealedFile {
         self.len() == 0
     }
 
+    /// Bytes from the start that blocks not written here take from the base.
+    pub fn base_len(&self) -> u64 {
+        self.lock().base_len
+    }
+
+    /// The length less the bytes the base holds: about what the file holds here.
+    pub fn local_len(&self) -> u64 {
+        let st = self.lock();
+        st.len - st.base_len
+    }
+
     fn aad(&self, kind: u8, index: u64, seq: u64) -> [u8; 5 + ID_LEN + 1 + 16] {
         let mut aad = [0u8; 5 + ID_LEN + 1 + 16];
         aad[..4].copy_from_slice(&STAGE_MAGIC);
-        aad[4] = STAGE_VERSION;
+        aad[4] = self.version;
         aad[5..5 + ID_LEN].copy_from_slice(&self.id);
         aad[5 + ID_LEN] = kind;
         aad[6 + ID_LEN..14 + ID_LEN].copy_from_slice(&index.to_le_bytes());
@@ -183,11 +264,12 @@ impl SealedFile {
         aad
     }
 
-    fn read_len(&self) -> io::Result<(u64, u64)> {
-        let mut best: Option<(u64, u64)> = None;
+    /// The recorded length, base length and the record's sequence.
+    fn read_len(&self) -> io::Result<(u64, u64, u64)> {
+        let mut best: Option<(u64, u64, u64)> = None;
         let mut failed = false;
         for (slot, at) in LEN_AT.iter().enumerate() {
-            let mut buf = [0u8; LEN_SLOT];
+            let mut buf = vec![0u8; len_slot(self.version)];
             if self.file.read_exact_at(&mut buf, *at).is_err() {
                 continue;
             }
@@ -203,8 +285,12 @@ impl SealedFile {
                 continue;
             }
             let len = u64::from_le_bytes(sealed[..8].try_into().unwrap_or_default());
-            if best.is_none_or(|(_, s)| seq > s) {
-                best = Some((len, seq));
+            let base_len = match self.version {
+                1 => 0,
+                _ => u64::from_le_bytes(sealed[8..16].try_into().unwrap_or_default()),
+            };
+            if best.is_none_or(|(_, _, s)| seq > s) {
+                best = Some((len, base_len, seq));
             }
         }
         match best {
@@ -214,19 +300,25 @@ impl SealedFile {
         }
     }
 
+    /// Records `len` (and `st.base_len`, cut to `len`).
     fn write_len(&self, st: &mut State, len: u64) -> io::Result<()> {
         let seq = st.len_seq + 1;
-        let mut buf = [0u8; LEN_SLOT];
+        let base_len = st.base_len.min(len);
+        let plain = len_plain(self.version);
+        let mut buf = vec![0u8; len_slot(self.version)];
+        let body = NONCE_LEN + 8..NONCE_LEN + 8 + plain;
         buf[NONCE_LEN..NONCE_LEN + 8].copy_from_slice(&seq.to_le_bytes());
-        buf[NONCE_LEN + 8..NONCE_LEN + 16].copy_from_slice(&len.to_le_bytes());
-        let (nonce, tag) = self
-            .sealer
-            .seal_parts(&self.aad(b'L', 0, seq), &mut buf[NONCE_LEN + 8..NONCE_LEN + 16])
-            .map_err(io::Error::other)?;
+        buf[body.start..body.start + 8].copy_from_slice(&len.to_le_bytes());
+        if plain == 16 {
+            buf[body.start + 8..body.end].copy_from_slice(&base_len.to_le_bytes());
+        }
+        let (nonce, tag) =
+            self.sealer.seal_parts(&self.aad(b'L', 0, seq), &mut buf[body.clone()]).map_err(io::Error::other)?;
         buf[..NONCE_LEN].copy_from_slice(&nonce);
-        buf[NONCE_LEN + 16..].copy_from_slice(&tag);
+        buf[body.end..].copy_from_slice(&tag);
         self.file.write_all_at(&buf, LEN_AT[(seq % 2) as usize])?;
         st.len = len;
+        st.base_len = base_len;
         st.len_dirty = false;
         st.len_seq = seq;
         Ok(())
@@ -278,7 +370,7 @@ impl SealedFile {
             }
             seqs.push(u64::from_le_bytes(head[NONCE_LEN..].try_into().unwrap_or_default()));
         }
-        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        seqs.sort_unstable_by_key(|&s| std::cmp::Reverse(seq_no(s)));
         let written = !seqs.is_empty();
         for seq in seqs {
             if let Some(plain) = self.open_slot(index, seq)? {
@@ -317,25 +409,208 @@ impl SealedFile {
         Ok(())
     }
 
-    /// Reads up to `buf.len()` bytes at `offset`; fewer only at the end of the file.
+    /// Reads up to `buf.len()` bytes at `offset`; fewer only at the end of the file. Bytes
+    /// of the base are an error ([`NeedsBase`]): see `read_sparse`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let (n, base) = self.read_sparse(buf, offset)?;
+        match base.first() {
+            Some(r) => Err(needs_base(r.start / STAGE_BLOCK)),
+            None => Ok(n),
+        }
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` (fewer only at the end of the file), and
+    /// returns, in file offsets, the ranges that are the base's: left as zeros in `buf`,
+    /// for the caller to fill from the base.
+    pub fn read_sparse(&self, buf: &mut [u8], offset: u64) -> io::Result<(usize, Vec<Range<u64>>)> {
         let mut st = self.lock();
         if offset >= st.len {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
         let end = (offset + buf.len() as u64).min(st.len);
+        let mut base: Vec<Range<u64>> = Vec::new();
         for (index, inside, at) in pieces(offset, end) {
-            let out = &mut buf[at];
-            if let Some(p) = st.pending.as_ref().filter(|p| p.index == index) {
+            let out = &mut buf[at.clone()];
+            let from_base = if let Some(p) = st.pending.as_ref().filter(|p| p.index == index) {
                 out.copy_from_slice(&p.plain[inside]);
+                p.seq & BASE_PREFIX != 0
             } else {
-                match self.load_block(&mut st, index)?.1 {
-                    Some(plain) => out.copy_from_slice(&plain[inside]),
-                    None => out.fill(0),
+                match self.load_block(&mut st, index)? {
+                    (seq, Some(plain)) => {
+                        out.copy_from_slice(&plain[inside]);
+                        seq & BASE_PREFIX != 0
+                    }
+                    (_, None) => {
+                        out.fill(0);
+                        true
+                    }
+                }
+            };
+            let from = offset + at.start as u64;
+            let to = (offset + at.end as u64).min(st.base_len);
+            if from_base && from < to {
+                match base.last_mut() {
+                    Some(last) if last.end == from => last.end = to,
+                    _ => base.push(from..to),
                 }
             }
         }
-        Ok((end - offset) as usize)
+        Ok(((end - offset) as usize, base))
+    }
+
+    /// Whether block `index` is held here (written, or filled from the base).
+    fn held(&self, st: &mut State, index: u64) -> io::Result<bool> {
+        if st.pending.as_ref().is_some_and(|p| p.index == index) {
+            return Ok(true);
+        }
+        if let Some(&seq) = st.seqs.get(&index) {
+            return Ok(seq > 0);
+        }
+        for slot in 0..2u64 {
+            let mut head = [0u8; SLOT_HEAD];
+            let n = read_full_at(&self.file, &mut head, slot_at(index, slot))?;
+            if n == SLOT_HEAD && head.iter().any(|&b| b != 0) {
+                return Ok(true);
+            }
+        }
+        st.seqs.insert(index, 0);
+        Ok(false)
+    }
+
+    /// The blocks held here, in order: those whose slots hold data (found through the
+    /// file's holes, where the filesystem tells them) and the block gathered in memory.
+    fn held_blocks(&self, st: &mut State) -> io::Result<Vec<u64>> {
+        use nix::unistd::{Whence, lseek};
+        let blocks = st.len.div_ceil(STAGE_BLOCK);
+        let span = 2 * SLOT as u64;
+        let fd = &self.file;
+        let mut candidates = Vec::new();
+        let mut pos = DATA_START as i64;
+        let end = physical_len(st.len) as i64;
+        while pos < end {
+            let Ok(data) = lseek(fd, pos, Whence::SeekData) else { break };
+            if data >= end {
+                break;
+            }
+            let hole = lseek(fd, data, Whence::SeekHole).unwrap_or(end).min(end);
+            let first = (data as u64 - DATA_START) / span;
+            let last = (hole as u64 - DATA_START).div_ceil(span);
+            let from = candidates.last().map_or(first, |&l: &u64| first.max(l + 1));
+            candidates.extend(from..last.min(blocks));
+            pos = hole.max(data + 1);
+        }
+        if let Some(p) = &st.pending {
+            candidates.push(p.index);
+            candidates.sort_unstable();
+            candidates.dedup();
+        }
+        let mut held = Vec::with_capacity(candidates.len());
+        for i in candidates {
+            if self.held(st, i)? {
+                held.push(i);
+            }
+        }
+        Ok(held)
+    }
+
+    /// The blocks that still take bytes from the base: not held here, or held with their
+    /// bytes below the base length the base's, within the base length.
+    pub fn base_blocks(&self) -> io::Result<Vec<u64>> {
+        let mut st = self.lock();
+        let held: std::collections::HashSet<u64> = self.held_blocks(&mut st)?.into_iter().collect();
+        let mut out = Vec::new();
+        for i in 0..st.base_len.div_ceil(STAGE_BLOCK) {
+            if !held.contains(&i) || self.load_block(&mut st, i)?.0 & BASE_PREFIX != 0 {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The ranges (file offsets, in order, merged) whose bytes are the base's.
+    pub fn base_ranges(&self) -> io::Result<Vec<Range<u64>>> {
+        let mut st = self.lock();
+        let base_len = st.base_len;
+        let held: std::collections::HashSet<u64> = self.held_blocks(&mut st)?.into_iter().collect();
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for i in 0..base_len.div_ceil(STAGE_BLOCK) {
+            let from_base = match held.contains(&i) {
+                false => true,
+                true => {
+                    let known = match &st.pending {
+                        Some(p) if p.index == i => Some(p.seq),
+                        _ => st.seqs.get(&i).copied(),
+                    };
+                    let seq = match known {
+                        Some(seq) => seq,
+                        None => self.load_block(&mut st, i)?.0,
+                    };
+                    seq & BASE_PREFIX != 0
+                }
+            };
+            let r = i * STAGE_BLOCK..((i + 1) * STAGE_BLOCK).min(base_len);
+            match out.last_mut() {
+                Some(last) if from_base && last.end == r.start => last.end = r.end,
+                _ if from_base => out.push(r),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Block `index` takes its bytes from the base: `base` holds the base's bytes from the
+    /// block's start (at least up to the base length or the block's end). Written here as
+    /// the block's first version; nothing happens if the block is held already.
+    pub fn fill_block(&self, index: u64, base: &[u8]) -> io::Result<()> {
+        let mut st = self.lock();
+        let start = index * STAGE_BLOCK;
+        if start >= st.base_len {
+            return Ok(());
+        }
+        self.flush_pending(&mut st)?;
+        let (seq, plain) = match self.load_block(&mut st, index)? {
+            (_, None) => (0, vec![0u8; STAGE_BLOCK as usize]),
+            (seq, Some(plain)) if seq & BASE_PREFIX != 0 => (seq, plain),
+            _ => return Ok(()),
+        };
+        let need = (st.base_len - start).min(STAGE_BLOCK) as usize;
+        if base.len() < need {
+            return Err(invalid(format!("{} bytes of the base for block {index}, {need} needed", base.len())));
+        }
+        let mut plain = plain;
+        plain[..need].copy_from_slice(&base[..need]);
+        self.write_block(&mut st, index, seq_no(seq) + 1, &plain)
+    }
+
+    /// From here on, bytes from `base_len` on that are not held here read as zeros, not as
+    /// the base's (a base that turned out shorter, or gone).
+    pub fn cut_base(&self, base_len: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        if base_len < st.base_len {
+            st.base_len = base_len;
+            let len = st.len;
+            self.write_len(&mut st, len)?;
+        }
+        Ok(())
+    }
+
+    /// Every block within the base length is held here: the file no longer needs its base.
+    /// Returns whether it is so now.
+    pub fn settle_base(&self) -> io::Result<bool> {
+        let mut st = self.lock();
+        if st.base_len == 0 {
+            return Ok(true);
+        }
+        for i in 0..st.base_len.div_ceil(STAGE_BLOCK) {
+            if !self.held(&mut st, i)? || self.load_block(&mut st, i)?.0 & BASE_PREFIX != 0 {
+                return Ok(false);
+            }
+        }
+        self.flush_pending(&mut st)?;
+        st.base_len = 0;
+        let len = st.len;
+        self.write_len(&mut st, len)?;
+        Ok(true)
     }
 
     /// Writes all of `data` at `offset`, extending the file if it ends past the end.
@@ -359,10 +634,19 @@ impl SealedFile {
                 };
                 let mut slot = vec![0u8; SLOT];
                 slot[SLOT_HEAD..SLOT_HEAD + STAGE_BLOCK as usize].copy_from_slice(src);
-                self.seal_slot(&mut st, index, seq + 1, slot)?;
+                self.seal_slot(&mut st, index, seq_no(seq) + 1, slot)?;
             } else {
                 // A piece of a block: gathered in memory until another block is written.
-                let (seq, old) = self.load_block(&mut st, index)?;
+                let (mut seq, old) = self.load_block(&mut st, index)?;
+                let start = index * STAGE_BLOCK;
+                let below_base = start + (from as u64) < st.base_len;
+                match &old {
+                    // Past the base's end in the block it ends in: its bytes stay the base's.
+                    None if start < st.base_len && !below_base && self.version >= 2 => seq = BASE_PREFIX,
+                    None if start < st.base_len => return Err(needs_base(index)),
+                    Some(_) if seq & BASE_PREFIX != 0 && below_base => return Err(needs_base(index)),
+                    _ => {}
+                }
                 let mut plain = old.unwrap_or_else(|| vec![0u8; STAGE_BLOCK as usize]);
                 plain[from..to].copy_from_slice(src);
                 st.pending = Some(Pending { index, seq, plain });
@@ -391,7 +675,7 @@ impl SealedFile {
             let index = len / STAGE_BLOCK;
             if let (seq, Some(mut plain)) = self.load_block(&mut st, index)? {
                 plain[tail..].fill(0);
-                self.write_block(&mut st, index, seq + 1, &plain)?;
+                self.write_block(&mut st, index, next_seq(seq), &plain)?;
             }
         }
         self.write_len(&mut st, len)?;
@@ -406,23 +690,51 @@ impl SealedFile {
         self.file.sync_data()
     }
 
-    /// Copies the plaintext into a new staging file at `dst`, returning its length and
-    /// blake3 hash (hex). Each block is read whole; callers check for concurrent writes.
-    pub fn copy_to(&self, dst: &Path) -> io::Result<(SealedFile, u64, String)> {
-        let out = SealedFile::create(dst, Arc::clone(&self.sealer))?;
+    /// Copies the file into a new staging file at `dst`: all of the plaintext, or, for a
+    /// file that takes bytes from its base, the blocks held here (the copy has the same base
+    /// length). Each block is read whole; callers check for concurrent writes.
+    pub fn copy_to(&self, dst: &Path) -> io::Result<Copied> {
+        let (len, base_len) = {
+            let mut st = self.lock();
+            self.flush_pending(&mut st)?;
+            (st.len, st.base_len)
+        };
+        let out = SealedFile::create_sparse(dst, Arc::clone(&self.sealer), len)?;
         let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 16 * STAGE_BLOCK as usize];
-        let mut offset = 0u64;
-        loop {
-            let n = self.read_at(&mut buf, offset)?;
-            if n == 0 {
-                break;
+        if base_len == 0 {
+            out.lock().base_len = 0;
+            let mut buf = vec![0u8; 16 * STAGE_BLOCK as usize];
+            let mut offset = 0u64;
+            loop {
+                let n = self.read_at(&mut buf, offset)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all_at(&buf[..n], offset)?;
+                offset += n as u64;
             }
-            hasher.update(&buf[..n]);
-            out.write_all_at(&buf[..n], offset)?;
-            offset += n as u64;
+            out.flush(&mut out.lock())?;
+            let hash = hasher.finalize().to_hex().to_string();
+            return Ok(Copied { file: out, len: offset, base_len: 0, hash });
         }
-        Ok((out, offset, hasher.finalize().to_hex().to_string()))
+        hasher.update(b"autosync-sparse-1");
+        hasher.update(&len.to_le_bytes());
+        hasher.update(&base_len.to_le_bytes());
+        let mut st = self.lock();
+        let held = self.held_blocks(&mut st)?;
+        let mut ost = out.lock();
+        ost.base_len = base_len;
+        for index in held {
+            let (seq, Some(plain)) = self.load_block(&mut st, index)? else { continue };
+            let flag = seq & BASE_PREFIX;
+            hasher.update(&(index | flag).to_le_bytes());
+            hasher.update(&plain);
+            out.write_block(&mut ost, index, 1 | flag, &plain)?;
+        }
+        out.write_len(&mut ost, len)?;
+        drop(ost);
+        Ok(Copied { file: out, len, base_len, hash: hasher.finalize().to_hex().to_string() })
     }
 
     /// The whole plaintext.
@@ -610,10 +922,169 @@ mod tests {
         let f = SealedFile::create(&dir.path().join("a"), sealer(1)).unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
         f.write_all_at(&data, 0).unwrap();
-        let (copy, len, hash) = f.copy_to(&dir.path().join("b")).unwrap();
+        let Copied { file: copy, len, base_len, hash } = f.copy_to(&dir.path().join("b")).unwrap();
+        assert_eq!(base_len, 0);
         assert_eq!(len, data.len() as u64);
         assert_eq!(hash, blake3::hash(&data).to_hex().to_string());
         assert_eq!(read(&copy), data);
+    }
+
+    /// The bytes of base block `index` (what a caller brings from the bucket).
+    fn base_of(base: &[u8], index: u64) -> &[u8] {
+        let start = (index * STAGE_BLOCK) as usize;
+        &base[start.min(base.len())..(start + STAGE_BLOCK as usize).min(base.len())]
+    }
+
+    /// Writes like a caller: a write that needs base bytes gets them, then goes again.
+    fn write_over(f: &SealedFile, base: &[u8], data: &[u8], at: u64) {
+        loop {
+            match f.write_all_at(data, at) {
+                Ok(()) => return,
+                Err(e) => {
+                    let i = needed_block(&e).unwrap_or_else(|| panic!("{e}"));
+                    f.fill_block(i, base_of(base, i)).unwrap();
+                }
+            }
+        }
+    }
+
+    /// The whole content, the base's ranges taken from `base`.
+    fn read_over(f: &SealedFile, base: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; f.len() as usize];
+        let (n, ranges) = f.read_sparse(&mut buf, 0).unwrap();
+        assert_eq!(n, buf.len());
+        for r in ranges {
+            buf[r.start as usize..r.end as usize].copy_from_slice(&base[r.start as usize..r.end as usize]);
+        }
+        buf
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect()
+    }
+
+    #[test]
+    fn a_sparse_file_holds_only_the_blocks_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let base = pattern(300_000);
+        let f = SealedFile::create_sparse(&p, sealer(1), base.len() as u64).unwrap();
+        let mut buf = vec![0u8; 10];
+        let (_, ranges) = f.read_sparse(&mut buf, 5).unwrap();
+        assert_eq!(ranges, [5..15]);
+        assert_eq!(needed_block(&f.read_at(&mut buf, 5).unwrap_err()), Some(0));
+        // A piece of a block of the base needs that block first.
+        let e = f.write_all_at(b"hello", 70_000).unwrap_err();
+        assert_eq!(needed_block(&e), Some(1));
+        f.fill_block(1, base_of(&base, 1)).unwrap();
+        f.write_all_at(b"hello", 70_000).unwrap();
+        // A whole block needs nothing of it.
+        f.write_all_at(&[9u8; STAGE_BLOCK as usize], 2 * STAGE_BLOCK).unwrap();
+        let mut want = base.clone();
+        want[70_000..70_005].copy_from_slice(b"hello");
+        want[2 * STAGE_BLOCK as usize..3 * STAGE_BLOCK as usize].fill(9);
+        assert_eq!(read_over(&f, &base), want);
+        assert_eq!(f.base_blocks().unwrap(), [0, 3, 4]);
+        f.sync_data().unwrap();
+        drop(f);
+        let f = SealedFile::open(&p, sealer(1)).unwrap();
+        assert_eq!(f.base_len(), base.len() as u64);
+        assert_eq!(read_over(&f, &base), want);
+        // Only the blocks written are on disk: three of five.
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&p).unwrap().blocks() * 512 < 4 * SLOT as u64);
+        for i in f.base_blocks().unwrap() {
+            f.fill_block(i, base_of(&base, i)).unwrap();
+        }
+        assert!(f.settle_base().unwrap());
+        assert_eq!(f.base_len(), 0);
+        assert_eq!(read(&f), want);
+    }
+
+    /// `echo line >> big.log`: a write past the base's end, in the block the base ends in,
+    /// needs none of the base; the block's first bytes stay the base's.
+    #[test]
+    fn an_append_needs_nothing_of_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let base = pattern(100_000);
+        let f = SealedFile::create_sparse(&p, sealer(1), base.len() as u64).unwrap();
+        f.write_all_at(b"appended\n", 100_000).unwrap();
+        let mut want = base.clone();
+        want.extend_from_slice(b"appended\n");
+        assert_eq!(read_over(&f, &base), want);
+        let mut buf = vec![0u8; want.len()];
+        assert_eq!(f.read_sparse(&mut buf, 0).unwrap().1, [0..100_000]);
+        f.sync_data().unwrap();
+        drop(f);
+        let f = SealedFile::open(&p, sealer(1)).unwrap();
+        assert_eq!(read_over(&f, &base), want);
+        // A write below the base's end in that block needs the base's bytes there.
+        let e = f.write_all_at(b"X", 99_999).unwrap_err();
+        assert_eq!(needed_block(&e), Some(1));
+        assert_eq!(f.base_blocks().unwrap(), [0, 1]);
+        write_over(&f, &base, b"X", 99_999);
+        want[99_999] = b'X';
+        assert_eq!(read_over(&f, &base), want);
+        assert_eq!(f.base_blocks().unwrap(), [0]);
+    }
+
+    #[test]
+    fn a_truncate_cuts_the_base_and_an_extension_reads_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = pattern(200_000);
+        let f = SealedFile::create_sparse(&dir.path().join("f"), sealer(1), base.len() as u64).unwrap();
+        f.set_len(50_000).unwrap();
+        assert_eq!(f.base_len(), 50_000);
+        f.set_len(80_000).unwrap();
+        let mut want = base[..50_000].to_vec();
+        want.resize(80_000, 0);
+        assert_eq!(read_over(&f, &base), want);
+    }
+
+    #[test]
+    fn copies_of_a_sparse_file_hold_its_blocks_and_name_its_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = pattern(500_000);
+        let f = SealedFile::create_sparse(&dir.path().join("f"), sealer(1), base.len() as u64).unwrap();
+        write_over(&f, &base, b"edit", 200_000);
+        f.write_all_at(b"tail", 500_000).unwrap();
+        let a = f.copy_to(&dir.path().join("a")).unwrap();
+        let b = f.copy_to(&dir.path().join("b")).unwrap();
+        assert_eq!((a.len, a.base_len), (500_004, 500_000));
+        assert_eq!(a.hash, b.hash, "the same state has the same name");
+        assert_eq!(read_over(&a.file, &base), read_over(&f, &base));
+        assert_eq!(a.file.base_blocks().unwrap(), f.base_blocks().unwrap());
+        write_over(&f, &base, b"more", 10);
+        assert_ne!(f.copy_to(&dir.path().join("c")).unwrap().hash, a.hash);
+    }
+
+    #[test]
+    fn version_1_files_still_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let id = SealedFile::create(&p, sealer(1)).unwrap().id;
+        // Written as version 1 would have: its version byte, a length record of the length
+        // alone, blocks sealed with version 1 in their AAD.
+        let raw = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        raw.write_all_at(&[1], 4).unwrap();
+        raw.write_all_at(&[0u8; 128], LEN_AT[0]).unwrap();
+        let v1 = SealedFile { file: raw, id, version: 1, sealer: sealer(1), state: Default::default() };
+        {
+            let mut st = v1.lock();
+            v1.write_len(&mut st, 10).unwrap();
+            let mut block = vec![0u8; STAGE_BLOCK as usize];
+            block[..10].copy_from_slice(b"old format");
+            v1.write_block(&mut st, 0, 1, &block).unwrap();
+        }
+        drop(v1);
+        let f = SealedFile::open(&p, sealer(1)).unwrap();
+        assert_eq!((f.len(), f.base_len()), (10, 0));
+        assert_eq!(read(&f), b"old format");
+        f.write_all_at(b"!", 10).unwrap();
+        f.sync_data().unwrap();
+        drop(f);
+        assert_eq!(read(&SealedFile::open(&p, sealer(1)).unwrap()), b"old format!");
     }
 
     proptest! {
@@ -643,6 +1114,48 @@ mod tests {
             prop_assert_eq!(read(&f), model.clone());
             drop(f);
             let f = SealedFile::open(&p, sealer(3)).unwrap();
+            prop_assert_eq!(read(&f), model);
+        }
+
+        /// The same over a base: writes that need the base's bytes get them, and the file,
+        /// with its base's ranges filled in, reads like the model, before and after a
+        /// reopen.
+        #[test]
+        fn a_sparse_file_behaves_like_a_vec(base_len in 0usize..400_000, ops in prop::collection::vec(
+            (0u8..4, 0u64..450_000, 1usize..140_000, any::<u8>()), 1..12)) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("f");
+            let base = pattern(base_len);
+            let f = SealedFile::create_sparse(&p, sealer(3), base_len as u64).unwrap();
+            let mut model = base.clone();
+            for (kind, at, n, byte) in ops {
+                match kind {
+                    0 | 1 => {
+                        let data = vec![byte; n];
+                        write_over(&f, &base, &data, at);
+                        let end = at as usize + n;
+                        if model.len() < end { model.resize(end, 0); }
+                        model[at as usize..end].copy_from_slice(&data);
+                    }
+                    2 => {
+                        f.set_len(at).unwrap();
+                        model.resize(at as usize, 0);
+                    }
+                    _ => {
+                        let c = f.copy_to(&dir.path().join("copy")).unwrap();
+                        prop_assert_eq!(read_over(&c.file, &base), model.clone());
+                    }
+                }
+                prop_assert_eq!(f.len(), model.len() as u64);
+            }
+            prop_assert_eq!(read_over(&f, &base), model.clone());
+            drop(f);
+            let f = SealedFile::open(&p, sealer(3)).unwrap();
+            prop_assert_eq!(read_over(&f, &base), model.clone());
+            for i in f.base_blocks().unwrap() {
+                f.fill_block(i, base_of(&base, i)).unwrap();
+            }
+            prop_assert!(f.settle_base().unwrap());
             prop_assert_eq!(read(&f), model);
         }
     }

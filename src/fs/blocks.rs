@@ -186,27 +186,28 @@ impl BlockReader {
     pub(crate) async fn cached_whole(&self, remote: &Remote) -> Option<Bytes> {
         let mut out = BytesMut::with_capacity(usize::try_from(remote.size).ok()?);
         for index in BlockIndex::each(BlockIndex(0)..BlockIndex(remote.size.div_ceil(self.cfg.block_size))) {
-            let key = self.key(remote, index)?;
-            let want = self.bounds(remote, index);
-            let block = match self.mem.get(&key).await {
-                Some(b) => b,
-                None => {
-                    let disk = Arc::clone(self.disk.as_ref()?);
-                    let (k, version) = (remote.key.clone(), Arc::clone(&key.version));
-                    tokio::task::spawn_blocking(move || {
-                        disk.get(&BlockId { key: &k, version: &version, index: index.0 })
-                    })
+            out.extend_from_slice(&self.cached(remote, index).await?);
+        }
+        Some(out.freeze())
+    }
+
+    /// Block `index` of `remote` if it is cached (in memory or on disk), without asking the
+    /// bucket.
+    pub(crate) async fn cached(&self, remote: &Remote, index: BlockIndex) -> Option<Bytes> {
+        let key = self.key(remote, index)?;
+        let want = self.bounds(remote, index);
+        let block = match self.mem.get(&key).await {
+            Some(b) => b,
+            None => {
+                let disk = Arc::clone(self.disk.as_ref()?);
+                let (k, version) = (remote.key.clone(), Arc::clone(&key.version));
+                tokio::task::spawn_blocking(move || disk.get(&BlockId { key: &k, version: &version, index: index.0 }))
                     .await
                     .ok()
                     .flatten()?
-                }
-            };
-            if block.len() as u64 != want.end - want.start {
-                return None;
             }
-            out.extend_from_slice(&block);
-        }
-        Some(out.freeze())
+        };
+        (block.len() as u64 == want.end - want.start).then_some(block)
     }
 
     /// Keeps the whole content of `remote` in both caches (the disk's written now, off the

@@ -23,11 +23,16 @@ use super::types::{Ino, Inode, Invalidation, Kind, Op, Remote, Seq};
 use super::{Caps, FsConfig, lock};
 use crate::state::Batch;
 use crate::store::Store;
+use crate::store::s3parts::S3Parts;
 
 /// What `status` counts.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub uploads_done: u64,
+    /// Content bytes sent to the bucket by uploads (attempts that failed included).
+    pub bytes_sent: u64,
+    /// Content bytes the bucket copied server-side into uploads, instead of their being sent.
+    pub bytes_copied: u64,
     pub conflicts: u64,
     pub last_error: Option<String>,
 }
@@ -50,6 +55,8 @@ pub struct Core {
     counters: Mutex<Counters>,
     /// Where kernel cache invalidations go (the FUSE adapter's notifier thread).
     invalidations: OnceLock<std::sync::mpsc::Sender<Invalidation>>,
+    /// Multipart uploads with parts copied by the store (S3 only).
+    part_copier: OnceLock<Arc<S3Parts>>,
 }
 
 /// The tree and the queue, both locked (in that order): what a change that spans them holds
@@ -101,6 +108,7 @@ impl Core {
             events,
             counters: Mutex::new(Counters { last_error, ..Counters::default() }),
             invalidations: OnceLock::new(),
+            part_copier: OnceLock::new(),
         }
     }
 
@@ -158,6 +166,15 @@ impl Core {
 
     pub fn set_invalidations(&self, tx: std::sync::mpsc::Sender<Invalidation>) {
         let _ = self.invalidations.set(tx);
+    }
+
+    /// Multipart uploads may copy parts through `copier` from now on (once per mount).
+    pub fn set_part_copier(&self, copier: Arc<S3Parts>) {
+        let _ = self.part_copier.set(copier);
+    }
+
+    pub fn part_copier(&self) -> Option<Arc<S3Parts>> {
+        self.part_copier.get().cloned()
     }
 
     /// Drops a kernel cache entry (sent by the adapter's notifier thread, outside requests).

@@ -19,6 +19,7 @@ use super::error::{FsError, FsResult};
 use super::events::{Event, Kind as EventKind};
 use super::lock;
 use super::object::{obj_path, stale};
+use super::sparse;
 use super::staging::BlockWriter;
 use super::types::{BlockIndex, ContentId, DirEntry, Fh, Ino, Kind, Policy, now_ns};
 use super::upload::MERGE_MAX;
@@ -172,7 +173,11 @@ impl Files {
         let len = (size as u64).min(file_size - offset) as usize;
         if staged {
             match read_staged(&*core.staging.file(ino)?, offset, len) {
-                Ok(b) => return Ok(b),
+                Ok((b, base)) if base.is_empty() => return Ok(b.into()),
+                Ok((mut b, base)) => {
+                    self.fill_from_base(ino, remote, &mut b, offset, &base).await?;
+                    return Ok(b.into());
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => self.drop_damaged_staging(ino, e)?,
                 Err(e) => return Err(e.into()),
             }
@@ -232,11 +237,14 @@ impl Files {
         let grow = {
             let tree = core.tree();
             let n = tree.get(ino)?;
-            let fill = if n.staged { 0 } else { n.remote.as_ref().map_or(0, |r| r.size) };
+            let fill = match &n.remote {
+                Some(r) if !n.staged && !self.over_base(r, n.size) => r.size,
+                _ => 0,
+            };
             (offset + data.len() as u64).saturating_sub(n.size) + fill
         };
         self.make_room(grow)?;
-        let file = self.ensure_staged(ino).await?;
+        let file = self.stage_for_write(ino).await?;
         // The generation moves before and after the write, and `writing` counts it while
         // its bytes go in, so an upload snapshot that overlaps it is always seen as stale.
         {
@@ -245,7 +253,7 @@ impl Files {
             n.generation += 1;
             n.writing += 1;
         }
-        let written = file.write_all_at(data, offset);
+        let written = self.write_over_base(ino, &file, data, offset).await;
         {
             let mut l = core.lock();
             let n = l.get_mut(ino)?;
@@ -373,6 +381,76 @@ impl Files {
         Ok(())
     }
 
+    /// Fills the `base` ranges of `buf` (a staged file's bytes from `offset`) from the
+    /// bucket's version the file is staged over, `remote` (or where the uploader moved it).
+    async fn fill_from_base(
+        &self,
+        ino: Ino,
+        remote: Option<super::types::Remote>,
+        buf: &mut [u8],
+        offset: u64,
+        base: &[std::ops::Range<u64>],
+    ) -> FsResult<()> {
+        let core = &*self.core;
+        let Some(remote) = remote else {
+            return Err(FsError::Io(std::io::Error::other("a staged file takes bytes from a base it does not name")));
+        };
+        match core.bounded(sparse::fill_ranges(&core.blocks, &remote, buf, offset, base)).await {
+            Err(e) if e.is_gone() => {
+                let now = core.tree().get(ino)?.remote.clone();
+                match now {
+                    Some(now) if now != remote => {
+                        core.bounded(sparse::fill_ranges(&core.blocks, &now, buf, offset, base)).await
+                    }
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the first write to a file whose bucket version is `remote` stages it over
+    /// that version, instead of downloading it.
+    fn over_base(&self, remote: &super::types::Remote, size: u64) -> bool {
+        sparse::stages_over_base(remote, size, self.core.cfg.multipart_threshold)
+    }
+
+    /// The staging file to write `ino` into: a big file already in the bucket is staged over
+    /// its version there (nothing downloaded: writes bring in the blocks they change in
+    /// part), a smaller one is downloaded whole.
+    pub async fn stage_for_write(&self, ino: Ino) -> FsResult<Arc<SealedFile>> {
+        {
+            let mut tree = self.core.tree();
+            let n = tree.get_mut(ino)?;
+            if n.staged {
+                return Ok(self.core.staging.file(ino)?);
+            }
+            if n.remote.as_ref().is_some_and(|r| self.over_base(r, n.size)) {
+                let f = self.core.staging.create_sparse(ino, n.size)?;
+                n.staged = true;
+                return Ok(f);
+            }
+        }
+        self.ensure_staged(ino).await
+    }
+
+    /// Writes `data` at `offset` into `file`, the staging file of `ino`: a block it changes
+    /// only in part and that is still the base's gets the base's bytes first.
+    async fn write_over_base(&self, ino: Ino, file: &Arc<SealedFile>, data: &[u8], offset: u64) -> FsResult<()> {
+        loop {
+            match file.write_all_at(data, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let Some(index) = crate::cache::needed_block(&e) else { return Err(e.into()) };
+                    let remote = self.core.tree().get(ino)?.remote.clone();
+                    let Some(remote) = remote else { return Err(e.into()) };
+                    let indexes = [index];
+                    self.core.bounded(sparse::fill_blocks(&self.core.blocks, file, &remote, &indexes)).await?;
+                }
+            }
+        }
+    }
+
     /// Replaces the staging file with an empty one (truncate to zero needs no download).
     pub fn restage_empty(&self, ino: Ino) -> FsResult<Arc<SealedFile>> {
         let mut tree = self.core.tree();
@@ -385,11 +463,26 @@ impl Files {
         Ok(f)
     }
 
-    /// Makes sure the file's content is in staging, downloading the remote copy once.
+    /// Makes sure all of the file's content is in staging: the remote copy downloaded once,
+    /// or, for a file staged over its base, the base's bytes brought in.
     pub async fn ensure_staged(&self, ino: Ino) -> FsResult<Arc<SealedFile>> {
         let core = &*self.core;
-        if core.tree().get(ino)?.staged {
-            return Ok(core.staging.file(ino)?);
+        let (staged, remote) = {
+            let tree = core.tree();
+            let n = tree.get(ino)?;
+            (n.staged, n.remote.clone())
+        };
+        if staged {
+            let f = core.staging.file(ino)?;
+            if f.base_len() > 0 {
+                let Some(remote) = remote else {
+                    return Err(FsError::Io(std::io::Error::other(
+                        "a staged file takes bytes from a base it does not name",
+                    )));
+                };
+                sparse::fill_all(&core.blocks, &f, &remote).await?;
+            }
+            return Ok(f);
         }
         let _fill = self.fill_lock.lock().await;
         let remote = {
@@ -472,17 +565,11 @@ impl Files {
     }
 }
 
-/// Up to `len` bytes of a staged file from `offset`.
-fn read_staged(f: &SealedFile, offset: u64, len: usize) -> std::io::Result<Bytes> {
+/// Up to `len` bytes of a staged file from `offset`, and the ranges of them that are its
+/// base's (zeros in the buffer, for the caller to fill).
+fn read_staged(f: &SealedFile, offset: u64, len: usize) -> std::io::Result<(Vec<u8>, Vec<std::ops::Range<u64>>)> {
     let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        let n = f.read_at(&mut buf[done..], offset + done as u64)?;
-        if n == 0 {
-            break;
-        }
-        done += n;
-    }
-    buf.truncate(done);
-    Ok(buf.into())
+    let (n, base) = f.read_sparse(&mut buf, offset)?;
+    buf.truncate(n);
+    Ok((buf, base))
 }

@@ -25,6 +25,7 @@ mod journal;
 mod listing;
 mod names;
 mod object;
+mod sparse;
 mod staging;
 mod startup;
 mod tree;
@@ -163,6 +164,12 @@ pub struct Status {
     pub pending_bytes: u64,
     pub staged_bytes: u64,
     pub uploads_done: u64,
+    /// Content bytes sent to the bucket by uploads.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Content bytes the bucket copied server-side into uploads instead.
+    #[serde(default)]
+    pub bytes_copied: u64,
     pub conflicts: u64,
     pub last_error: Option<String>,
     pub conditional_create: bool,
@@ -279,6 +286,11 @@ impl Fs {
         self.listings.set_raw_lister(lister);
     }
 
+    /// Multipart uploads copy the unchanged ranges of a file through `copier` (S3).
+    pub fn set_part_copier(&self, copier: std::sync::Arc<crate::store::s3parts::S3Parts>) {
+        self.core.set_part_copier(copier);
+    }
+
     /// Shows `msg` as the last error in `status` until an upload succeeds.
     pub fn note_error(&self, msg: String) {
         self.core.note_error(msg);
@@ -369,7 +381,7 @@ impl Fs {
     pub async fn unlink(&self, parent: Ino, name: &str) -> FsResult<()> {
         let ino = self.resolve(parent, name).await?;
         let n = self.core.tree().get(ino)?.clone();
-        if n.open > 0 && !n.staged && n.kind == Kind::File {
+        if n.open > 0 && n.kind == Kind::File {
             // Still open: keep the content readable after the object is gone.
             self.files.ensure_staged(ino).await?;
         }
@@ -411,7 +423,11 @@ impl Fs {
             }
             // The object the target is uploading right now is what we replace: let it land.
             self.uploader.wait_not_uploading(t).await;
-            let tkind = self.core.tree().get(t)?.kind;
+            let (tkind, topen) = self.core.tree().get(t).map(|n| (n.kind, n.open))?;
+            if tkind == Kind::File && topen > 0 {
+                // Still open: keep its content readable after its object is replaced.
+                self.files.ensure_staged(t).await?;
+            }
             match (is_dir, tkind == Kind::Dir) {
                 (true, false) => return Err(FsError::NotDir),
                 (false, true) => return Err(FsError::IsDir),
@@ -441,7 +457,7 @@ impl Fs {
             if self.core.tree().get(ino)?.kind == Kind::Dir {
                 return Err(FsError::IsDir);
             }
-            let file = if size == 0 { self.files.restage_empty(ino)? } else { self.files.ensure_staged(ino).await? };
+            let file = if size == 0 { self.files.restage_empty(ino)? } else { self.files.stage_for_write(ino).await? };
             // Counted like a write, so an upload snapshot never straddles it.
             {
                 let mut tree = self.core.tree();
@@ -533,6 +549,8 @@ impl Fs {
             staged_bytes: core.staging.bytes(),
             inodes,
             uploads_done: c.uploads_done,
+            bytes_sent: c.bytes_sent,
+            bytes_copied: c.bytes_copied,
             conflicts: c.conflicts,
             last_error: c.last_error.clone(),
             conditional_create: core.caps.create,

@@ -12,10 +12,11 @@ use bytes::Bytes;
 use super::types::Ino;
 use crate::cache::{STAGE_BLOCK, SealedFile, Sealer};
 
-/// What an upload snapshot holds: the plaintext in memory (small files) or a sealed copy.
+/// What an upload snapshot holds: the plaintext in memory (small files) or a sealed copy,
+/// which, for a file staged over its base, holds only the blocks written here.
 pub enum Snapshot {
     Bytes(Bytes),
-    File { path: PathBuf, file: Arc<SealedFile> },
+    File { path: PathBuf, file: Arc<SealedFile>, base_len: u64 },
 }
 
 #[derive(Debug)]
@@ -74,7 +75,7 @@ impl Open {
         let excess = self.files.len().saturating_sub(MAX_OPEN * 3 / 4);
         for (_, ino) in idle.into_iter().take(excess) {
             if let Some((f, _)) = self.files.remove(&ino) {
-                self.closed.insert(ino, f.len());
+                self.closed.insert(ino, f.local_len());
             }
         }
     }
@@ -140,7 +141,13 @@ impl Staging {
     }
 
     pub fn create_empty(&self, ino: Ino) -> std::io::Result<Arc<SealedFile>> {
-        let f = Arc::new(SealedFile::create(&self.path(ino), Arc::clone(&self.sealer))?);
+        self.create_sparse(ino, 0)
+    }
+
+    /// A staging file of `len` bytes that are all the base's (the bucket's version) until
+    /// written here: nothing is downloaded.
+    pub fn create_sparse(&self, ino: Ino, len: u64) -> std::io::Result<Arc<SealedFile>> {
+        let f = Arc::new(SealedFile::create_sparse(&self.path(ino), Arc::clone(&self.sealer), len)?);
         self.dir_changed();
         Ok(self.lock().insert(ino, f))
     }
@@ -149,6 +156,13 @@ impl Staging {
     pub fn temp(&self, name: &str) -> std::io::Result<(PathBuf, SealedFile)> {
         let p = self.tmp.join(self.sealer.hidden_name("tmp", name.as_bytes()));
         let f = SealedFile::create(&p, Arc::clone(&self.sealer))?;
+        Ok((p, f))
+    }
+
+    /// A temp file of `len` bytes, all of them its base's.
+    pub fn temp_over_base(&self, name: &str, len: u64) -> std::io::Result<(PathBuf, SealedFile)> {
+        let p = self.tmp.join(self.sealer.hidden_name("tmp", name.as_bytes()));
+        let f = SealedFile::create_sparse(&p, Arc::clone(&self.sealer), len)?;
         Ok((p, f))
     }
 
@@ -182,8 +196,10 @@ impl Staging {
         removed
     }
 
-    /// The same copy as a job that can run on a blocking thread: up to `in_memory` bytes
-    /// come back as plaintext, larger files as a sealed copy in the temp folder.
+    /// A copy of the staging file of `ino`, as a job that can run on a blocking thread: up
+    /// to `in_memory` bytes come back as plaintext, larger files (and every file staged over
+    /// its base) as a sealed copy in the temp folder; with the length and the hash of the
+    /// state copied (`Copied::hash`).
     pub fn snapshot_job(
         &self,
         ino: Ino,
@@ -194,14 +210,14 @@ impl Staging {
         let dst = self.tmp.join(self.sealer.hidden_name("tmp", name.as_bytes()));
         move || {
             let src = src?;
-            if src.len() <= in_memory {
+            if src.len() <= in_memory && src.base_len() == 0 {
                 let data = src.read_all()?;
                 let hash = blake3::hash(&data).to_hex().to_string();
                 let len = data.len() as u64;
                 return Ok((Snapshot::Bytes(data.into()), len, hash));
             }
-            let (file, len, hash) = src.copy_to(&dst)?;
-            Ok((Snapshot::File { path: dst, file: Arc::new(file) }, len, hash))
+            let c = src.copy_to(&dst)?;
+            Ok((Snapshot::File { path: dst, file: Arc::new(c.file), base_len: c.base_len }, c.len, c.hash))
         }
     }
 
@@ -221,13 +237,14 @@ impl Staging {
         Ok(())
     }
 
-    /// Bytes of staged contents (the files' lengths; on disk, each block takes two slots
-    /// at most). Summed again every 200 ms; writes in between add what they grow by.
+    /// Bytes of staged contents (the files' lengths, less what they take from their base;
+    /// on disk, each block takes two slots at most). Summed again every 200 ms; writes in
+    /// between add what they grow by.
     pub fn used(&self, recount: bool) -> u64 {
         let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
         if recount || u.at.elapsed() >= USAGE_REFRESH {
             let open = self.lock();
-            u.bytes = open.files.values().map(|(f, _)| f.len()).sum::<u64>() + open.closed.values().sum::<u64>();
+            u.bytes = open.files.values().map(|(f, _)| f.local_len()).sum::<u64>() + open.closed.values().sum::<u64>();
             u.added = 0;
             u.at = std::time::Instant::now();
         }

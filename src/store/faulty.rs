@@ -33,6 +33,8 @@ pub struct FaultSwitch {
     /// Writes that reached the store, per key: single puts that succeeded, and multipart
     /// uploads started.
     writes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
+    /// Bytes that reads (`get`) returned.
+    read_bytes: Arc<AtomicU64>,
 }
 
 impl FaultSwitch {
@@ -96,6 +98,10 @@ impl FaultSwitch {
         }
         Ok(())
     }
+    /// Bytes that reads returned so far.
+    pub fn read_bytes(&self) -> u64 {
+        self.read_bytes.load(Ordering::SeqCst)
+    }
     /// How many requests were refused (while down, or below the refused prefix).
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
@@ -157,7 +163,12 @@ impl ObjectStore for FaultyStore {
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         self.switch.check()?;
         self.switch.stall().await;
-        self.inner.get_opts(location, options).await
+        let head = options.head;
+        let r = self.inner.get_opts(location, options).await?;
+        if !head {
+            self.switch.read_bytes.fetch_add(r.range.end - r.range.start, Ordering::SeqCst);
+        }
+        Ok(r)
     }
 
     fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {

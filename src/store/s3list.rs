@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer, AwsCredentialProvider};
-use object_store::client::HttpRequestBody;
 use serde::Deserialize;
+
+use super::s3raw::RawS3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawObject {
@@ -24,11 +24,7 @@ pub struct RawListing {
 
 #[derive(Debug)]
 pub struct RawS3Lister {
-    http: reqwest::Client,
-    /// Bucket URL without a trailing slash, path-style or virtual-hosted.
-    base: String,
-    region: String,
-    credentials: AwsCredentialProvider,
+    raw: RawS3,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,24 +67,8 @@ fn parse(xml: &str) -> Result<(RawListing, Option<String>), String> {
 }
 
 impl RawS3Lister {
-    /// Built from the same settings as the store, so it reaches the same bucket.
-    pub fn new(builder: &AmazonS3Builder, credentials: AwsCredentialProvider) -> Option<Self> {
-        let bucket = builder.get_config_value(&AmazonS3ConfigKey::Bucket)?;
-        let region = builder.get_config_value(&AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
-        let base = match builder.get_config_value(&AmazonS3ConfigKey::Endpoint) {
-            Some(ep) => {
-                let virtual_hosted = builder
-                    .get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
-                    .is_some_and(|v| v == "true");
-                if virtual_hosted {
-                    ep.trim_end_matches('/').to_string()
-                } else {
-                    format!("{}/{bucket}", ep.trim_end_matches('/'))
-                }
-            }
-            None => format!("https://{bucket}.s3.{region}.amazonaws.com"),
-        };
-        Some(RawS3Lister { http: reqwest::Client::new(), base, region, credentials })
+    pub fn new(raw: RawS3) -> Self {
+        RawS3Lister { raw }
     }
 
     /// Lists one folder (`prefix` ends with `/`, or is empty for the bucket root).
@@ -96,7 +76,7 @@ impl RawS3Lister {
         let mut out = RawListing::default();
         let mut token: Option<String> = None;
         loop {
-            let mut url = url::Url::parse(&format!("{}/", self.base)).map_err(|e| e.to_string())?;
+            let mut url = url::Url::parse(&format!("{}/", self.raw.base())).map_err(|e| e.to_string())?;
             {
                 let mut q = url.query_pairs_mut();
                 q.append_pair("list-type", "2");
@@ -106,20 +86,7 @@ impl RawS3Lister {
                     q.append_pair("continuation-token", t);
                 }
             }
-            let mut req: http::Request<HttpRequestBody> = http::Request::builder()
-                .method("GET")
-                .uri(url.as_str())
-                .body(HttpRequestBody::from(Vec::new()))
-                .map_err(|e| e.to_string())?;
-            let credential = self.credentials.get_credential().await.map_err(|e| e.to_string())?;
-            AwsAuthorizer::new(&credential, "s3", &self.region)
-                .try_authorize(&mut req, None)
-                .map_err(|e| e.to_string())?;
-            let mut send = self.http.get(url.as_str());
-            for (name, value) in req.headers() {
-                send = send.header(name.as_str(), value.as_bytes());
-            }
-            let resp = send.send().await.map_err(|e| e.to_string())?;
+            let resp = self.raw.send(http::Method::GET, &url, &[]).await?;
             let status = resp.status();
             let body = resp.text().await.map_err(|e| e.to_string())?;
             if !status.is_success() {

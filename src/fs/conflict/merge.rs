@@ -55,7 +55,7 @@ impl Uploader {
         let opts = GetOptions { if_match: their_remote.etag.clone(), ..Default::default() };
         let their_bytes =
             self.core.store.get_opts(&obj_path(&their_remote.key)?, opts).await.map_err(stale)?.bytes().await?;
-        let ours = content.bytes().await?;
+        let ours = self.content_bytes(content).await?;
         let text = |b: &Bytes| std::str::from_utf8(b).ok().filter(|t| !t.contains('\0')).map(str::to_owned);
         let (Some(b), Some(o), Some(t)) = (text(&base_bytes), text(&ours), text(&their_bytes)) else {
             return fallback("not a text file");
@@ -153,7 +153,7 @@ impl Uploader {
             size: content.size(),
             modified: None,
         };
-        if let Ok(data) = content.bytes().await {
+        if let Ok(data) = self.content_bytes(content).await {
             self.core.blocks.keep_whole(&remote, data).await;
         }
     }

@@ -11,6 +11,7 @@
 mod merge;
 mod policy;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +23,7 @@ pub use policy::{ConflictConfig, ConflictRecord, ConflictRule, Policy, Version};
 use crate::fs::error::{FsError, FsResult};
 use crate::fs::events::{Event, Kind as EventKind};
 use crate::fs::object::{obj_path, remote_of, same_version};
+use crate::fs::sparse;
 use crate::fs::types::{Ino, Inode, Invalidation, Remote, Seq};
 use crate::fs::upload::{Content, PutError, Uploader};
 use crate::layout::{self, PosixAttrs};
@@ -159,6 +161,7 @@ impl Uploader {
         moved_from: Option<Remote>,
         content: Content,
     ) -> FsResult<()> {
+        let content = self.settle_over_base(content).await?;
         // The bucket's version now, with its attributes (for `newest`, and the record).
         let theirs =
             match self.core.store.get_opts(&obj_path(key)?, GetOptions { head: true, ..Default::default() }).await {
@@ -295,6 +298,48 @@ impl Uploader {
             self.core.invalidate(what);
         }
         Ok(())
+    }
+
+    /// A snapshot staged over a base that the bucket no longer holds (replaced or deleted
+    /// before this upload read it) cannot be read whole any more. The base's blocks this
+    /// mount has cached go into it; the bytes neither written nor cached here are taken
+    /// from what the base's key holds now (zeros past its end, or where it is gone), said in
+    /// one log line. Every byte written here is kept.
+    pub(in crate::fs) async fn settle_over_base(&self, mut content: Content) -> FsResult<Content> {
+        let Some(base) = content.base().cloned() else { return Ok(content) };
+        let now = self.head_source(&base).await?;
+        if now.as_ref().is_some_and(|m| same_version(m, &base)) {
+            return Ok(content);
+        }
+        if let Content::File { file, hash, base: slot, .. } = &mut content {
+            let left = sparse::fill_cached(&self.core.blocks, file, &base).await?;
+            let f = Arc::clone(file);
+            let new_base = match (&now, left) {
+                (_, 0) => None,
+                (Some(m), _) => Some(remote_of(m)),
+                (None, _) => None,
+            };
+            let cut = new_base.as_ref().map_or(0, |b| b.size);
+            tokio::task::spawn_blocking(move || f.cut_base(cut).and_then(|()| f.settle_base().map(|_| ())))
+                .await
+                .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
+            if left > 0 {
+                let from = match &now {
+                    Some(_) => "from the version the bucket holds there now (zeros past its end)",
+                    None => "as zeros (the object is gone)",
+                };
+                tracing::warn!(
+                    key = %base.key,
+                    blocks = left,
+                    "the version this edit started from changed in the bucket before it was uploaded; {left} block(s) of 64 KiB neither written nor cached here are taken {from}; every byte written here is kept"
+                );
+            }
+            *hash = blake3::hash(format!("settled:{hash}:{:?}", new_base.as_ref().map(|b| &b.etag)).as_bytes())
+                .to_hex()
+                .to_string();
+            *slot = new_base;
+        }
+        Ok(content)
     }
 
     /// Builds the record of a conflict, counts it and logs it (one warn line).

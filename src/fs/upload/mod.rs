@@ -10,6 +10,7 @@
 //! local file contains (but for a merge, which the conflicts part installs), and it applies
 //! what the bucket answered through the core's locks.
 
+mod parts;
 mod put;
 
 use std::sync::Arc;
@@ -49,7 +50,7 @@ pub struct Uploader {
 
 impl Uploader {
     pub fn new(core: Arc<Core>) -> Uploader {
-        let part_budget = Arc::new(tokio::sync::Semaphore::new((put::PART_BUDGET >> 20) as usize));
+        let part_budget = Arc::new(tokio::sync::Semaphore::new((parts::PART_BUDGET >> 20) as usize));
         Uploader { core, upload_done: Notify::new(), flush_kick: Notify::new(), urgent: AtomicU64::new(0), part_budget }
     }
 
@@ -320,7 +321,7 @@ impl Uploader {
         };
         let (mut node, key, mut content) = plan;
         if node.kind == Kind::File && node.staged {
-            match self.snapshot(seq, ino).await? {
+            match self.snapshot(seq, ino, node.remote.clone()).await? {
                 Some((c, generation)) => {
                     content = Some(c);
                     // The attributes go up with the content: take them as of the same state
@@ -401,7 +402,9 @@ impl Uploader {
 
     /// Copies the staging file for upload without holding up writers; a copy that a write
     /// overlapped is thrown away and taken again, so a torn state is never uploaded.
-    async fn snapshot(&self, seq: Seq, ino: Ino) -> FsResult<Option<(Content, u64)>> {
+    /// `base` is the bucket's version the file is staged over, if it is (the inode's
+    /// `remote` as planned: no other change of the inode runs meanwhile).
+    async fn snapshot(&self, seq: Seq, ino: Ino, base: Option<Remote>) -> FsResult<Option<(Content, u64)>> {
         let core = &*self.core;
         let state = || core.tree().get(ino).ok().map(|n| (n.generation, n.writing));
         let name = format!("up-{seq}");
@@ -425,7 +428,7 @@ impl Uploader {
             };
             // No write started or was under way while we copied: the copy is one state.
             if state() == Some(before) {
-                return Ok(Some((Content::of(snap, size, hash), before.0)));
+                return Ok(Some((Content::of(snap, size, hash, base.as_ref()), before.0)));
             }
         }
         // Still busy: copy under the lock once no write is in its pwrite (a new one cannot
@@ -437,7 +440,7 @@ impl Uploader {
                 if n.writing == 0 {
                     let generation = n.generation;
                     let (snap, size, hash) = core.staging.snapshot_job(ino, &name, threshold)()?;
-                    return Ok(Some((Content::of(snap, size, hash), generation)));
+                    return Ok(Some((Content::of(snap, size, hash, base.as_ref()), generation)));
                 }
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

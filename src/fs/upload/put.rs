@@ -9,36 +9,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{GetOptions, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, UpdateVersion};
+use object_store::{GetOptions, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use super::Uploader;
 use crate::cache::SealedFile;
 use crate::fs::error::{FsError, FsResult};
 use crate::fs::object::{etag_same, obj_path, remote_of, same_version, stale};
+use crate::fs::sparse;
 use crate::fs::staging::{BlockWriter, Snapshot};
 use crate::fs::types::{ConflictRecord, Ino, Inode, Remote, Seq};
 use crate::layout::{self, PosixAttrs};
 use crate::state::Batch;
 
-/// The smallest multipart part (S3 wants 5 MiB for every part but the last).
-pub const MIN_PART: u64 = 8 << 20;
-/// Parts in memory at once, across every upload under way (in MiB-sized permits).
-pub const PART_BUDGET: u64 = 64 << 20;
-
 /// A failure of this process's own machinery (a task, the part budget), not the store's.
-fn local(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> PutError {
-    PutError::Other(FsError::Io(std::io::Error::other(e)))
+pub(super) fn local(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> PutError {
+    PutError::Other(local_io(e))
 }
 
-/// S3's largest part.
-const MAX_PART: u64 = 5 << 30;
-
-/// The part size for a file of `size` bytes: [`MIN_PART`], or larger (in whole MiB) for
-/// files so big that 8 MiB parts would pass S3's limit of 10,000 parts. A part larger than
-/// the budget takes all of it.
-pub fn part_size(size: u64) -> u64 {
-    const MIB: u64 = 1 << 20;
-    size.div_ceil(9_000).div_ceil(MIB).saturating_mul(MIB).clamp(MIN_PART, MAX_PART)
+pub(super) fn local_io(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> FsError {
+    FsError::Io(std::io::Error::other(e))
 }
 
 /// What a conditional put found.
@@ -76,12 +65,15 @@ pub(crate) enum Claim {
 
 /// Where the bytes of an upload come from.
 pub(crate) enum Content {
-    /// A sealed snapshot in the cache dir's temp folder, removed with this value.
+    /// A sealed snapshot in the cache dir's temp folder, removed with this value. With a
+    /// `base`, it holds only the blocks written here, and the rest is the base's: read
+    /// from the bucket (or copied there, server-side) as the upload goes.
     File {
         path: std::path::PathBuf,
         file: Arc<SealedFile>,
         size: u64,
         hash: String,
+        base: Option<Remote>,
     },
     Bytes {
         data: Bytes,
@@ -104,26 +96,42 @@ impl Content {
 }
 
 impl Content {
-    /// The whole content in memory (for a merge: small files only).
-    pub async fn bytes(&self) -> FsResult<Bytes> {
-        match self {
-            Content::Bytes { data, .. } => Ok(data.clone()),
-            Content::File { file, .. } => {
-                let f = Arc::clone(file);
-                let data = tokio::task::spawn_blocking(move || f.read_all())
-                    .await
-                    .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
-                Ok(Bytes::from(data))
+    /// The content of a snapshot of a file whose bucket version is `base`. The hash names
+    /// the content: of a snapshot over its base, it covers the base's version too.
+    pub fn of(snap: Snapshot, size: u64, hash: String, base: Option<&Remote>) -> Content {
+        match snap {
+            Snapshot::Bytes(data) => Content::Bytes { data, hash },
+            Snapshot::File { path, file, base_len } => {
+                let base = base.filter(|_| base_len > 0).cloned();
+                let hash = match &base {
+                    Some(b) => over_base_hash(&hash, b),
+                    None => hash,
+                };
+                Content::File { path, file, size, hash, base }
             }
         }
     }
 
-    pub fn of(snap: Snapshot, size: u64, hash: String) -> Content {
-        match snap {
-            Snapshot::Bytes(data) => Content::Bytes { data, hash },
-            Snapshot::File { path, file } => Content::File { path, file, size, hash },
+    /// The base, if the content takes bytes from one.
+    pub fn base(&self) -> Option<&Remote> {
+        match self {
+            Content::File { base, .. } => base.as_ref(),
+            Content::Bytes { .. } => None,
         }
     }
+}
+
+/// The name of a content made of the blocks named by `hash` over the version `base`.
+fn over_base_hash(hash: &str, base: &Remote) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"autosync-over-base-1\0");
+    h.update(hash.as_bytes());
+    for part in [&base.etag, &base.version] {
+        h.update(&[part.is_some() as u8]);
+        h.update(part.as_deref().unwrap_or_default().as_bytes());
+        h.update(b"\0");
+    }
+    h.finalize().to_hex().to_string()
 }
 
 impl Drop for Content {
@@ -135,7 +143,49 @@ impl Drop for Content {
 }
 
 impl Uploader {
+    /// `len` bytes of `content` from `offset`, the base's bytes read from the bucket (or
+    /// the block cache).
+    pub(in crate::fs) async fn content_range(&self, content: &Content, offset: u64, len: u64) -> FsResult<Bytes> {
+        let (file, size, base) = match content {
+            Content::Bytes { data, .. } => return Ok(data.slice(offset as usize..(offset + len) as usize)),
+            Content::File { file, size, base, .. } => (Arc::clone(file), *size, base),
+        };
+        let (mut buf, ranges) = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            let (n, ranges) = file.read_sparse(&mut buf, offset)?;
+            if n as u64 != len {
+                return Err(std::io::Error::other(format!(
+                    "the snapshot ended at {} bytes, {size} expected",
+                    offset + n as u64
+                )));
+            }
+            Ok((buf, ranges))
+        })
+        .await
+        .map_err(local_io)??;
+        if !ranges.is_empty() {
+            let Some(base) = base else {
+                return Err(FsError::Io(std::io::Error::other("a snapshot takes bytes from a base it does not name")));
+            };
+            sparse::fill_ranges(&self.core.blocks, base, &mut buf, offset, &ranges).await?;
+        }
+        Ok(Bytes::from(buf))
+    }
+
+    /// The whole content in memory (a merge's: small files only).
+    pub(in crate::fs) async fn content_bytes(&self, content: &Content) -> FsResult<Bytes> {
+        self.content_range(content, 0, content.size()).await
+    }
+
+    /// The content of `src` as it is in the bucket, for an upload that changes only its
+    /// name or attributes: downloaded, or for a big file, a snapshot over it with nothing
+    /// written (its bytes read, or copied server-side, as the upload goes).
     pub(super) async fn download_snapshot(&self, seq: Seq, src: &Remote) -> FsResult<Content> {
+        if sparse::stages_over_base(src, src.size, self.core.cfg.multipart_threshold) {
+            let (path, file) = self.core.staging.temp_over_base(&format!("up-{seq}"), src.size)?;
+            let snap = Snapshot::File { path, file: Arc::new(file), base_len: src.size };
+            return Ok(Content::of(snap, src.size, "nothing written".into(), Some(src)));
+        }
         let opts = GetOptions { if_match: src.etag.clone(), ..Default::default() };
         let res = self.core.store.get_opts(&obj_path(&src.key)?, opts).await.map_err(stale)?;
         let mut stream = res.into_stream();
@@ -153,11 +203,11 @@ impl Uploader {
             out.write(&chunk?)?;
         }
         let (size, hash) = out.finish()?;
-        Ok(Content::File { path, file: Arc::new(file), size, hash })
+        Ok(Content::File { path, file: Arc::new(file), size, hash, base: None })
     }
 
     /// What the key of `src` holds now (its HEAD), or None.
-    pub(super) async fn head_source(&self, src: &Remote) -> FsResult<Option<object_store::ObjectMeta>> {
+    pub(in crate::fs) async fn head_source(&self, src: &Remote) -> FsResult<Option<object_store::ObjectMeta>> {
         match self.core.store.head(&obj_path(&src.key)?).await {
             Ok(m) => Ok(Some(m)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -223,7 +273,14 @@ impl Uploader {
     ) -> FsResult<()> {
         self.core.queue().writing(seq, key);
         tracing::debug!(key, ?base, ?moved_from, "put");
-        let result = self.conditional_put(node.ino, key, base.as_ref(), &content, attrs).await;
+        let mut content = content;
+        let mut result = self.conditional_put(node.ino, key, base.as_ref(), &content, attrs).await;
+        if matches!(&result, Err(PutError::Other(e)) if e.is_gone()) && content.base().is_some() {
+            // The version the file is staged over is gone from the bucket: what this mount
+            // has of it goes in, and the rest comes from the bucket's version now.
+            content = self.settle_over_base(content).await?;
+            result = self.conditional_put(node.ino, key, base.as_ref(), &content, attrs).await;
+        }
         let put = match result {
             Ok(p) => p,
             Err(PutError::Diverged) => {
@@ -298,99 +355,6 @@ impl Uploader {
         self.finish(inner, seq, batch)?;
         self.uploaded("put", key, Some(content.size()), version);
         Ok(())
-    }
-
-    /// A multipart upload of `content` at `path`: parts of [`part_size`] read one after
-    /// another and sent while the next are read, as many at once as the shared part
-    /// budget has room for (so 16 large files going up together hold at most
-    /// [`PART_BUDGET`] of parts in memory, or one part, for files whose parts are larger).
-    /// Any part failing aborts the whole upload.
-    async fn put_parts(
-        &self,
-        path: &Path,
-        opts: PutMultipartOptions,
-        content: &Content,
-    ) -> Result<object_store::PutResult, PutError> {
-        let size = content.size();
-        let part = part_size(size);
-        let mut upload = self.core.store.put_multipart_opts(path, opts).await?;
-        // Parts run as tasks of their own, so they go on while the next part is read (and
-        // while it waits for room); the set aborts them if it is dropped.
-        let mut in_flight = tokio::task::JoinSet::new();
-        let joined = |r: Result<object_store::Result<()>, tokio::task::JoinError>| -> Result<(), PutError> {
-            r.map_err(local)?.map_err(PutError::from)
-        };
-        let mut offset = 0u64;
-        let result: Result<(), PutError> = async {
-            while offset < size {
-                let len = part.min(size - offset);
-                let permit = Arc::clone(&self.part_budget)
-                    .acquire_many_owned(len.div_ceil(1 << 20).min(PART_BUDGET >> 20) as u32)
-                    .await
-                    .map_err(local)?;
-                let data = match content {
-                    Content::Bytes { data, .. } => data.slice(offset as usize..(offset + len) as usize),
-                    Content::File { file, .. } => {
-                        let f = Arc::clone(file);
-                        let at = offset;
-                        tokio::task::spawn_blocking(move || {
-                            let mut buf = vec![0u8; len as usize];
-                            let n = f.read_at(&mut buf, at)?;
-                            if n as u64 != len {
-                                return Err(std::io::Error::other(format!(
-                                    "the snapshot ended at {} bytes, {size} expected",
-                                    at + n as u64
-                                )));
-                            }
-                            Ok(Bytes::from(buf))
-                        })
-                        .await
-                        .map_err(local)?
-                        .map_err(FsError::Io)?
-                    }
-                };
-                offset += len;
-                let put = upload.put_part(data.into());
-                in_flight.spawn(async move {
-                    let r = put.await;
-                    drop(permit);
-                    r
-                });
-                // Reap what has finished, without waiting for what has not.
-                while let Some(r) = in_flight.try_join_next() {
-                    joined(r)?;
-                }
-                let cut_short = offset < size
-                    && (|| {
-                        fail::fail_point!("upload-multipart-middle", |_| true);
-                        false
-                    })();
-                if cut_short {
-                    // A part goes up first; the upload is never completed.
-                    if let Some(r) = in_flight.join_next().await {
-                        joined(r)?;
-                    }
-                    return Err(PutError::Other(FsError::Halted("upload-multipart-middle")));
-                }
-            }
-            while let Some(r) = in_flight.join_next().await {
-                joined(r)?;
-            }
-            Ok(())
-        }
-        .await;
-        match result {
-            Ok(()) => Ok(upload.complete().await?),
-            // Stopped at a failpoint, as by a crash: nothing is cleaned up.
-            Err(e @ PutError::Other(FsError::Halted(_))) => Err(e),
-            Err(e) => {
-                drop(in_flight);
-                if let Err(abort) = upload.abort().await {
-                    tracing::debug!(%path, "aborting a failed multipart upload: {abort}");
-                }
-                Err(e)
-            }
-        }
     }
 
     /// Writes `content` at `key` only if the object there is still `base` (or absent when
@@ -476,20 +440,11 @@ impl Uploader {
             PutMode::Overwrite
         };
         if multipart {
-            let opts = PutMultipartOptions { attributes, ..Default::default() };
-            return self.put_parts(&path, opts, content).await;
+            return self.put_multipart(&path, attributes, content).await;
         }
         let res = {
-            let payload = match content {
-                Content::Bytes { data, .. } => PutPayload::from_bytes(data.clone()),
-                Content::File { file, .. } => {
-                    let f = Arc::clone(file);
-                    let data = tokio::task::spawn_blocking(move || f.read_all())
-                        .await
-                        .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
-                    PutPayload::from_bytes(Bytes::from(data))
-                }
-            };
+            let payload = PutPayload::from_bytes(self.content_range(content, 0, content.size()).await?);
+            self.core.counters().bytes_sent += content.size();
             let opts = PutOptions { mode, attributes, ..Default::default() };
             self.core.store.put_opts(&path, payload, opts).await
         };
@@ -535,23 +490,5 @@ impl Uploader {
             return Ok(Claim::Rebase(remote_of(&meta)));
         }
         Ok(Claim::Theirs)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parts_are_whole_mib_at_least_the_minimum_and_at_most_10000() {
-        assert_eq!(part_size(33 << 20), MIN_PART);
-        assert_eq!(part_size(70 << 30), MIN_PART);
-        for size in [1u64 << 20, 300 << 20, 71 << 30, 100 << 30, 640 << 30, 5 << 40] {
-            let p = part_size(size);
-            assert!((MIN_PART..=MAX_PART).contains(&p) && p.is_multiple_of(1 << 20), "{size}: {p}");
-            assert!(size.div_ceil(p) <= 10_000, "{size} in {} parts of {p}", size.div_ceil(p));
-        }
-        assert_eq!(part_size(100 << 30), 12 << 20);
-        assert_eq!(part_size(1 << 50), MAX_PART);
     }
 }
