@@ -388,7 +388,8 @@ fn edits_of_a_big_file_already_in_the_bucket(backend: Backend) {
     let mut rng = Rng(14);
     let mut expected = rng.bytes((40 << 20) + 12_345);
     fx.bucket.put("big.log", &expected);
-    let m = fx.mount();
+    // Uploads wait for the flush: one upload of all the edits, whose parts are known.
+    let m = fx.mount_with(&fx.state, &fx.cache, "3600");
     let path = fx.m("big.log");
     let append = format!("echo 'one more line' >> '{}'", path.display());
     run_ok(sh("sh", &[&"-c", &append]));
@@ -409,7 +410,9 @@ fn edits_of_a_big_file_already_in_the_bucket(backend: Backend) {
     let st = status_json(&m);
     let (sent, copied) = (st["bytes_sent"].as_u64().unwrap(), st["bytes_copied"].as_u64().unwrap());
     if matches!(backend, Backend::Moto | Backend::Garage | Backend::Garage3) {
-        assert!(copied >= 24 << 20 && sent <= 16 << 20, "S3: {sent} bytes sent, {copied} copied in the bucket");
+        // Two parts of 5 MiB around the writes (S3's smallest), the appended line, and the
+        // rest copied.
+        assert!(copied >= 29 << 20 && sent <= 11 << 20, "S3: {sent} bytes sent, {copied} copied in the bucket");
     } else {
         assert_eq!(copied, 0);
     }

@@ -1329,7 +1329,64 @@ fn append(path: &Path, data: &[u8]) {
 // Every test against every server
 // ---------------------------------------------------------------------------------------------
 
-/// For each test function `f(Backend)`, the tests `moto::f` and `garage::f`.
+/// For each test function `f(Backend)`, the tests `moto::f` and `garage::f`.// ---------------------------------------------------------------------------------------------
+// parts copied by the bucket
+// ---------------------------------------------------------------------------------------------
+
+/// UploadPartCopy as autosync sends it (`store/s3parts.rs`): a range of an object copied
+/// into a multipart upload beside a part sent makes exactly those bytes. A copy held to an
+/// ETag the source no longer has is refused by Garage (as by AWS S3); moto copies the newer
+/// bytes, which is why the uploader checks the source again once its copies are done.
+fn parts_copied_by_the_bucket_are_held_to_the_source_version(backend: Backend) {
+    use autosync::store::s3parts::S3Parts;
+    use autosync::store::s3raw::RawS3;
+    use object_store::aws::AmazonS3Builder;
+    use object_store::{Attributes, ObjectStoreExt, PutPayload, path::Path as Key};
+    let fx = Fixture::new("copyparts", backend);
+    let server = fx.server("server");
+    server.create_bucket("bkt");
+    let (key_id, secret) = server.creds();
+    let b = AmazonS3Builder::new()
+        .with_endpoint(server.endpoint())
+        .with_allow_http(true)
+        .with_bucket_name("bkt")
+        .with_region(server.region())
+        .with_access_key_id(key_id)
+        .with_secret_access_key(secret);
+    let s3 = std::sync::Arc::new(b.clone().build().unwrap());
+    let parts =
+        S3Parts::new(std::sync::Arc::clone(&s3), RawS3::new(&b, std::sync::Arc::clone(s3.credentials())).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let src = Rng(9).bytes(12 << 20);
+        let etag = s3.put(&Key::from("odd key/src+1"), src.clone().into()).await.unwrap().e_tag.unwrap();
+        let dest = Key::from("dest");
+        let range = 1_000..(6 << 20) + 1_000;
+        let id = parts.create(&dest, Attributes::new()).await.unwrap();
+        let p0 = parts.copy_part(&dest, &id, 0, "odd key/src+1", range.clone(), Some(&etag)).await.unwrap();
+        let p1 = parts.put_part(&dest, &id, 1, PutPayload::from_static(b"tail")).await.unwrap();
+        parts.complete(&dest, &id, vec![p0, p1]).await.unwrap();
+        let got = s3.get(&dest).await.unwrap().bytes().await.unwrap();
+        let mut want = src[range.start as usize..range.end as usize].to_vec();
+        want.extend_from_slice(b"tail");
+        assert!(got == want, "the copied range and the part sent");
+        // The source changes: a copy held to its old ETag is refused.
+        s3.put(&Key::from("odd key/src+1"), Rng(10).bytes(12 << 20).into()).await.unwrap();
+        let id = parts.create(&dest, Attributes::new()).await.unwrap();
+        let copied = parts.copy_part(&dest, &id, 0, "odd key/src+1", 0..(6 << 20), Some(&etag)).await;
+        match backend {
+            Backend::Moto => assert!(copied.is_ok(), "moto now honours x-amz-copy-source-if-match: {copied:?}"),
+            _ => assert!(matches!(copied, Err(object_store::Error::Precondition { .. })), "{copied:?}"),
+        }
+        parts.abort(&dest, &id).await.unwrap();
+        // A source that is gone is `NotFound`.
+        let id = parts.create(&dest, Attributes::new()).await.unwrap();
+        let e = parts.copy_part(&dest, &id, 0, "gone", 0..10, None).await.unwrap_err();
+        assert!(matches!(e, object_store::Error::NotFound { .. }), "{e}");
+        parts.abort(&dest, &id).await.unwrap();
+    });
+}
+
 macro_rules! against_every_backend {
     ($($test:ident),* $(,)?) => {
         mod moto {
@@ -1357,4 +1414,5 @@ against_every_backend!(
     five_thousand_objects_list_across_pages,
     attributes_interoperate_with_rclone_and_s3fs,
     unquoted_etags_still_tell_edits_from_conflicts,
+    parts_copied_by_the_bucket_are_held_to_the_source_version,
 );

@@ -57,6 +57,8 @@ pub struct Core {
     invalidations: OnceLock<std::sync::mpsc::Sender<Invalidation>>,
     /// Multipart uploads with parts copied by the store (S3 only).
     part_copier: OnceLock<Arc<S3Parts>>,
+    /// Signalled whenever the uploader finishes (or gives up on) an attempt.
+    pub upload_done: tokio::sync::Notify,
 }
 
 /// The tree and the queue, both locked (in that order): what a change that spans them holds
@@ -109,6 +111,7 @@ impl Core {
             counters: Mutex::new(Counters { last_error, ..Counters::default() }),
             invalidations: OnceLock::new(),
             part_copier: OnceLock::new(),
+            upload_done: tokio::sync::Notify::new(),
         }
     }
 

@@ -392,20 +392,35 @@ impl Files {
         base: &[std::ops::Range<u64>],
     ) -> FsResult<()> {
         let core = &*self.core;
-        let Some(remote) = remote else {
+        let Some(mut remote) = remote else {
             return Err(FsError::Io(std::io::Error::other("a staged file takes bytes from a base it does not name")));
         };
-        match core.bounded(sparse::fill_ranges(&core.blocks, &remote, buf, offset, base)).await {
-            Err(e) if e.is_gone() => {
+        let deadline = tokio::time::Instant::now() + core.cfg.io_timeout;
+        loop {
+            let e = match core.bounded(sparse::fill_ranges(&core.blocks, &remote, buf, offset, base)).await {
+                Err(e) if e.is_gone() => e,
+                other => return other,
+            };
+            // The version read is gone: our own upload of this file may have just replaced
+            // it (with the same bytes there), or moved it. Follow the inode to the version
+            // it records, waiting for an upload of it under way to be recorded.
+            loop {
+                let notified = core.upload_done.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
                 let now = core.tree().get(ino)?.remote.clone();
                 match now {
                     Some(now) if now != remote => {
-                        core.bounded(sparse::fill_ranges(&core.blocks, &now, buf, offset, base)).await
+                        remote = now;
+                        break;
                     }
-                    _ => Err(e),
+                    _ if !core.queue().is_uploading(ino) => return Err(e),
+                    _ => {}
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return Err(e);
                 }
             }
-            other => other,
         }
     }
 

@@ -91,7 +91,8 @@ impl S3Parts {
                     source: failed("the source changed").into(),
                 });
             }
-            404 if body.contains("NoSuchKey") => {
+            // The source, unless the upload is what is missing (moto says nothing more).
+            404 if !body.contains("NoSuchUpload") => {
                 return Err(object_store::Error::NotFound {
                     path: src_key.to_string(),
                     source: failed("the source is gone").into(),

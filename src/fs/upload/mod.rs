@@ -38,8 +38,6 @@ pub(crate) use put::{Content, PutError};
 
 pub struct Uploader {
     pub(super) core: Arc<Core>,
-    /// Signalled whenever the uploader finishes (or gives up on) an attempt.
-    upload_done: Notify,
     /// Wakes the uploader out of an error backoff when a flush is requested.
     flush_kick: Notify,
     /// Flush requests: while non-zero the uploader ignores `upload_delay`.
@@ -51,7 +49,7 @@ pub struct Uploader {
 impl Uploader {
     pub fn new(core: Arc<Core>) -> Uploader {
         let part_budget = Arc::new(tokio::sync::Semaphore::new((parts::PART_BUDGET >> 20) as usize));
-        Uploader { core, upload_done: Notify::new(), flush_kick: Notify::new(), urgent: AtomicU64::new(0), part_budget }
+        Uploader { core, flush_kick: Notify::new(), urgent: AtomicU64::new(0), part_budget }
     }
 
     /// Runs until `stop` resolves, then lets the uploads under way end and returns
@@ -124,7 +122,7 @@ impl Uploader {
                 let what = self.describe(&op);
                 let msg = format!("{what}: {e}");
                 let tries = core.queue().attempt_failed(seq, &op, msg.clone());
-                self.upload_done.notify_waiters();
+                self.core.upload_done.notify_waiters();
                 tracing::error!(path = %what, tries, "upload failed, will retry: {e}");
                 core.counters().last_error = Some(msg);
                 core.events.emit(Event::new(EventKind::UploadFailed).path(core.rel_path(&what)).message(e.to_string()));
@@ -150,7 +148,7 @@ impl Uploader {
     pub async fn wait_not_uploading(&self, ino: Ino) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let notified = self.upload_done.notified();
+            let notified = self.core.upload_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if !self.core.queue().is_uploading(ino) {
@@ -178,7 +176,7 @@ impl Uploader {
         // Counted before the op leaves the queue, so a flush waiter sees it.
         self.core.counters().uploads_done += 1;
         l.queue.complete(seq, &mut batch);
-        self.upload_done.notify_waiters();
+        self.core.upload_done.notify_waiters();
         l.commit(batch, true)
     }
 

@@ -9,12 +9,12 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use object_store::path::Path;
-use object_store::{Attributes, PutMultipartOptions};
+use object_store::{Attributes, ObjectStoreExt, PutMultipartOptions};
 
 use super::Uploader;
 use super::put::{Content, PutError, local};
 use crate::fs::error::FsError;
-use crate::fs::object::stale;
+use crate::fs::object::{obj_path, same_version, stale};
 use crate::fs::types::Remote;
 use crate::store::s3parts::{MAX_COPY_PART, S3Parts};
 
@@ -110,9 +110,9 @@ impl Uploader {
     }
 
     /// An upload of `parts` through the store's own multipart calls, the copies done by the
-    /// store (each held to the base's ETag), the rest sent as several at once as the part
-    /// budget allows. Any part failing aborts the whole upload; a copy whose source changed
-    /// is the base gone (`Stale`).
+    /// store (each held to the base's ETag, and the base checked once they are done), the
+    /// rest sent as several at once as the part budget allows. Any part failing aborts the
+    /// whole upload; a copy whose source changed is the base gone (`Stale`).
     async fn put_planned(
         &self,
         copier: Arc<S3Parts>,
@@ -157,7 +157,16 @@ impl Uploader {
                 let (i, part) = r.map_err(local)?;
                 done[i] = Some(part?);
             }
-            Ok(())
+            // Some stores (moto) copy whatever the source holds, whatever
+            // `x-amz-copy-source-if-match` says: the source must still be the base once every
+            // copy is done (versions only move on, so it was the base all along).
+            match self.core.store.head(&obj_path(&base.key)?).await {
+                Ok(m) if same_version(&m, base) => Ok(()),
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+                    Err(PutError::Other(FsError::Stale(base.key.clone())))
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         .await;
         let failed = match result {

@@ -332,6 +332,13 @@ impl Uploader {
             };
             if n.generation == node.generation {
                 n.dirty = false;
+                // A copy staged over its base holds the blocks written here, which are
+                // now the bucket's: nothing to keep (the next edit stages afresh, and
+                // sends only what it writes).
+                if content.base().is_some() && n.open == 0 && n.writing == 0 {
+                    n.staged = false;
+                    self.core.staging.remove(node.ino);
+                }
             }
             inner.persist(node.ino, &mut batch)?;
             if let Some(o) = left_behind {
