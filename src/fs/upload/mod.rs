@@ -173,8 +173,15 @@ impl Uploader {
     /// under the same locks `batch` was made under: a batch committed after its locks were
     /// let go could write an inode's record over a newer one (a rename made meanwhile).
     pub(super) fn finish(&self, mut l: Locked<'_>, seq: Seq, mut batch: Batch) -> FsResult<()> {
-        // Counted before the op leaves the queue, so a flush waiter sees it.
-        self.core.counters().uploads_done += 1;
+        // Counted (and the last error cleared, when nothing else is failing) before the op
+        // leaves the queue, so a flush waiter sees both.
+        {
+            let mut c = self.core.counters();
+            c.uploads_done += 1;
+            if l.queue.failing().all(|(s, _)| s == seq) {
+                c.last_error = None;
+            }
+        }
         l.queue.complete(seq, &mut batch);
         self.core.upload_done.notify_waiters();
         l.commit(batch, true)
