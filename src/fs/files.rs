@@ -291,7 +291,10 @@ impl Files {
                 Err(_) => return Ok(()),
             }
         };
-        if !wrote && !dirty {
+        // A close makes durable what its handle wrote (a close of a descriptor that wrote
+        // nothing, such as the one a shell's `>` duplicates, has nothing to sync); an fsync,
+        // whatever the file holds that is not yet.
+        if !wrote && (closing || !dirty) {
             self.report_written(ino, unreported);
             return Ok(());
         }

@@ -66,7 +66,7 @@ impl Locked<'_> {
                 n.target = new.target.map(str::to_string);
             }
             Kind::File => {
-                core.staging.create_empty(ino)?;
+                core.staging.create_new(ino)?;
                 n.staged = true;
             }
         }

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -31,7 +32,13 @@ pub struct Staging {
     /// Held through a sync of the folder: one that finds nothing to do waits for one under
     /// way, which covers what it would have.
     dir_sync: Mutex<()>,
+    /// Inode numbers whose staging files were made ahead, their directory entries synced
+    /// (see `made_ahead`).
+    ahead: Mutex<std::ops::Range<u64>>,
 }
+
+/// Staging files made ahead at once: one sync of the folder for this many new files.
+const AHEAD: u64 = 64;
 
 /// The staging files open now (at most [`MAX_OPEN`] that nobody else holds), and the
 /// lengths of the staged files closed meanwhile. Two handles of one staging file must never
@@ -111,6 +118,7 @@ impl Staging {
             usage: Mutex::new(usage),
             dir_changed: std::sync::atomic::AtomicBool::new(true),
             dir_sync: Mutex::new(()),
+            ahead: Mutex::new(0..0),
         })
     }
 
@@ -144,12 +152,52 @@ impl Staging {
         self.create_sparse(ino, 0)
     }
 
+    /// The staging file of a file just created here, `ino` a number just handed out.
+    pub fn create_new(&self, ino: Ino) -> std::io::Result<Arc<SealedFile>> {
+        let ahead = self.made_ahead(ino);
+        let f = Arc::new(SealedFile::create(&self.path(ino), Arc::clone(&self.sealer))?);
+        if !ahead {
+            self.dir_changed();
+        }
+        Ok(self.lock().insert(ino, f))
+    }
+
     /// A staging file of `len` bytes that are all the base's (the bucket's version) until
     /// written here: nothing is downloaded.
     pub fn create_sparse(&self, ino: Ino, len: u64) -> std::io::Result<Arc<SealedFile>> {
         let f = Arc::new(SealedFile::create_sparse(&self.path(ino), Arc::clone(&self.sealer), len)?);
         self.dir_changed();
         Ok(self.lock().insert(ino, f))
+    }
+
+    /// Whether the staging file of `ino` has a directory entry made durable ahead: inode
+    /// numbers are handed out in order, so new files get theirs in batches of [`AHEAD`],
+    /// with one sync of the folder for the batch instead of one per file (a file made
+    /// ahead is empty until created; the first sync of its own makes its content durable).
+    /// Files made ahead for numbers that go to other inodes are removed at the next mount.
+    fn made_ahead(&self, ino: Ino) -> bool {
+        let mut ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        if ahead.contains(&ino.0) {
+            return true;
+        }
+        let batch = ino.0..ino.0.saturating_add(AHEAD);
+        for i in batch.clone() {
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(self.path(Ino(i)));
+            if made.is_err() {
+                return false;
+            }
+        }
+        let synced = File::open(&self.dir).and_then(|d| d.sync_all());
+        if synced.is_err() {
+            return false;
+        }
+        *ahead = batch;
+        true
     }
 
     /// A temp file to fill; `install` moves it into place as the staging file of `ino`.
