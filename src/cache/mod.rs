@@ -61,6 +61,9 @@ pub enum CacheError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     pub hits: u64,
+    /// The hits of `get_range`: parts of blocks, not whole ones.
+    #[serde(default)]
+    pub range_hits: u64,
     /// Every `get` that returned `None`, integrity failures included.
     pub misses: u64,
     /// Sealed bytes on disk (block files only).
@@ -345,7 +348,7 @@ impl BlockCache {
         let (name, generation) = self.lookup(id)?;
         let path = self.path(&name);
         let read = self.read_whole(id, &path);
-        self.settle(id, &name, generation, &path, read)
+        self.settle(id, &name, generation, &path, read, false)
     }
 
     /// Bytes `range` of a cached block of `len` bytes, reading and opening only the sealed
@@ -364,7 +367,7 @@ impl BlockCache {
         let (name, generation) = self.lookup(id)?;
         let path = self.path(&name);
         let read = self.read_range(id, &path, range, len);
-        self.settle(id, &name, generation, &path, read)
+        self.settle(id, &name, generation, &path, read, true)
     }
 
     /// The name of a block and the put that wrote it, if cached; a miss is counted.
@@ -451,12 +454,22 @@ impl BlockCache {
         Outcome::Hit(Bytes::from(body).slice(start - span.start..end - span.start))
     }
 
-    /// Counts a read of block `name` (written by put `generation`) and acts on its outcome.
-    fn settle(&self, id: &BlockId, name: &BlockName, generation: u64, path: &Path, read: Outcome) -> Option<Bytes> {
+    /// Counts a read of block `name` (written by put `generation`; `ranged`: a part of it)
+    /// and acts on its outcome.
+    fn settle(
+        &self,
+        id: &BlockId,
+        name: &BlockName,
+        generation: u64,
+        path: &Path,
+        read: Outcome,
+        ranged: bool,
+    ) -> Option<Bytes> {
         let mut ix = self.lock();
         let failure = match read {
             Outcome::Hit(b) => {
                 ix.stats.hits += 1;
+                ix.stats.range_hits += u64::from(ranged);
                 ix.touch(name, generation);
                 return Some(b);
             }

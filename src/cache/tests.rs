@@ -58,6 +58,7 @@ fn round_trip_and_counters() {
         s,
         CacheStats {
             hits: 2,
+            range_hits: 0,
             misses: 2,
             bytes: SEALED + sealed_len(0) as u64,
             blocks: 2,
@@ -455,7 +456,7 @@ fn ranged_gets_return_the_bytes_of_whole_gets() {
     assert!(c.get(&id(0)).unwrap() == want);
     assert_eq!(c.get_range(&id(0), 7..7, len).unwrap(), Bytes::new());
     let s = c.stats();
-    assert_eq!((s.hits, s.misses, s.integrity_failures), (10, 0, 0));
+    assert_eq!((s.hits, s.range_hits, s.misses, s.integrity_failures), (10, 9, 0, 0));
     // Not cached; a range past the end; a block of another length: misses, nothing dropped.
     assert_eq!(c.get_range(&id(1), 0..10, len), None);
     assert_eq!(c.get_range(&id(0), len - 1..len + 1, len), None);
