@@ -173,10 +173,14 @@ impl std::fmt::Debug for BlockCache {
     }
 }
 
+/// A block name in lowercase hex. Every read computes its file's path: a `format!` per byte
+/// showed in the profile of a 4 KiB ranged read.
 fn hex(name: &BlockName) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(64);
     for b in name {
-        s.push_str(&format!("{b:02x}"));
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
     }
     s
 }

@@ -82,6 +82,14 @@ fn round_trip_and_counters() {
 }
 
 #[test]
+fn block_names_in_hex_round_trip() {
+    let name: BlockName = std::array::from_fn(|i| (i * 37 + 5) as u8);
+    let h = hex(&name);
+    assert_eq!(h, name.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    assert_eq!(unhex(&h), Some(name));
+}
+
+#[test]
 fn flipped_byte_is_an_integrity_failure_and_the_file_goes() {
     let d = tempfile::tempdir().unwrap();
     let c = BlockCache::open(d.path(), &key(1), 1 << 30).unwrap();
