@@ -1,9 +1,10 @@
-//! Block cache throughput: sealing and opening a 1 MiB block, and BlockCache get/put of
-//! 1 MiB blocks in a temp dir. Run: `cargo bench --bench cache`.
+//! Block cache throughput: sealing and opening a 1 MiB block, BlockCache get/put of 1 MiB
+//! blocks in a temp dir, and a random 4 KiB read of a cached 1 MiB block, by its units
+//! (`get_range`) and whole (`get`). Run: `cargo bench --bench cache`.
 
 use std::hint::black_box;
 
-use autosync::cache::{BlockCache, BlockId, CacheKey, Sealer};
+use autosync::cache::{BlockCache, BlockId, CacheKey, Sealer, sealed_len};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const MIB: usize = 1 << 20;
@@ -37,7 +38,7 @@ fn cache_get_put(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     // Room for 256 blocks: puts cycle through 512 indexes, so they evict as they go.
     let cache =
-        BlockCache::open(dir.path(), &CacheKey::from_bytes([7; 32]), 256 * (MIB as u64 + 64)).expect("open cache");
+        BlockCache::open(dir.path(), &CacheKey::from_bytes([7; 32]), 256 * sealed_len(MIB) as u64).expect("open cache");
     let plain = data();
     let mut g = c.benchmark_group("cache");
     g.throughput(Throughput::Bytes(MIB as u64));
@@ -56,6 +57,31 @@ fn cache_get_put(c: &mut Criterion) {
         b.iter(|| {
             m += 1;
             cache.get(&id(10_000 + m % 64)).expect("hit")
+        })
+    });
+    g.finish();
+
+    // A 4 KiB read at a random 4 KiB offset of one of the 64 blocks (in the page cache, as
+    // after the first reads of a mount): by the one unit that holds it, or the whole block.
+    let mut g = c.benchmark_group("read 4 KiB of a 1 MiB block");
+    g.throughput(Throughput::Bytes(4096));
+    let mut x = 1u64;
+    let mut pick = move || {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (10_000 + (x >> 33) % 64, (x >> 13) % (MIB as u64 / 4096) * 4096)
+    };
+    g.bench_function("get_range (one 64 KiB unit)", |b| {
+        b.iter(|| {
+            let (i, off) = pick();
+            let got = cache.get_range(&id(i), off..off + 4096, MIB as u64).expect("hit");
+            assert_eq!(got.len(), 4096);
+            got
+        })
+    });
+    g.bench_function("get (the whole block), then slice", |b| {
+        b.iter(|| {
+            let (i, off) = pick();
+            cache.get(&id(i)).expect("hit").slice(off as usize..off as usize + 4096)
         })
     });
     g.finish();

@@ -509,7 +509,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             match &c.disk {
                 Some(d) => {
                     println!("disk:               {} of {} bytes in {} blocks", d.bytes, d.capacity, d.blocks);
-                    println!("hits:               {}", d.hits);
+                    println!("hits:               {} ({} of them parts of blocks)", d.hits, d.range_hits);
                     println!("misses:             {}", d.misses);
                     println!("evictions:          {}", d.evictions);
                     println!("integrity failures: {}", d.integrity_failures);

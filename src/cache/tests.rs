@@ -3,7 +3,7 @@ use std::sync::Arc;
 use super::*;
 
 const BLOCK: usize = 64 * 1024;
-const SEALED: u64 = (BLOCK + OVERHEAD) as u64;
+const SEALED: u64 = sealed_len(BLOCK) as u64;
 
 fn key(b: u8) -> CacheKey {
     CacheKey::from_bytes([b; 32])
@@ -58,8 +58,9 @@ fn round_trip_and_counters() {
         s,
         CacheStats {
             hits: 2,
+            range_hits: 0,
             misses: 2,
-            bytes: SEALED + OVERHEAD as u64,
+            bytes: SEALED + sealed_len(0) as u64,
             blocks: 2,
             capacity: 1 << 30,
             evictions: 0,
@@ -70,7 +71,7 @@ fn round_trip_and_counters() {
     // Putting a block again replaces it, and counts it once.
     c.put(&id(0), &block(7));
     assert_eq!(c.get(&id(0)).unwrap(), block(7));
-    assert_eq!(c.stats().bytes, SEALED + OVERHEAD as u64);
+    assert_eq!(c.stats().bytes, SEALED + sealed_len(0) as u64);
     assert_eq!(disk_bytes(d.path()), c.stats().bytes);
     // The files are in fan-out folders, named by 64 hex digits starting with the folder's.
     for p in block_files(d.path()) {
@@ -78,6 +79,14 @@ fn round_trip_and_counters() {
         let fan = p.parent().unwrap().file_name().unwrap().to_str().unwrap();
         assert!(unhex(name).is_some() && name.starts_with(fan), "{}", p.display());
     }
+}
+
+#[test]
+fn block_names_in_hex_round_trip() {
+    let name: BlockName = std::array::from_fn(|i| (i * 37 + 5) as u8);
+    let h = hex(&name);
+    assert_eq!(h, name.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    assert_eq!(unhex(&h), Some(name));
 }
 
 #[test]
@@ -115,7 +124,7 @@ fn torn_short_and_garbage_files_never_crash() {
     }
     let path = |i| c.path(&c.sealer.name(&id(i)));
     std::fs::write(path(0), b"").unwrap();
-    std::fs::write(path(1), b"ASCB\x01short").unwrap();
+    std::fs::write(path(1), b"ASCB\x02short").unwrap();
     let full = std::fs::read(path(2)).unwrap();
     std::fs::write(path(2), &full[..full.len() / 2]).unwrap();
     std::fs::write(path(3), vec![0u8; full.len()]).unwrap();
@@ -304,7 +313,7 @@ fn reopen_with_another_key_or_format_discards() {
     // Another format version in the check file: discarded too.
     let check = d.path().join(BLOCKS_DIR).join(CHECK_FILE);
     let mut bytes = std::fs::read(&check).unwrap();
-    bytes[4] = FORMAT_VERSION + 1;
+    bytes[4] = CHECK_VERSION + 1;
     std::fs::write(&check, bytes).unwrap();
     let c = BlockCache::open(d.path(), &key(2), 1 << 30).unwrap();
     assert_eq!(c.stats().blocks, 0);
@@ -375,7 +384,7 @@ fn default_capacity_is_clamped() {
 fn block_files_are_written_whole_with_or_without_o_direct() {
     let d = tempfile::tempdir().unwrap();
     let mut buf = Vec::new();
-    for len in [0, 100, DIRECT_ALIGN, DIRECT_ALIGN + 33, (1 << 20) + OVERHEAD] {
+    for len in [0, 100, DIRECT_ALIGN, DIRECT_ALIGN + 33, sealed_len(1 << 20)] {
         let data = aligned(&mut buf, len);
         assert_eq!(data.as_ptr() as usize % DIRECT_ALIGN, 0);
         for (i, b) in data.iter_mut().enumerate() {
@@ -389,4 +398,227 @@ fn block_files_are_written_whole_with_or_without_o_direct() {
             assert!(std::fs::read(&p).unwrap() == *data, "{len} bytes, O_DIRECT {direct}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Units inside a block, and ranged reads
+// ---------------------------------------------------------------------------------------------
+
+/// Five units, the last one short.
+const LONG: usize = 4 * UNIT + 1000;
+
+fn long_block(index: u64) -> Vec<u8> {
+    (0..LONG).map(|i| ((i / 7) as u8) ^ (index as u8).wrapping_mul(31)).collect()
+}
+
+/// A cache holding `long_block(i)` for each of `ids`, and an observer's record of every
+/// integrity failure it is told of.
+fn long_cache(d: &Path, ids: &[u64]) -> (BlockCache, Arc<std::sync::Mutex<Vec<u64>>>) {
+    let c = BlockCache::open(d, &key(1), 1 << 30).unwrap();
+    for &i in ids {
+        c.put(&id(i), &long_block(i));
+    }
+    let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = Arc::clone(&told);
+    c.on_integrity_failure(Box::new(move |_: &str, index: u64, _: &str| t.lock().unwrap().push(index)));
+    (c, told)
+}
+
+fn file_of(c: &BlockCache, i: u64) -> PathBuf {
+    c.path(&c.sealer.name(&id(i)))
+}
+
+/// Where unit `u` of a sealed long block lies: its table entry and its ciphertext.
+fn unit_parts(u: usize) -> (Range<usize>, Range<usize>) {
+    let l = Layout::for_plain(LONG);
+    let r = l.plain_of(u..u + 1);
+    (l.entries_of(u..u + 1), l.body_start() + r.start..l.body_start() + r.end)
+}
+
+/// Replaces unit `to` of `file` with unit `from` of `source` (entry and ciphertext).
+fn put_unit(file: &mut [u8], to: usize, source: &[u8], from: usize) {
+    let ((e_to, b_to), (e_from, b_from)) = (unit_parts(to), unit_parts(from));
+    file[e_to].copy_from_slice(&source[e_from]);
+    file[b_to].copy_from_slice(&source[b_from]);
+}
+
+/// A block's integrity failure as the cache reports it: `None`, counted, told, file gone.
+fn assert_failed(c: &BlockCache, told: &std::sync::Mutex<Vec<u64>>, i: u64, failures: u64, what: &str) {
+    let s = c.stats();
+    assert_eq!(s.integrity_failures, failures, "{what}: {s:?}");
+    assert_eq!(told.lock().unwrap().last(), Some(&i), "{what}: the observer is told");
+    assert!(!c.contains(&id(i)) && !file_of(c, i).exists(), "{what}: the block is dropped");
+}
+
+#[test]
+fn ranged_gets_return_the_bytes_of_whole_gets() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, told) = long_cache(d.path(), &[0]);
+    let want = long_block(0);
+    let len = LONG as u64;
+    let u = UNIT as u64;
+    for r in [0..1, 0..4096, 4096..8192, u - 10..u + 10, u..2 * u, 3 * u + 5..len, 0..len, len - 1..len, 1..len - 1] {
+        let got = c.get_range(&id(0), r.clone(), len).unwrap_or_else(|| panic!("{r:?} missed"));
+        assert!(got == want[r.start as usize..r.end as usize], "{r:?}");
+    }
+    assert!(c.get(&id(0)).unwrap() == want);
+    assert_eq!(c.get_range(&id(0), 7..7, len).unwrap(), Bytes::new());
+    let s = c.stats();
+    assert_eq!((s.hits, s.range_hits, s.misses, s.integrity_failures), (10, 9, 0, 0));
+    // Not cached; a range past the end; a block of another length: misses, nothing dropped.
+    assert_eq!(c.get_range(&id(1), 0..10, len), None);
+    assert_eq!(c.get_range(&id(0), len - 1..len + 1, len), None);
+    assert_eq!(c.get_range(&id(0), 0..10, len + 1), None);
+    assert_eq!(c.get_range(&id(0), 0..10, len - 1), None);
+    let s = c.stats();
+    assert_eq!((s.hits, s.misses, s.integrity_failures, s.blocks), (10, 3, 0, 1), "{s:?}");
+    assert!(told.lock().unwrap().is_empty());
+    assert!(c.get(&id(0)).unwrap() == want);
+}
+
+#[test]
+fn a_flipped_bit_in_any_unit_fails_whole_and_ranged_gets() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, told) = long_cache(d.path(), &[]);
+    let len = LONG as u64;
+    let mut failures = 0;
+    for unit in 0..5 {
+        for (what, ranged) in [("get", false), ("get_range", true)] {
+            c.put(&id(0), &long_block(0));
+            let p = file_of(&c, 0);
+            let mut bytes = std::fs::read(&p).unwrap();
+            // The nonce, the tag, and a byte of the ciphertext, in turn.
+            let (entry, body) = unit_parts(unit);
+            let at = [entry.start, entry.end - 1, body.start + (body.len() / 3)][failures % 3];
+            bytes[at] ^= 0x08;
+            std::fs::write(&p, &bytes).unwrap();
+            let r = unit as u64 * UNIT as u64;
+            let got = if ranged { c.get_range(&id(0), r + 1..r + 2, len) } else { c.get(&id(0)) };
+            assert_eq!(got, None, "{what}: unit {unit}, byte {at}");
+            failures += 1;
+            assert_failed(&c, &told, 0, failures as u64, &format!("{what}, unit {unit}"));
+        }
+    }
+    // Put back, it is served again.
+    c.put(&id(0), &long_block(0));
+    assert!(c.get(&id(0)).unwrap() == long_block(0));
+}
+
+#[test]
+fn a_ranged_get_opens_only_the_units_it_needs() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, told) = long_cache(d.path(), &[0]);
+    let (len, u) = (LONG as u64, UNIT as u64);
+    let p = file_of(&c, 0);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let (_, body) = unit_parts(3);
+    bytes[body.start + 5] ^= 1;
+    std::fs::write(&p, &bytes).unwrap();
+    // Units 0 to 2, and 4: not the damaged one, so they open.
+    let want = long_block(0);
+    for r in [0..4096, u + 7..3 * u, 4 * u..len] {
+        assert!(c.get_range(&id(0), r.clone(), len).unwrap() == want[r.start as usize..r.end as usize], "{r:?}");
+    }
+    assert_eq!(c.stats().integrity_failures, 0);
+    // A range that ends in unit 3: it fails, and the block goes.
+    assert_eq!(c.get_range(&id(0), 3 * u - 4096..3 * u + 1, len), None);
+    assert_failed(&c, &told, 0, 1, "a range into the damaged unit");
+    assert_eq!(c.get_range(&id(0), 0..4096, len), None, "dropped: a miss now");
+    assert_eq!(c.stats().integrity_failures, 1);
+}
+
+#[test]
+fn truncated_files_fail_at_a_unit_boundary_and_inside_a_unit() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, told) = long_cache(d.path(), &[]);
+    let len = LONG as u64;
+    let sealed = sealed_len(LONG);
+    let l4 = Layout::for_plain(4 * UNIT);
+    let mut failures = 0;
+    // Cut inside the last unit, at the end of the one before it, inside the first one.
+    let cuts = [sealed - 1, sealed - 500, sealed - 1000, sealed - 1000 - UNIT / 2, 100];
+    for (n, cut) in cuts.into_iter().enumerate() {
+        for ranged in [false, true] {
+            c.put(&id(0), &long_block(0));
+            let p = file_of(&c, 0);
+            let bytes = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &bytes[..cut]).unwrap();
+            let got = if ranged { c.get_range(&id(0), 0..10, len) } else { c.get(&id(0)) };
+            assert_eq!(got, None, "cut at {cut}");
+            failures += 1;
+            assert_failed(&c, &told, 0, failures, &format!("cut {n} at {cut}, ranged {ranged}"));
+        }
+    }
+    // The last unit removed cleanly, table entry and ciphertext: a well-formed file of four
+    // units, whose length is not the one its units were sealed with.
+    for ranged in [false, true] {
+        c.put(&id(0), &long_block(0));
+        let p = file_of(&c, 0);
+        let bytes = std::fs::read(&p).unwrap();
+        let mut four = bytes[..l4.entries_of(0..4).end].to_vec();
+        let old = Layout::for_plain(LONG);
+        four.extend_from_slice(&bytes[old.body_start()..old.body_start() + 4 * UNIT]);
+        assert_eq!(four.len(), l4.file_len());
+        std::fs::write(&p, &four).unwrap();
+        let got = if ranged { c.get_range(&id(0), 0..10, 4 * UNIT as u64) } else { c.get(&id(0)) };
+        assert_eq!(got, None, "ranged {ranged}");
+        failures += 1;
+        assert_failed(&c, &told, 0, failures, &format!("last unit removed, ranged {ranged}"));
+    }
+}
+
+#[test]
+fn swapped_units_and_units_of_another_block_fail() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, told) = long_cache(d.path(), &[]);
+    let (len, u) = (LONG as u64, UNIT as u64);
+    let mut failures = 0;
+    for ranged in [false, true] {
+        c.put(&id(0), &long_block(0));
+        c.put(&id(1), &long_block(1));
+        let (p0, p1) = (file_of(&c, 0), file_of(&c, 1));
+        let (a, b) = (std::fs::read(&p0).unwrap(), std::fs::read(&p1).unwrap());
+        // Units 1 and 2 of block 0 swapped.
+        let mut swapped = a.clone();
+        put_unit(&mut swapped, 1, &a, 2);
+        put_unit(&mut swapped, 2, &a, 1);
+        std::fs::write(&p0, &swapped).unwrap();
+        // Unit 2 of block 1 taken from block 0's file, same index, same length.
+        let mut moved = b.clone();
+        put_unit(&mut moved, 2, &a, 2);
+        std::fs::write(&p1, &moved).unwrap();
+        for (i, r) in [(0, u + 1..u + 2), (1, 2 * u..2 * u + 4096)] {
+            let got = if ranged { c.get_range(&id(i), r.clone(), len) } else { c.get(&id(i)) };
+            assert_eq!(got, None, "block {i}, ranged {ranged}");
+            failures += 1;
+            assert_failed(&c, &told, i, failures, &format!("block {i}, ranged {ranged}"));
+        }
+    }
+}
+
+#[test]
+fn a_block_file_of_the_old_format_is_a_plain_miss() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, told) = long_cache(d.path(), &[0, 1]);
+    // What format 1 wrote under the same names: magic, version 1, a nonce, the whole
+    // block's ciphertext, a tag.
+    let paths = [file_of(&c, 0), file_of(&c, 1)];
+    drop(c);
+    for p in &paths {
+        let mut v1 = b"ASCB\x01".to_vec();
+        v1.extend(std::iter::repeat_n(0x5a, 12 + LONG + 16));
+        std::fs::write(p, v1).unwrap();
+    }
+    let (c, told2) = long_cache(d.path(), &[]);
+    assert_eq!(c.stats().blocks, 2, "old files are kept at open");
+    assert_eq!(c.get(&id(0)), None);
+    assert_eq!(c.get_range(&id(1), 0..10, LONG as u64), None);
+    let s = c.stats();
+    assert_eq!((s.misses, s.integrity_failures, s.blocks, s.bytes), (2, 0, 0, 0), "{s:?}");
+    assert!(told.lock().unwrap().is_empty() && told2.lock().unwrap().is_empty(), "not an integrity failure");
+    assert!(!file_of(&c, 0).exists() && !file_of(&c, 1).exists(), "old files are removed");
+    // Fetched again and put, in the new format.
+    c.put(&id(0), &long_block(0));
+    assert!(c.get(&id(0)).unwrap() == long_block(0));
+    assert_eq!(&std::fs::read(file_of(&c, 0)).unwrap()[..5], b"ASCB\x02");
 }

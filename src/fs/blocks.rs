@@ -279,6 +279,56 @@ impl BlockReader {
             .map_err(FsError::shared)
     }
 
+    /// Bytes `within` (offsets in the block) of block `index` of `remote`. A `random` read
+    /// (see [`Readahead::random`]) of a block that is on disk and neither in memory nor on its
+    /// way there reads and opens only the sealed units that cover it, and keeps nothing in
+    /// memory (the kernel keeps the pages it asked for): a 4 KiB read opens 64 KiB, not a
+    /// block. Otherwise the whole block is loaded, as [`BlockReader::block`] does, and sliced.
+    pub(crate) async fn part(
+        self: &Arc<Self>,
+        remote: &Remote,
+        index: BlockIndex,
+        within: Range<u64>,
+        random: bool,
+    ) -> FsResult<Bytes> {
+        if random && let Some(b) = self.disk_part(remote, index, within.clone()).await {
+            return Ok(b);
+        }
+        let b = self.block(remote, index).await?;
+        let end = usize::try_from(within.end).unwrap_or(usize::MAX).min(b.len());
+        let start = usize::try_from(within.start).unwrap_or(usize::MAX).min(end);
+        Ok(b.slice(start..end))
+    }
+
+    /// [`BlockReader::part`] from the disk cache by units, if the block is there and not in
+    /// memory or coming into it.
+    async fn disk_part(&self, remote: &Remote, index: BlockIndex, within: Range<u64>) -> Option<Bytes> {
+        let disk = Arc::clone(self.disk.as_ref()?);
+        let key = self.key(remote, index)?;
+        if self.mem.contains_key(&key) {
+            return None;
+        }
+        {
+            let inflight = lock(&self.inflight);
+            if inflight.pending.contains_key(&key) || inflight.loading.contains_key(&key) {
+                return None;
+            }
+        }
+        if !disk.contains(&BlockId { key: &remote.key, version: &key.version, index: index.0 }) {
+            return None;
+        }
+        let bounds = self.bounds(remote, index);
+        let len = bounds.end - bounds.start;
+        let within = within.start.min(len)..within.end.min(len);
+        let (name, version) = (remote.key.clone(), Arc::clone(&key.version));
+        tokio::task::spawn_blocking(move || {
+            disk.get_range(&BlockId { key: &name, version: &version, index: index.0 }, within, len)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     async fn load(&self, remote: &Remote, version: &Arc<str>, index: BlockIndex) -> FsResult<Bytes> {
         let want = self.bounds(remote, index);
         if let Some(disk) = &self.disk {
@@ -605,6 +655,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) struct Readahead {
     next: u64,
     window: u64,
+    /// The last read that moved `next` jumped there from elsewhere.
+    jumped: bool,
 }
 
 impl Readahead {
@@ -625,11 +677,21 @@ impl Readahead {
                 w => (w * 2).min(max),
             };
             self.next = self.next.max(range.end);
+            self.jumped = false;
         } else {
             self.window = 0;
             self.next = range.end;
+            self.jumped = true;
         }
         self.window.min(max)
+    }
+
+    /// Whether the last read noted was a jump, not part of a sequential run: such a read
+    /// that misses memory is served from the disk cache by the units it covers
+    /// ([`BlockReader::part`]). The first read of a handle is a jump unless it starts within
+    /// the first block.
+    pub(crate) fn random(&self) -> bool {
+        self.jumped
     }
 }
 
@@ -657,6 +719,25 @@ mod tests {
         assert_eq!(r.advance(again.clone(), bs, max), 0);
         assert_eq!(r.advance((900 << 20)..(900 << 20) + step, bs, max), 0);
         assert_eq!(r.advance((900 << 20) + 2 * step..(900 << 20) + 3 * step, bs, max), 4 * bs);
+    }
+
+    #[test]
+    fn readahead_tells_jumps_from_sequential_reads() {
+        let (bs, max) = (1 << 20, 8 << 20);
+        let mut r = Readahead::default();
+        r.advance(0..4096, bs, max);
+        assert!(!r.random(), "the start of a file");
+        r.advance(4096..8192, bs, max);
+        assert!(!r.random());
+        r.advance(50 << 20..(50 << 20) + 4096, bs, max);
+        assert!(r.random(), "a jump");
+        r.advance((50 << 20) - 4096..50 << 20, bs, max);
+        assert!(r.random(), "a straggler changes nothing");
+        r.advance((50 << 20) + 4096..(50 << 20) + 8192, bs, max);
+        assert!(!r.random(), "on from where the last read ended");
+        let mut fresh = Readahead::default();
+        fresh.advance(10 << 20..(10 << 20) + 4096, bs, max);
+        assert!(fresh.random(), "a handle's first read, in the middle of the file");
     }
 
     /// Reads `data` of `remote` from start to end in `step`-byte reads, the way `Fs::read`

@@ -186,10 +186,11 @@ impl Files {
         let range = offset..offset + len as u64;
         let blocks = &core.blocks;
         blocks.reads.fetch_add(1, Ordering::Relaxed);
-        let ahead = {
+        let (ahead, random) = {
             let mut handles = lock(&self.handles);
             let h = handles.get_mut(&fh).ok_or(FsError::BadHandle)?;
-            h.readahead.advance(range.clone(), blocks.cfg.block_size, blocks.cfg.readahead_max)
+            let ahead = h.readahead.advance(range.clone(), blocks.cfg.block_size, blocks.cfg.readahead_max);
+            (ahead, h.readahead.random())
         };
         let span = blocks.span(range.clone());
         if ahead > 0 {
@@ -200,13 +201,15 @@ impl Files {
         let single = span.end.0 - span.start.0 == 1;
         let mut out = Vec::with_capacity(if single { 0 } else { len });
         for index in BlockIndex::each(span) {
-            let b = match core.bounded(blocks.block(&remote, index)).await {
+            let block_start = index.0 * blocks.cfg.block_size;
+            let within = range.start.max(block_start) - block_start..range.end - block_start;
+            let b = match core.bounded(blocks.part(&remote, index, within.clone(), random)).await {
                 // The uploader moved the object meanwhile: read it where it is now.
                 Err(e) if e.is_gone() => {
                     let now = core.tree().get(ino)?.remote.clone();
                     match now {
                         Some(now) if now != remote => {
-                            let b = core.bounded(blocks.block(&now, index)).await?;
+                            let b = core.bounded(blocks.part(&now, index, within, random)).await?;
                             remote = now;
                             b
                         }
@@ -215,16 +218,13 @@ impl Files {
                 }
                 other => other?,
             };
-            let block_start = index.0 * blocks.cfg.block_size;
-            let from = (range.start.max(block_start) - block_start) as usize;
-            let to = ((range.end - block_start) as usize).min(b.len());
-            if from >= to {
+            if b.is_empty() {
                 break;
             }
             if single {
-                return Ok(b.slice(from..to));
+                return Ok(b);
             }
-            out.extend_from_slice(&b[from..to]);
+            out.extend_from_slice(&b);
         }
         Ok(out.into())
     }
