@@ -1326,10 +1326,6 @@ fn append(path: &Path, data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Every test against every server
-// ---------------------------------------------------------------------------------------------
-
-/// For each test function `f(Backend)`, the tests `moto::f` and `garage::f`.// ---------------------------------------------------------------------------------------------
 // parts copied by the bucket
 // ---------------------------------------------------------------------------------------------
 
@@ -1387,6 +1383,11 @@ fn parts_copied_by_the_bucket_are_held_to_the_source_version(backend: Backend) {
     });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Every test against every server
+// ---------------------------------------------------------------------------------------------
+
+/// For each test function `f(Backend)`, the tests `moto::f` and `garage::f`.
 macro_rules! against_every_backend {
     ($($test:ident),* $(,)?) => {
         mod moto {

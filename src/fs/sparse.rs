@@ -78,7 +78,7 @@ pub(crate) async fn fill_blocks(
             continue;
         }
         let mut buf = vec![0u8; (end - start) as usize];
-        fill_ranges(blocks, base, &mut buf, start, &[start..end]).await?;
+        fill_ranges(blocks, base, &mut buf, start, std::slice::from_ref(&(start..end))).await?;
         let (f, these) = (Arc::clone(file), these.to_vec());
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             for i in these {
