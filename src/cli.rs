@@ -40,8 +40,10 @@ pub enum Command {
         /// a reserve of 1/16 of it, at most 64M].
         #[arg(long, value_parser = size)]
         staging_size: Option<u64>,
-        /// Bound of the decrypted blocks kept in memory.
-        #[arg(long, value_parser = size, default_value = "128M")]
+        /// Bound of the daemon's buffers: half for decrypted blocks kept in memory, a
+        /// quarter for each read-ahead window, an eighth for blocks on their way to the disk
+        /// cache, a quarter for uploads in flight (at least one 8 MiB part).
+        #[arg(long, value_parser = size, default_value = "64M")]
         memory_limit: u64,
         /// Bytes per block: the unit of ranged reads and of the caches (64K to 64M).
         #[arg(long, value_parser = block_size, default_value = "1M")]

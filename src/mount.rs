@@ -133,6 +133,20 @@ fn check_mountpoint(mp: &Path) -> anyhow::Result<PathBuf> {
     Ok(mp.canonicalize()?)
 }
 
+/// Buffers larger than a block (an upload's content, a snapshot's copy) get memory of their
+/// own from the kernel, given back when freed. glibc otherwise raises its threshold for that
+/// to the size of the last such buffer freed, after which 30 MiB buffers come from its
+/// per-thread arenas and stay there: 16 uploads of 30 MiB files held 440 MiB after they
+/// were done instead of 60. Blocks (1 MiB) stay below it, reused from the arenas, whose
+/// size the memory bound keeps down.
+fn bound_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
+    }
+}
+
 /// Checks that the bucket answers, turning the store's errors into one line with a fix.
 async fn check_bucket(store: &Store, source: &Source, ep: &Endpoint) -> anyhow::Result<()> {
     let prefix = if source.prefix().is_empty() { None } else { Some(obj_path(source.prefix())?) };
@@ -276,6 +290,7 @@ fn sd_notify(msg: &str) {
 
 /// Mounts and serves until unmounted or signalled. Blocks the calling thread.
 pub fn run(opts: MountOptions) -> anyhow::Result<()> {
+    bound_allocator();
     let source = Source::parse(&opts.source)?;
     let mountpoint = check_mountpoint(&opts.mountpoint)?;
     let source = source.prepare()?;

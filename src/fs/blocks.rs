@@ -31,13 +31,15 @@ const PREFETCH_PARALLEL: usize = 8;
 /// larger requests cost the server (and the daemon) less CPU per byte than one GET per block.
 const PREFETCH_RUN: u64 = 8 << 20;
 
-/// Bytes of fetched blocks waiting for the disk writer (at least one block). A read-ahead run
-/// waits for room (so read-ahead slows down to what the disk cache can take); a block fetched
-/// by a read itself is handed over by a waiting task, up to [`DISK_OVERFLOW_BYTES`] of them,
-/// and past that not kept on disk. Both count against the memory a mount may hold beyond its
-/// `--memory-limit`, if the writer falls behind and memory evicts what it still holds.
-const DISK_QUEUE_BYTES: u64 = 32 << 20;
-const DISK_OVERFLOW_BYTES: u64 = 8 << 20;
+/// How `--memory-limit` (M) is shared out among the buffers of reads (uploads take a quarter
+/// more: `upload::parts`). Decrypted blocks in memory: M/2. Read-ahead: a window of at most
+/// M/4 per handle (its blocks go into memory as they arrive). Fetched blocks waiting for the
+/// disk writer: M/8 (at least one block); a read-ahead run waits for room there, so
+/// read-ahead slows down to what the disk cache can take; a block fetched by a read itself is
+/// handed over by a waiting task, up to M/16 of them, and past that not kept on disk.
+fn memory_share(limit: u64, share: u64) -> u64 {
+    limit / share
+}
 
 /// Where a block comes from: the object, the version its bytes belong to, its index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -118,14 +120,14 @@ impl BlockReader {
         // to replace blocks read often with new ones, or its read-ahead is thrown away.
         let mem = moka::future::Cache::builder()
             .weigher(|_: &BlockKey, b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX))
-            .max_capacity(cfg.memory_limit)
+            .max_capacity(memory_share(cfg.memory_limit, 2))
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         // Read-ahead may not push out what it fetched before it is read.
-        let cfg = BlockConfig { readahead_max: cfg.readahead_max.min(cfg.memory_limit / 4), ..cfg };
+        let cfg = BlockConfig { readahead_max: cfg.readahead_max.min(memory_share(cfg.memory_limit, 4)), ..cfg };
         let blocks_in = |bytes: u64| usize::try_from((bytes / cfg.block_size.max(1)).max(1)).unwrap_or(1);
         let (disk_tx, disk_writer) = match &disk {
-            Some(d) => match spawn_disk_writer(Arc::clone(d), blocks_in(DISK_QUEUE_BYTES)) {
+            Some(d) => match spawn_disk_writer(Arc::clone(d), blocks_in(memory_share(cfg.memory_limit, 8))) {
                 Ok((tx, handle)) => (Some(tx), Some(handle)),
                 Err(e) => {
                     tracing::warn!(
@@ -145,7 +147,7 @@ impl BlockReader {
             inflight: Mutex::new(Inflight::default()),
             disk_tx,
             disk_writer: Mutex::new(disk_writer),
-            disk_overflow: Arc::new(Semaphore::new(blocks_in(DISK_OVERFLOW_BYTES))),
+            disk_overflow: Arc::new(Semaphore::new(blocks_in(memory_share(cfg.memory_limit, 16)))),
             reads: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
@@ -157,7 +159,7 @@ impl BlockReader {
         CacheReport {
             disk: self.disk.as_ref().map(|d| d.stats()),
             memory_bytes: self.mem.weighted_size(),
-            memory_limit: self.cfg.memory_limit,
+            memory_limit: memory_share(self.cfg.memory_limit, 2),
             block_size: self.cfg.block_size,
             reads: self.reads.load(Ordering::Relaxed),
             fetched_blocks: self.fetched.load(Ordering::Relaxed),
@@ -273,10 +275,21 @@ impl BlockReader {
         let this = Arc::clone(self);
         let remote = remote.clone();
         let version = Arc::clone(&key.version);
-        self.mem
-            .try_get_with(key, async move { this.load(&remote, &version, index).await })
+        let loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&loaded);
+        let block = self
+            .mem
+            .try_get_with(key, async move {
+                flag.store(true, Ordering::Relaxed);
+                this.load(&remote, &version, index).await
+            })
             .await
-            .map_err(FsError::shared)
+            .map_err(FsError::shared)?;
+        if loaded.load(Ordering::Relaxed) {
+            // A block came in: what it replaces leaves memory now (see `Run::deliver`).
+            self.mem.run_pending_tasks().await;
+        }
+        Ok(block)
     }
 
     /// Bytes `within` (offsets in the block) of block `index` of `remote`. A `random` read
@@ -541,6 +554,9 @@ impl Run<'_> {
         r.fetched_bytes.fetch_add(block.len() as u64, Ordering::Relaxed);
         // In memory before it leaves `pending`: a load that misses `pending` finds it there.
         r.mem.insert(key.clone(), block.clone()).await;
+        // moka evicts in batches; blocks of a megabyte each must leave as they are replaced,
+        // or memory runs well past its bound during a long read.
+        r.mem.run_pending_tasks().await;
         if let Some(tx) = self.senders.get_mut(i).and_then(Option::take) {
             let _ = tx.send(block.clone());
         }

@@ -48,7 +48,7 @@ pub struct Uploader {
 
 impl Uploader {
     pub fn new(core: Arc<Core>) -> Uploader {
-        let part_budget = Arc::new(tokio::sync::Semaphore::new((parts::PART_BUDGET >> 20) as usize));
+        let part_budget = Arc::new(tokio::sync::Semaphore::new((parts::part_budget(&core.cfg) >> 20) as usize));
         Uploader { core, flush_kick: Notify::new(), urgent: AtomicU64::new(0), part_budget }
     }
 
@@ -413,7 +413,7 @@ impl Uploader {
         let core = &*self.core;
         let state = || core.tree().get(ino).ok().map(|n| (n.generation, n.writing));
         let name = format!("up-{seq}");
-        let threshold = core.cfg.multipart_threshold;
+        let threshold = put::IN_MEMORY;
         for _ in 0..4 {
             let Some(before) = state() else { return Ok(None) };
             if before.1 > 0 {

@@ -20,8 +20,11 @@ use crate::store::s3parts::{MAX_COPY_PART, S3Parts};
 
 /// The smallest multipart part we send (S3 wants 5 MiB for every part but the last).
 pub const MIN_PART: u64 = 8 << 20;
-/// Parts in memory at once, across every upload under way (in MiB-sized permits).
-pub const PART_BUDGET: u64 = 64 << 20;
+/// Bytes of uploads in memory at once, across every upload under way (parts, and single
+/// puts): a quarter of `--memory-limit`, and room for one part at least.
+pub fn part_budget(cfg: &crate::fs::FsConfig) -> u64 {
+    (cfg.blocks.memory_limit / 4).max(MIN_PART)
+}
 /// S3's smallest part but the last.
 const S3_MIN_PART: u64 = 5 << 20;
 /// S3's largest part.
@@ -101,12 +104,10 @@ impl Uploader {
         self.put_parts(path, opts, content).await
     }
 
-    /// Takes room for a part of `len` bytes in the shared budget.
-    async fn part_room(&self, len: u64) -> Result<tokio::sync::OwnedSemaphorePermit, PutError> {
-        Arc::clone(&self.part_budget)
-            .acquire_many_owned(len.div_ceil(1 << 20).min(PART_BUDGET >> 20) as u32)
-            .await
-            .map_err(local)
+    /// Takes room for `len` bytes of an upload in the shared budget (all of it, for more).
+    pub(super) async fn part_room(&self, len: u64) -> Result<tokio::sync::OwnedSemaphorePermit, PutError> {
+        let all = part_budget(&self.core.cfg) >> 20;
+        Arc::clone(&self.part_budget).acquire_many_owned(len.div_ceil(1 << 20).min(all) as u32).await.map_err(local)
     }
 
     /// An upload of `parts` through the store's own multipart calls, the copies done by the
@@ -186,7 +187,7 @@ impl Uploader {
     /// A multipart upload of `content` at `path`: parts of [`part_size`] read one after
     /// another and sent while the next are read, as many at once as the shared part
     /// budget has room for (so 16 large files going up together hold at most
-    /// [`PART_BUDGET`] of parts in memory, or one part, for files whose parts are larger).
+    /// [`part_budget`] of parts in memory, or one part, for files whose parts are larger).
     /// Any part failing aborts the whole upload.
     async fn put_parts(
         &self,

@@ -21,6 +21,10 @@ use crate::fs::types::{ConflictRecord, Ino, Inode, Remote, Seq};
 use crate::layout::{self, PosixAttrs};
 use crate::state::Batch;
 
+/// The largest snapshot taken in memory (larger ones are sealed copies in the cache dir): 16
+/// uploads at once hold at most 16 MiB of snapshots.
+pub const IN_MEMORY: u64 = 1 << 20;
+
 /// A failure of this process's own machinery (a task, the part budget), not the store's.
 pub(super) fn local(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> PutError {
     PutError::Other(local_io(e))
@@ -189,7 +193,7 @@ impl Uploader {
         let opts = GetOptions { if_match: src.etag.clone(), ..Default::default() };
         let res = self.core.store.get_opts(&obj_path(&src.key)?, opts).await.map_err(stale)?;
         let mut stream = res.into_stream();
-        if src.size <= self.core.cfg.multipart_threshold {
+        if src.size <= IN_MEMORY {
             let mut data = Vec::with_capacity(src.size as usize);
             while let Some(chunk) = stream.next().await {
                 data.extend_from_slice(&chunk?);
@@ -450,6 +454,8 @@ impl Uploader {
             return self.put_multipart(&path, attributes, content).await;
         }
         let res = {
+            // In memory while it goes up: within the budget of uploads in flight.
+            let _room = self.part_room(content.size()).await?;
             let payload = PutPayload::from_bytes(self.content_range(content, 0, content.size()).await?);
             self.core.counters().bytes_sent += content.size();
             let opts = PutOptions { mode, attributes, ..Default::default() };
