@@ -78,7 +78,7 @@ impl Uploader {
         {
             tracing::info!(key = %src.key, "the bucket's object changed before this mount's move of it; moving the version this mount showed, from its cache");
             let hash = blake3::hash(&data).to_hex().to_string();
-            return Ok(Some(Content::Bytes { data, hash }));
+            return Ok(Some(Content::bytes(data, hash)));
         }
         let path = self.core.rel_path(&src.key);
         let theirs = now.as_ref().map(|m| Theirs {

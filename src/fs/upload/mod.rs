@@ -318,7 +318,7 @@ impl Uploader {
                 Kind::Symlink => {
                     let data = Bytes::from(n.target.clone().unwrap_or_default().into_bytes());
                     let hash = blake3::hash(&data).to_hex().to_string();
-                    Some(Content::Bytes { data, hash })
+                    Some(Content::bytes(data, hash))
                 }
                 Kind::Dir | Kind::File => None,
             };
@@ -383,7 +383,7 @@ impl Uploader {
                     let data = Bytes::new();
                     let hash = blake3::hash(&data).to_hex().to_string();
                     return self
-                        .put_and_record(seq, &node, &key, base, moved_from, Content::Bytes { data, hash }, attrs)
+                        .put_and_record(seq, &node, &key, base, moved_from, Content::bytes(data, hash), attrs)
                         .await;
                 };
                 if !node.dirty && moved_from.is_some() && base.is_none() {
@@ -413,7 +413,14 @@ impl Uploader {
         let core = &*self.core;
         let state = || core.tree().get(ino).ok().map(|n| (n.generation, n.writing));
         let name = format!("up-{seq}");
-        let threshold = put::IN_MEMORY;
+        let threshold = core.cfg.multipart_threshold;
+        // A snapshot in memory takes its room in the budget of uploads in flight first, and
+        // keeps it until the upload ends.
+        let size = core.tree().get(ino).map(|n| n.size).unwrap_or(0);
+        let mut room = match size <= threshold {
+            true => Some(self.part_room(size).await?),
+            false => None,
+        };
         for _ in 0..4 {
             let Some(before) = state() else { return Ok(None) };
             if before.1 > 0 {
@@ -433,7 +440,7 @@ impl Uploader {
             };
             // No write started or was under way while we copied: the copy is one state.
             if state() == Some(before) {
-                return Ok(Some((Content::of(snap, size, hash, base.as_ref()), before.0)));
+                return Ok(Some((Content::of(snap, size, hash, base.as_ref(), room.take()), before.0)));
             }
         }
         // Still busy: copy under the lock once no write is in its pwrite (a new one cannot
@@ -445,7 +452,7 @@ impl Uploader {
                 if n.writing == 0 {
                     let generation = n.generation;
                     let (snap, size, hash) = core.staging.snapshot_job(ino, &name, threshold)()?;
-                    return Ok(Some((Content::of(snap, size, hash, base.as_ref()), generation)));
+                    return Ok(Some((Content::of(snap, size, hash, base.as_ref(), room.take()), generation)));
                 }
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -13,7 +13,7 @@ use object_store::{Attributes, ObjectStoreExt, PutMultipartOptions};
 
 use super::Uploader;
 use super::put::{Content, PutError, local};
-use crate::fs::error::FsError;
+use crate::fs::error::{FsError, FsResult};
 use crate::fs::object::{obj_path, same_version, stale};
 use crate::fs::types::Remote;
 use crate::store::s3parts::{MAX_COPY_PART, S3Parts};
@@ -105,9 +105,10 @@ impl Uploader {
     }
 
     /// Takes room for `len` bytes of an upload in the shared budget (all of it, for more).
-    pub(super) async fn part_room(&self, len: u64) -> Result<tokio::sync::OwnedSemaphorePermit, PutError> {
+    pub(super) async fn part_room(&self, len: u64) -> FsResult<tokio::sync::OwnedSemaphorePermit> {
         let all = part_budget(&self.core.cfg) >> 20;
-        Arc::clone(&self.part_budget).acquire_many_owned(len.div_ceil(1 << 20).min(all) as u32).await.map_err(local)
+        let wanted = len.div_ceil(1 << 20).min(all) as u32;
+        Arc::clone(&self.part_budget).acquire_many_owned(wanted).await.map_err(super::put::local_io)
     }
 
     /// An upload of `parts` through the store's own multipart calls, the copies done by the

@@ -21,10 +21,6 @@ use crate::fs::types::{ConflictRecord, Ino, Inode, Remote, Seq};
 use crate::layout::{self, PosixAttrs};
 use crate::state::Batch;
 
-/// The largest snapshot taken in memory (larger ones are sealed copies in the cache dir): 16
-/// uploads at once hold at most 16 MiB of snapshots.
-pub const IN_MEMORY: u64 = 1 << 20;
-
 /// A failure of this process's own machinery (a task, the part budget), not the store's.
 pub(super) fn local(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> PutError {
     PutError::Other(local_io(e))
@@ -72,16 +68,14 @@ pub(crate) enum Content {
     /// A sealed snapshot in the cache dir's temp folder, removed with this value. With a
     /// `base`, it holds only the blocks written here, and the rest is the base's: read
     /// from the bucket (or copied there, server-side) as the upload goes.
-    File {
-        path: std::path::PathBuf,
-        file: Arc<SealedFile>,
-        size: u64,
-        hash: String,
-        base: Option<Remote>,
-    },
+    File { path: std::path::PathBuf, file: Arc<SealedFile>, size: u64, hash: String, base: Option<Remote> },
     Bytes {
         data: Bytes,
         hash: String,
+        /// Its room in the budget of uploads in flight, if it took some (a snapshot): held,
+        /// not read, and given back with the content.
+        #[allow(dead_code)]
+        room: Option<tokio::sync::OwnedSemaphorePermit>,
     },
 }
 
@@ -102,9 +96,15 @@ impl Content {
 impl Content {
     /// The content of a snapshot of a file whose bucket version is `base`. The hash names
     /// the content: of a snapshot over its base, it covers the base's version too.
-    pub fn of(snap: Snapshot, size: u64, hash: String, base: Option<&Remote>) -> Content {
+    pub fn of(
+        snap: Snapshot,
+        size: u64,
+        hash: String,
+        base: Option<&Remote>,
+        room: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Content {
         match snap {
-            Snapshot::Bytes(data) => Content::Bytes { data, hash },
+            Snapshot::Bytes(data) => Content::Bytes { data, hash, room },
             Snapshot::File { path, file, base_len } => {
                 let base = base.filter(|_| base_len > 0).cloned();
                 let hash = match &base {
@@ -114,6 +114,11 @@ impl Content {
                 Content::File { path, file, size, hash, base }
             }
         }
+    }
+
+    /// Content in memory, outside the budget of uploads in flight (small, or already held).
+    pub fn bytes(data: Bytes, hash: String) -> Content {
+        Content::Bytes { data, hash, room: None }
     }
 
     /// The base, if the content takes bytes from one.
@@ -188,18 +193,19 @@ impl Uploader {
         if sparse::stages_over_base(src, src.size, self.core.cfg.multipart_threshold) {
             let (path, file) = self.core.staging.temp_over_base(&format!("up-{seq}"), src.size)?;
             let snap = Snapshot::File { path, file: Arc::new(file), base_len: src.size };
-            return Ok(Content::of(snap, src.size, "nothing written".into(), Some(src)));
+            return Ok(Content::of(snap, src.size, "nothing written".into(), Some(src), None));
         }
         let opts = GetOptions { if_match: src.etag.clone(), ..Default::default() };
         let res = self.core.store.get_opts(&obj_path(&src.key)?, opts).await.map_err(stale)?;
         let mut stream = res.into_stream();
-        if src.size <= IN_MEMORY {
+        if src.size <= self.core.cfg.multipart_threshold {
+            let room = self.part_room(src.size).await?;
             let mut data = Vec::with_capacity(src.size as usize);
             while let Some(chunk) = stream.next().await {
                 data.extend_from_slice(&chunk?);
             }
             let hash = blake3::hash(&data).to_hex().to_string();
-            return Ok(Content::Bytes { data: data.into(), hash });
+            return Ok(Content::Bytes { data: data.into(), hash, room: Some(room) });
         }
         let (path, file) = self.core.staging.temp(&format!("up-{seq}"))?;
         let mut out = BlockWriter::new(&file);
@@ -454,8 +460,12 @@ impl Uploader {
             return self.put_multipart(&path, attributes, content).await;
         }
         let res = {
-            // In memory while it goes up: within the budget of uploads in flight.
-            let _room = self.part_room(content.size()).await?;
+            // In memory while it goes up: within the budget of uploads in flight (a snapshot
+            // in memory took its room when it was taken).
+            let _room = match content {
+                Content::Bytes { .. } => None,
+                Content::File { .. } => Some(self.part_room(content.size()).await?),
+            };
             let payload = PutPayload::from_bytes(self.content_range(content, 0, content.size()).await?);
             self.core.counters().bytes_sent += content.size();
             let opts = PutOptions { mode, attributes, ..Default::default() };
