@@ -40,9 +40,10 @@ pub enum Command {
         /// a reserve of 1/16 of it, at most 64M].
         #[arg(long, value_parser = size)]
         staging_size: Option<u64>,
-        /// Bound of the daemon's buffers: half for decrypted blocks kept in memory, a
-        /// quarter for each read-ahead window, an eighth for blocks on their way to the disk
-        /// cache, a quarter for uploads in flight (at least one 8 MiB part).
+        /// Bound of the daemon's buffers of file contents: half for decrypted blocks kept in
+        /// memory (read-ahead windows of at most a quarter each fill it), half for uploads in
+        /// flight (at least one 8 MiB part), and an eighth more for blocks on their way to
+        /// the disk cache.
         #[arg(long, value_parser = size, default_value = "64M")]
         memory_limit: u64,
         /// Bytes per block: the unit of ranged reads and of the caches (64K to 64M).

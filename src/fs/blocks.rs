@@ -31,8 +31,8 @@ const PREFETCH_PARALLEL: usize = 8;
 /// larger requests cost the server (and the daemon) less CPU per byte than one GET per block.
 const PREFETCH_RUN: u64 = 8 << 20;
 
-/// How `--memory-limit` (M) is shared out among the buffers of reads (uploads take a quarter
-/// more: `upload::parts`). Decrypted blocks in memory: M/2. Read-ahead: a window of at most
+/// How `--memory-limit` (M) is shared out among the buffers of reads (uploads take the other
+/// half: `upload::parts`). Decrypted blocks in memory: M/2. Read-ahead: a window of at most
 /// M/4 per handle (its blocks go into memory as they arrive). Fetched blocks waiting for the
 /// disk writer: M/8 (at least one block); a read-ahead run waits for room there, so
 /// read-ahead slows down to what the disk cache can take; a block fetched by a read itself is

@@ -21,9 +21,10 @@ use crate::store::s3parts::{MAX_COPY_PART, S3Parts};
 /// The smallest multipart part we send (S3 wants 5 MiB for every part but the last).
 pub const MIN_PART: u64 = 8 << 20;
 /// Bytes of uploads in memory at once, across every upload under way (parts, and single
-/// puts): a quarter of `--memory-limit`, and room for one part at least.
+/// puts): half of `--memory-limit` (reads hold the other half), and room for one part at
+/// least.
 pub fn part_budget(cfg: &crate::fs::FsConfig) -> u64 {
-    (cfg.blocks.memory_limit / 4).max(MIN_PART)
+    (cfg.blocks.memory_limit / 2).max(MIN_PART)
 }
 /// S3's smallest part but the last.
 const S3_MIN_PART: u64 = 5 << 20;
