@@ -55,6 +55,43 @@ pub(crate) async fn fill_ranges(
     Ok(())
 }
 
+/// `indexes` (staging blocks, in order) in groups: each group lies in the block of the base
+/// that holds its first (a staging block may run into the next one).
+fn by_base_block<'a>(blocks: &BlockReader, mut rest: &'a [u64]) -> impl Iterator<Item = (BlockIndex, &'a [u64])> {
+    let bs = blocks.cfg.block_size;
+    std::iter::from_fn(move || {
+        let &first = rest.first()?;
+        let block = BlockIndex(first * STAGE_BLOCK / bs);
+        let end = (block.0 + 1) * bs;
+        let n = rest.iter().take_while(|&&i| i * STAGE_BLOCK < end).count().max(1);
+        let (these, after) = rest.split_at(n);
+        rest = after;
+        Some((block, these))
+    })
+}
+
+/// Writes into staging blocks `these` of `file` the base's bytes `data`, which start at
+/// offset `start` of the file.
+async fn put_base(
+    file: &Arc<SealedFile>,
+    these: &[u64],
+    start: u64,
+    data: impl AsRef<[u8]> + Send + 'static,
+) -> FsResult<()> {
+    let (f, these) = (Arc::clone(file), these.to_vec());
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let data = data.as_ref();
+        for i in these {
+            let at = (i * STAGE_BLOCK - start) as usize;
+            f.fill_block(i, &data[at.min(data.len())..])?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(blocking_failed)??;
+    Ok(())
+}
+
 /// Brings the base's bytes of staging blocks `indexes` (in order) into `file`, reading each
 /// block of the base once. Blocks held meanwhile are left as they are.
 pub(crate) async fn fill_blocks(
@@ -64,31 +101,16 @@ pub(crate) async fn fill_blocks(
     indexes: &[u64],
 ) -> FsResult<()> {
     let base_len = file.base_len();
-    let mut rest = indexes;
-    while let Some(&first) = rest.first() {
-        // The staging blocks within the base's block that holds `first`.
-        let block = blocks.span(first * STAGE_BLOCK..first * STAGE_BLOCK + 1).start;
-        let block_end = (block.0 + 1) * blocks.cfg.block_size;
-        let n = rest.iter().take_while(|&&i| i * STAGE_BLOCK < block_end).count().max(1);
-        let (these, after) = rest.split_at(n);
-        rest = after;
-        let start = first * STAGE_BLOCK;
+    let groups: Vec<_> = by_base_block(blocks, indexes).collect();
+    for (_, these) in groups {
+        let start = these[0] * STAGE_BLOCK;
         let end = ((these[these.len() - 1] + 1) * STAGE_BLOCK).min(base_len);
         if start >= end {
             continue;
         }
         let mut buf = vec![0u8; (end - start) as usize];
         fill_ranges(blocks, base, &mut buf, start, std::slice::from_ref(&(start..end))).await?;
-        let (f, these) = (Arc::clone(file), these.to_vec());
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            for i in these {
-                let at = (i * STAGE_BLOCK - start) as usize;
-                f.fill_block(i, &buf[at.min(buf.len())..])?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(blocking_failed)??;
+        put_base(file, these, start, buf).await?;
     }
     Ok(())
 }
@@ -115,29 +137,14 @@ pub(crate) async fn fill_cached(blocks: &Arc<BlockReader>, file: &Arc<SealedFile
     let missing = tokio::task::spawn_blocking(move || f.base_blocks()).await.map_err(blocking_failed)??;
     let bs = blocks.cfg.block_size;
     let mut left = 0;
-    let mut i = 0;
-    while i < missing.len() {
-        let index = blocks.span(missing[i] * STAGE_BLOCK..missing[i] * STAGE_BLOCK + 1).start;
+    for (index, these) in by_base_block(blocks, &missing).collect::<Vec<_>>() {
         let (start, end) = (index.0 * bs, (index.0 + 1) * bs);
-        let n = missing[i..].iter().take_while(|&&m| m * STAGE_BLOCK < end).count().max(1);
-        let these: Vec<u64> = missing[i..i + n].to_vec();
-        i += n;
         // Staging blocks that cross into the next block of the base are left to the bucket.
         let whole = these.iter().all(|m| (m + 1) * STAGE_BLOCK <= end || (m + 1) * STAGE_BLOCK >= base.size);
-        let Some(b) = blocks.cached(base, index).await.filter(|_| whole) else {
-            left += these.len();
-            continue;
-        };
-        let f = Arc::clone(file);
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            for m in these {
-                let at = (m * STAGE_BLOCK - start) as usize;
-                f.fill_block(m, &b[at.min(b.len())..])?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(blocking_failed)??;
+        match blocks.cached(base, index).await.filter(|_| whole) {
+            Some(b) => put_base(file, these, start, b).await?,
+            None => left += these.len(),
+        }
     }
     Ok(left)
 }
