@@ -45,7 +45,9 @@ pub use conflict::{ConflictConfig, ConflictRecord, ConflictRule, Policy, Version
 pub use error::{FsError, FsResult};
 pub use events::{Caller, Event, Listener};
 pub use object::obj_path;
-pub use types::{Attr, BlockIndex, DirEntry, Fh, Ino, Inode, Invalidation, Kind, Op, ROOT_INO, Remote, Seq, SetAttr};
+pub use types::{
+    Attr, BlockIndex, DirEntry, DirPage, Fh, Ino, Inode, Invalidation, Kind, Op, ROOT_INO, Remote, Seq, SetAttr,
+};
 
 use crate::cache::{BlockCache, CacheKey};
 use crate::store::Store;
@@ -513,7 +515,7 @@ impl Fs {
     }
 
     /// Entries from `offset` on; the offset of entry i is i + 1.
-    pub fn readdir(&self, fh: Fh, offset: u64) -> FsResult<Vec<DirEntry>> {
+    pub fn readdir(&self, fh: Fh, offset: u64) -> FsResult<DirPage> {
         self.files.readdir(fh, offset)
     }
 
