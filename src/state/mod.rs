@@ -80,6 +80,14 @@ impl Batch {
             && self.meta.is_empty()
             && self.put_conflicts.is_empty()
     }
+    /// Sets a counter: only the last value of a key is written (a listing of 50,000 new
+    /// names allocates as many inode numbers, and would otherwise write each one).
+    pub fn set_meta(&mut self, key: &'static str, value: u64) {
+        match self.meta.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => *v = value,
+            None => self.meta.push((key, value)),
+        }
+    }
     pub fn inode<T: Serialize>(&mut self, ino: u64, rec: &T) -> Result<(), StateError> {
         self.put_inodes.push((ino, serde_json::to_vec(rec)?));
         Ok(())
