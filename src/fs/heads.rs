@@ -17,6 +17,11 @@ use super::types::{Ino, Inode, Invalidation, Kind, to_ns};
 use crate::layout::{self, PosixAttrs};
 use crate::state::Batch;
 
+/// Attribute requests (HEAD) in flight at once for one listing.
+const HEADS_AT_ONCE: usize = 32;
+/// Answers applied to the tree (and committed) together.
+const HEADS_APPLIED_TOGETHER: usize = 512;
+
 impl Core {
     /// Reads object metadata (mode, owner, mtime, symlink) for inodes known only from a
     /// listing. Failures leave the defaults.
@@ -35,21 +40,21 @@ impl Core {
                 })
                 .collect()
         };
-        // In chunks, each applied before the next is asked for: a folder of 100,000 new
-        // files holds 1,024 answers at a time, not all of them.
-        for chunk in keys.chunks(1024) {
-            let results: Vec<_> = futures::stream::iter(chunk.iter().cloned())
-                .map(|(ino, key)| async move {
-                    let Ok(path) = obj_path(&key) else { return (ino, None) };
-                    let opts = GetOptions { head: true, ..Default::default() };
-                    // Keep the answer, not its body: on the local store that is an open file.
-                    let head = tokio::time::timeout(self.cfg.io_timeout, self.store.get_opts(&path, opts)).await;
-                    (ino, head.ok().and_then(|r| r.ok()).map(Head::from))
-                })
-                .buffer_unordered(32)
-                .collect()
-                .await;
-            self.apply_heads(results).await;
+        // Answers are applied in batches as they come, while the next requests are already
+        // under way: a folder of 100,000 new files holds a batch of answers at a time, not
+        // all of them, and never waits for the slowest answer of a batch to ask further.
+        let mut answers = futures::stream::iter(keys)
+            .map(|(ino, key)| async move {
+                let Ok(path) = obj_path(&key) else { return (ino, None) };
+                let opts = GetOptions { head: true, ..Default::default() };
+                // Keep the answer, not its body: on the local store that is an open file.
+                let head = tokio::time::timeout(self.cfg.io_timeout, self.store.get_opts(&path, opts)).await;
+                (ino, head.ok().and_then(|r| r.ok()).map(Head::from))
+            })
+            .buffer_unordered(HEADS_AT_ONCE)
+            .chunks(HEADS_APPLIED_TOGETHER);
+        while let Some(batch) = answers.next().await {
+            self.apply_heads(batch).await;
         }
     }
 
@@ -68,6 +73,8 @@ impl Core {
                         && n.kind == Kind::Dir
                     {
                         n.attrs_known = true;
+                        // Recorded, or the folder is asked about again after every remount.
+                        let _ = l.persist(ino, &mut batch);
                     }
                     continue;
                 };

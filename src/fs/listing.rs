@@ -145,6 +145,7 @@ impl Listings {
     /// Lists a folder from the bucket and merges it with what is known locally.
     pub async fn refresh(&self, ino: Ino) -> FsResult<()> {
         let core = &*self.core;
+        let started = Instant::now();
         let paused = lock(&self.unreachable).clone().filter(|(until, _)| Instant::now() < *until);
         if let Some((_, why)) = paused
             && core.tree().get(ino)?.listed
@@ -206,6 +207,7 @@ impl Listings {
                 break (listing, key, epoch);
             }
         };
+        let listed = Instant::now();
         let mut new_files = Vec::new();
         // What the kernel may hold that changed: names gone, contents replaced, and whether
         // the folder's own listing changed.
@@ -394,8 +396,19 @@ impl Listings {
         for what in inval {
             core.invalidate(what);
         }
+        let merged = Instant::now();
+        let fetched = new_files.len();
         core.fetch_attrs(new_files).await;
         self.note(ino);
+        tracing::debug!(
+            folder = %key,
+            entries = listing.objects.len() + listing.common_prefixes.len(),
+            fetched,
+            list_ms = (listed - started).as_millis() as u64,
+            merge_ms = (merged - listed).as_millis() as u64,
+            attrs_ms = merged.elapsed().as_millis() as u64,
+            "folder listed"
+        );
         Ok(())
     }
 
