@@ -29,10 +29,11 @@ use harness::*;
 #[derive(Debug, Default)]
 struct Counts {
     heads: BTreeMap<String, u64>,
+    gets: BTreeMap<String, u64>,
     listings: u64,
 }
 
-/// Counts attribute fetches (HEADs) per key, and folder listings.
+/// Counts attribute fetches (HEADs) and reads per key, and folder listings.
 #[derive(Debug)]
 struct CountingStore {
     inner: Store,
@@ -54,8 +55,10 @@ impl ObjectStore for CountingStore {
         self.inner.put_multipart_opts(location, opts).await
     }
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        if options.head {
-            *self.counts.lock().unwrap().heads.entry(location.to_string()).or_default() += 1;
+        {
+            let mut c = self.counts.lock().unwrap();
+            let per_key = if options.head { &mut c.heads } else { &mut c.gets };
+            *per_key.entry(location.to_string()).or_default() += 1;
         }
         self.inner.get_opts(location, options).await
     }
@@ -107,9 +110,13 @@ impl Counted {
 
     /// The HEADs made since the last call, per key; and the number of listings.
     fn take(&self) -> (BTreeMap<String, u64>, u64) {
-        let mut c = self.counts.lock().unwrap();
-        let c = std::mem::take(&mut *c);
+        let c = std::mem::take(&mut *self.counts.lock().unwrap());
         (c.heads, c.listings)
+    }
+
+    /// The reads (GETs) made since the last call, per key.
+    fn take_gets(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut self.counts.lock().unwrap().gets)
     }
 
     /// What `ls -l DIR` asks of the filesystem: open the folder, read its entries (with
@@ -201,4 +208,42 @@ async fn a_listing_fetches_each_new_object_once_and_unchanged_ones_never_again()
     assert_eq!(heads, BTreeMap::from([("big/f0007".to_string(), 1)]), "one fetch for the changed object");
     assert_eq!(after["f0007"].size, 21);
     assert_remote_attrs(&after["f0007"], "the changed object");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_of_a_listing_are_read_once_and_known_after_a_remount() {
+    const N: usize = 40;
+    let mut c = Counted::new(Duration::ZERO).await;
+    let link = PosixAttrs { mode: Some(0o120777), uid: Some(1), gid: Some(2), mtime: Some(1_700_000_000) };
+    for i in 0..N {
+        let target = format!("../target/number-{i}");
+        let opts = PutOptions { attributes: link.to_attributes(None, None), ..Default::default() };
+        let payload = PutPayload::from(Bytes::from(target.into_bytes()));
+        c.bucket.put_opts(&Path::from(format!("links/l{i:02}")), payload, opts).await.expect("put a symlink");
+    }
+    for round in ["first listing", "after a remount"] {
+        let listed = c.ls_l("links").await;
+        assert_eq!(listed.len(), N, "{round}");
+        for (name, a) in &listed {
+            let i: usize = name[1..].parse().unwrap();
+            assert_eq!(a.kind, Kind::Symlink, "{round}: {name}");
+            // The size of a symlink is its target's length: known before any readlink.
+            assert_eq!(a.size, format!("../target/number-{i}").len() as u64, "{round}: {name}");
+        }
+        let gets = c.take_gets();
+        let (heads, _) = c.take();
+        if round == "first listing" {
+            assert_eq!(gets.len(), N, "{round}: each target read once: {gets:?}");
+            assert!(gets.values().all(|&n| n == 1), "{round}: a target read twice: {gets:?}");
+            assert_eq!(heads.keys().filter(|k| k.starts_with("links/l")).count(), N, "{round}: {heads:?}");
+        } else {
+            assert_eq!(gets, BTreeMap::new(), "{round}: targets read again");
+            assert_eq!(heads, BTreeMap::new(), "{round}: attributes fetched again");
+        }
+        let ino = c.h.resolve("links/l07").await.expect("resolve");
+        assert_eq!(c.h.fs().readlink(ino).await.expect("readlink"), "../target/number-7", "{round}");
+        c.h.restart().await;
+        c.take();
+        c.take_gets();
+    }
 }

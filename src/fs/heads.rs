@@ -59,57 +59,68 @@ impl Core {
     }
 
     /// Applies the attributes of HEAD answers (`None`: no object) to their inodes, if the
-    /// inodes still hold the version answered for and have no local change.
+    /// inodes still hold the version answered for and have no local change, and records
+    /// every inode asked about: a listing leaves the recording of its new entries to this,
+    /// once their attributes are in (an entry whose answer failed is recorded as listed,
+    /// and asked about again at the next listing).
     pub async fn apply_heads(&self, results: Vec<(Ino, Option<Head>)>) {
         let mut symlinks = Vec::new();
         {
             let mut l = self.lock();
             let mut batch = Batch::default();
             for (ino, r) in results {
-                let Some(r) = r else {
+                let Ok(n) = l.get_mut(ino) else { continue };
+                match r {
                     // A folder without our marker (another tool's bucket): keep the defaults
                     // instead of asking again at every lookup.
-                    if let Ok(n) = l.get_mut(ino)
-                        && n.kind == Kind::Dir
-                    {
-                        n.attrs_known = true;
-                        // Recorded, or the folder is asked about again after every remount.
-                        let _ = l.persist(ino, &mut batch);
+                    None if n.kind == Kind::Dir => n.attrs_known = true,
+                    None => {}
+                    Some(r) => {
+                        if apply_head(n, &r) && n.kind == Kind::Symlink && n.target.is_none() {
+                            symlinks.push(ino);
+                        }
                     }
-                    continue;
-                };
-                let Ok(n) = l.get_mut(ino) else { continue };
-                let current = n.kind == Kind::Dir
-                    || n.remote.as_ref().is_some_and(|rem| etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref()));
-                if n.dirty || !current {
-                    continue;
-                }
-                let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
-                if attrs.mtime.is_none() && n.kind != Kind::Dir {
-                    // Another tool's object: its mtime is the object's Last-Modified.
-                    n.mtime_ns = to_ns(SystemTime::from(r.meta.last_modified));
-                }
-                apply_posix(n, attrs);
-                if n.kind != Kind::Dir
-                    && let Some(rem) = n.remote.as_mut()
-                {
-                    // What the attributes were read at, and the generation the store gives
-                    // this version now (a copy onto itself changes it on GCS).
-                    rem.modified = Some(r.meta.last_modified.timestamp());
-                    if r.meta.version.is_some() {
-                        rem.version = r.meta.version.clone();
-                    }
-                }
-                if n.kind == Kind::Symlink && n.target.is_none() {
-                    symlinks.push(ino);
                 }
                 let _ = l.persist(ino, &mut batch);
             }
             let _ = l.commit(batch, false);
         }
-        for ino in symlinks {
-            let _ = self.load_symlink(ino).await;
+        self.load_symlinks(symlinks).await;
+    }
+
+    /// The targets of symlinks known only from a listing, read at once and recorded in
+    /// one commit.
+    async fn load_symlinks(&self, inos: Vec<Ino>) {
+        if inos.is_empty() {
+            return;
         }
+        let keys: Vec<(Ino, String)> = {
+            let tree = self.tree();
+            inos.iter()
+                .filter_map(|&i| {
+                    let n = tree.get(i).ok().filter(|n| n.target.is_none())?;
+                    Some((i, n.remote.as_ref()?.key.clone()))
+                })
+                .collect()
+        };
+        let targets: Vec<(Ino, String)> = futures::stream::iter(keys)
+            .map(|(ino, key)| async move {
+                let bytes = self.store.get(&obj_path(&key).ok()?).await.ok()?.bytes().await.ok()?;
+                Some((ino, String::from_utf8_lossy(&bytes).into_owned()))
+            })
+            .buffer_unordered(HEADS_AT_ONCE)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        let mut l = self.lock();
+        let mut batch = Batch::default();
+        for (ino, target) in targets {
+            let Ok(n) = l.get_mut(ino) else { continue };
+            n.size = target.len() as u64;
+            n.target = Some(target);
+            let _ = l.persist(ino, &mut batch);
+        }
+        let _ = l.commit(batch, false);
     }
 
     pub async fn load_symlink(&self, ino: Ino) -> FsResult<String> {
@@ -202,6 +213,33 @@ impl Core {
 /// A `remote_changed` event for an object a listing, the poll or an open found.
 pub fn remote_changed(path: &str, change: &str, meta: &object_store::ObjectMeta) -> Event {
     Event::new(EventKind::RemoteChanged).path(path).change(change).size(meta.size).version(meta.e_tag.clone())
+}
+
+/// Applies what a HEAD answered to an inode, if it still holds the version answered for
+/// and has no local change. Returns whether it did.
+fn apply_head(n: &mut Inode, r: &Head) -> bool {
+    let current = n.kind == Kind::Dir
+        || n.remote.as_ref().is_some_and(|rem| etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref()));
+    if n.dirty || !current {
+        return false;
+    }
+    let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
+    if attrs.mtime.is_none() && n.kind != Kind::Dir {
+        // Another tool's object: its mtime is the object's Last-Modified.
+        n.mtime_ns = to_ns(SystemTime::from(r.meta.last_modified));
+    }
+    apply_posix(n, attrs);
+    if n.kind != Kind::Dir
+        && let Some(rem) = n.remote.as_mut()
+    {
+        // What the attributes were read at, and the generation the store gives this
+        // version now (a copy onto itself changes it on GCS).
+        rem.modified = Some(r.meta.last_modified.timestamp());
+        if r.meta.version.is_some() {
+            rem.version = r.meta.version.clone();
+        }
+    }
+    true
 }
 
 /// Applies the POSIX attributes an object carries to its inode.

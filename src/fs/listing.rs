@@ -307,10 +307,10 @@ impl Listings {
                         // metadata (how s3fs and rclone chmod, chown or touch) keeps the ETag and
                         // moves Last-Modified. Without a Last-Modified on record (our own upload),
                         // the attributes are read once. `fetch_attrs` records the Last-Modified
-                        // with what it read, so a failed read is tried again at the next listing.
+                        // with what it read. A failed read is tried again at the next listing.
                         let modified = Some(m.last_modified.timestamp());
                         let retouched = n.remote.as_ref().is_some_and(|r| r.modified != modified);
-                        if clean && !changed && retouched {
+                        if clean && !changed && (retouched || !n.attrs_known) {
                             new_files.push(c);
                         }
                         if clean && changed {
@@ -340,7 +340,7 @@ impl Listings {
                         n.attrs_known = false;
                         n.remote = Some(remote_of(m));
                         l.insert(n);
-                        l.persist(c, &mut batch)?;
+                        // Recorded once its attributes are in (`apply_heads`), not twice.
                         new_files.push(c);
                         if seen_before {
                             events.push(remote_changed(&core.rel_path(&full), "added", m));
@@ -398,7 +398,13 @@ impl Listings {
         }
         let merged = Instant::now();
         let fetched = new_files.len();
-        core.fetch_attrs(new_files).await;
+        // On the runtime's own threads, where the requests and their connections wake each
+        // other, rather than across to the FUSE thread waiting for this listing: that
+        // thread's wake-ups were a large share of a cold listing's CPU.
+        let fetcher = Arc::clone(&self.core);
+        if let Err(e) = tokio::spawn(async move { fetcher.fetch_attrs(new_files).await }).await {
+            tracing::error!(folder = %key, "fetching attributes failed: {e}");
+        }
         self.note(ino);
         tracing::debug!(
             folder = %key,
