@@ -38,6 +38,8 @@ struct Counts {
 struct CountingStore {
     inner: Store,
     counts: Arc<Mutex<Counts>>,
+    /// How long each folder listing takes to answer.
+    list_delay: Duration,
 }
 
 impl fmt::Display for CountingStore {
@@ -70,6 +72,7 @@ impl ObjectStore for CountingStore {
     }
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
         self.counts.lock().unwrap().listings += 1;
+        tokio::time::sleep(self.list_delay).await;
         self.inner.list_with_delimiter(prefix).await
     }
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
@@ -90,9 +93,15 @@ struct Counted {
 impl Counted {
     /// A mount over a counting `memory://` bucket. Listings are trusted for `ttl`.
     async fn new(ttl: Duration) -> Counted {
+        Self::with_list_delay(ttl, Duration::ZERO).await
+    }
+
+    /// The same, over a bucket that takes `list_delay` to answer each listing.
+    async fn with_list_delay(ttl: Duration, list_delay: Duration) -> Counted {
         let bucket: Store = Arc::new(InMemory::new());
         let counts = Arc::new(Mutex::new(Counts::default()));
-        let store: Store = Arc::new(CountingStore { inner: Arc::clone(&bucket), counts: Arc::clone(&counts) });
+        let store: Store =
+            Arc::new(CountingStore { inner: Arc::clone(&bucket), counts: Arc::clone(&counts), list_delay });
         let cfg = FsConfig { metadata_ttl: ttl, listing_min_age: Duration::ZERO, ..cfg() };
         let h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
         Counted { h, bucket, counts }
@@ -246,4 +255,29 @@ async fn symlinks_of_a_listing_are_read_once_and_known_after_a_remount() {
         c.take();
         c.take_gets();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_need_a_folder_listed_at_once_share_one_listing() {
+    const N: usize = 200;
+    let c = Arc::new(Counted::with_list_delay(Duration::from_secs(3600), Duration::from_millis(200)).await);
+    for n in names(N) {
+        c.remote_put(&format!("big/{n}"), n.as_bytes()).await;
+    }
+    c.h.resolve("big").await.expect("resolve");
+    c.take();
+    // Four `ls -l` at once, while the folder's first listing is slow to answer.
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let c = Arc::clone(&c);
+            tokio::spawn(async move { c.ls_l("big").await })
+        })
+        .collect();
+    for r in runs {
+        assert_eq!(r.await.expect("ls -l").len(), N);
+    }
+    let (heads, listings) = c.take();
+    assert_eq!(listings, 1, "the folder was listed more than once");
+    assert_eq!(heads.len(), N, "one attribute fetch per new object: {heads:?}");
+    assert!(heads.values().all(|&n| n == 1), "an object's attributes were fetched twice: {heads:?}");
 }

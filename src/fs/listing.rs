@@ -7,7 +7,7 @@
 //! and the keys it warned about. It changes the tree only through the core's locks, never
 //! touches file contents, and never queues an upload.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -50,6 +50,22 @@ pub struct Listings {
     raw_lister: OnceLock<crate::store::s3list::SharedLister>,
     /// Keys that cannot be file names, warned about once each.
     warned: Mutex<HashSet<String>>,
+    /// Folders being listed now; the channel closes when the listing is done.
+    listing_now: Mutex<HashMap<Ino, watch::Receiver<()>>>,
+}
+
+/// A folder's listing under way: others who need the folder listed wait until this is
+/// dropped.
+struct Turn<'a> {
+    listings: &'a Listings,
+    ino: Ino,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        lock(&self.listings.listing_now).remove(&self.ino);
+    }
 }
 
 impl Listings {
@@ -76,6 +92,7 @@ impl Listings {
             unreachable: Mutex::new(None),
             raw_lister: OnceLock::new(),
             warned: Mutex::new(HashSet::new()),
+            listing_now: Mutex::new(HashMap::new()),
         }
     }
 
@@ -142,8 +159,45 @@ impl Listings {
         Ok(())
     }
 
-    /// Lists a folder from the bucket and merges it with what is known locally.
+    /// Lists a folder from the bucket and merges it with what is known locally. A folder
+    /// being listed already is not listed twice at once: this waits for that listing (and
+    /// its attribute fetches), and is answered by it if it is within the TTL. Two listings
+    /// at once cost their pages twice, and the second would fetch again every attribute
+    /// the first is still fetching.
     pub async fn refresh(&self, ino: Ino) -> FsResult<()> {
+        self.refresh_after(ino, true).await
+    }
+
+    /// Lists a folder now (after any listing of it under way), whatever the TTL: `rmdir`
+    /// and a rename onto a folder must see what the bucket holds in it.
+    pub async fn refresh_now(&self, ino: Ino) -> FsResult<()> {
+        self.refresh_after(ino, false).await
+    }
+
+    async fn refresh_after(&self, ino: Ino, reuse: bool) -> FsResult<()> {
+        let _turn = loop {
+            let mut under_way = {
+                let mut now = lock(&self.listing_now);
+                match now.get(&ino) {
+                    Some(rx) => rx.clone(),
+                    None => {
+                        let (done, rx) = watch::channel(());
+                        now.insert(ino, rx);
+                        break Turn { listings: self, ino, _done: done };
+                    }
+                }
+            };
+            // Returns once that listing's turn is dropped: merged, attributes in, or failed.
+            let _ = under_way.changed().await;
+            if reuse && self.fresh(ino)? {
+                return Ok(());
+            }
+        };
+        self.list_and_merge(ino).await
+    }
+
+    /// Lists a folder from the bucket and merges it with what is known locally.
+    async fn list_and_merge(&self, ino: Ino) -> FsResult<()> {
         let core = &*self.core;
         let started = Instant::now();
         let paused = lock(&self.unreachable).clone().filter(|(until, _)| Instant::now() < *until);

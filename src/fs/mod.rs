@@ -396,7 +396,7 @@ impl Fs {
             return Err(FsError::NotDir);
         }
         // The bucket may hold files we have not listed yet.
-        self.listings.refresh(ino).await?;
+        self.listings.refresh_now(ino).await?;
         self.core.lock().rmdir_node(ino)
     }
 
@@ -434,7 +434,7 @@ impl Fs {
                 (true, false) => return Err(FsError::NotDir),
                 (false, true) => return Err(FsError::IsDir),
                 (true, true) => {
-                    self.listings.refresh(t).await?;
+                    self.listings.refresh_now(t).await?;
                     if self.core.tree().child_count(t) > 0 {
                         return Err(FsError::NotEmpty);
                     }
