@@ -76,7 +76,8 @@ impl Core {
                     None if n.kind == Kind::Dir => n.attrs_known = true,
                     None => {}
                     Some(r) => {
-                        if apply_head(n, &r) && n.kind == Kind::Symlink && n.target.is_none() {
+                        let applied = apply_head(n, &r);
+                        if applied && n.kind == Kind::Symlink && n.target.is_none() {
                             symlinks.push(ino);
                         }
                     }
