@@ -18,8 +18,8 @@ use futures::stream::BoxStream;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
-    PutOptions, PutPayload, PutResult, RenameOptions, Result,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
 };
 
 mod harness;
@@ -98,11 +98,15 @@ impl Counted {
 
     /// The same, over a bucket that takes `list_delay` to answer each listing.
     async fn with_list_delay(ttl: Duration, list_delay: Duration) -> Counted {
+        let cfg = FsConfig { metadata_ttl: ttl, listing_min_age: Duration::ZERO, ..cfg() };
+        Self::with_config(cfg, list_delay).await
+    }
+
+    async fn with_config(cfg: FsConfig, list_delay: Duration) -> Counted {
         let bucket: Store = Arc::new(InMemory::new());
         let counts = Arc::new(Mutex::new(Counts::default()));
         let store: Store =
             Arc::new(CountingStore { inner: Arc::clone(&bucket), counts: Arc::clone(&counts), list_delay });
-        let cfg = FsConfig { metadata_ttl: ttl, listing_min_age: Duration::ZERO, ..cfg() };
         let h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
         Counted { h, bucket, counts }
     }
@@ -280,4 +284,54 @@ async fn requests_that_need_a_folder_listed_at_once_share_one_listing() {
     assert_eq!(listings, 1, "the folder was listed more than once");
     assert_eq!(heads.len(), N, "one attribute fetch per new object: {heads:?}");
     assert!(heads.values().all(|&n| n == 1), "an object's attributes were fetched twice: {heads:?}");
+}
+
+/// A folder over `--max-inodes` leaves memory once the kernel lets go of its entries, and
+/// its entries' records are kept aside: listed again, or after a remount, the objects still
+/// the same take them back (same attributes, same inode numbers) without a HEAD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_that_left_memory_takes_its_attributes_back() {
+    const N: usize = 300;
+    let ttl = Duration::from_millis(50);
+    let cfg = FsConfig { metadata_ttl: ttl, listing_min_age: Duration::ZERO, max_inodes: 50, ..cfg() };
+    let mut c = Counted::with_config(cfg, Duration::ZERO).await;
+    for n in names(N) {
+        c.remote_put(&format!("big/{n}"), n.as_bytes()).await;
+    }
+    c.h.resolve("big").await.expect("resolve");
+    let first = c.ls_l("big").await;
+    c.take();
+    // The kernel forgets every entry; past the TTL the folder leaves memory.
+    let leave = |c: &Counted, listed: &BTreeMap<String, Attr>| {
+        for a in listed.values() {
+            c.h.fs().forget(a.ino, 1);
+        }
+        c.h.fs().evict_listings();
+        c.h.fs().status().inodes
+    };
+    tokio::time::sleep(ttl + Duration::from_millis(10)).await;
+    let left = leave(&c, &first);
+    assert!(left < 10, "{left} inodes in memory after the folder's listing left");
+
+    // Meanwhile another client changes one object and deletes another.
+    c.remote_put("big/f0003", b"changed while out of memory").await;
+    c.bucket.delete(&Path::from("big/f0004")).await.expect("delete");
+    let again = c.ls_l("big").await;
+    let (heads, _) = c.take();
+    assert_eq!(heads, BTreeMap::from([("big/f0003".to_string(), 1)]), "only the changed object is asked about");
+    assert_eq!(again.len(), N - 1);
+    assert!(!again.contains_key("f0004"), "the deleted object came back");
+    assert_eq!(again["f0003"].size, 27);
+    for (name, a) in again.iter().filter(|(n, _)| n.as_str() != "f0003") {
+        assert_eq!(a, &first[name], "{name} took its record back");
+    }
+
+    // Out of memory again, then a remount: nothing is asked about.
+    tokio::time::sleep(ttl + Duration::from_millis(10)).await;
+    leave(&c, &again);
+    c.h.restart().await;
+    let after = c.ls_l("big").await;
+    let (heads, _) = c.take();
+    assert_eq!(heads, BTreeMap::new(), "attributes fetched again after a remount");
+    assert_eq!(after, again);
 }

@@ -22,6 +22,7 @@ mod files;
 mod heads;
 mod ids;
 mod journal;
+mod kept;
 mod listing;
 mod names;
 mod object;

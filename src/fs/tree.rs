@@ -188,6 +188,10 @@ impl Tree {
                 if n.staged {
                     staged.push(k);
                 }
+                if n.kind == Kind::Dir {
+                    // Entries it kept aside when its listing left memory go with it.
+                    batch.del_evicted.push(k.0);
+                }
                 batch.del_inodes.push(k.0);
             }
         }
