@@ -125,7 +125,7 @@ ls_l() {
 }
 hwm() { awk '/VmHWM/{print int($2 / 1024)}' "/proc/$1/status"; }   # peak RSS, MiB
 
-declare -A res
+declare -A res pairs
 # keep KEY VALUE: res[KEY] becomes VALUE if it is the first or the lowest so far
 keep() { if [ -z "${res[$1]:-}" ] || [ "$(echo "$2 < ${res[$1]}" | bc)" = 1 ]; then res[$1]=$2; fi; }
 for n in $SIZES; do
@@ -134,7 +134,8 @@ for n in $SIZES; do
     for b in "${builds[@]}"; do
       tag=$b.$n.$r
       mount_tool "$b" "$tag"; drop_caches
-      keep "$b.$n.cold" "$(ls_l "$n")"; keep "$b.$n.again" "$(ls_l "$n")"
+      t=$(ls_l "$n"); keep "$b.$n.cold" "$t"; keep "$b.$n.again" "$(ls_l "$n")"
+      if [ "$b" = autosync ]; then last_cold=$t; fi
       keep "$b.$n.cpu" "$(cpu_of "$mpid")"
       unmount_tool "$b" "$tag"
       drop_caches
@@ -146,7 +147,9 @@ for n in $SIZES; do
     done
     if [[ " $S3FS_SIZES " == *" $n "* ]]; then
       mount_tool s3fs -; drop_caches
-      keep "s3fs.$n" "$(ls_l "$n")"; keep "s3fs.$n.again" "$(ls_l "$n")"
+      t=$(ls_l "$n"); keep "s3fs.$n" "$t"; keep "s3fs.$n.again" "$(ls_l "$n")"
+      # each round's ratio to autosync's cold run of the same round: the load changes between rounds
+      pairs[$n]+=" $(ratio "$t" "$last_cold")"
       unmount_tool s3fs -
       echo "  $n: s3fs best of $r: ${res[s3fs.$n]} s cold, ${res[s3fs.$n.again]} s again" >&2
     fi
@@ -174,6 +177,7 @@ echo
 for b in "${builds[@]}"; do
   echo "$b: daemon CPU during a first mount (cold + again), least:$(for n in $SIZES; do printf ' %s: %s s' "$n" "${res[$b.$n.cpu]}"; done)"
 done
+for n in $S3FS_SIZES; do echo "s3fs cold / autosync cold, run by run at $n:${pairs[$n]}"; done
 echo "autosync --metadata-ttl $TTL (\"again\" is within it); RSS: the daemon's peak after the remount's ls -l"
 echo "machine: $(machine)"
 echo "builds: autosync $bin_src ($(date -r "$bin_src" "+%F %T"), HEAD $(git -C "$root" log -1 --format=%h 2> /dev/null))${BEFORE_BIN:+; before $BEFORE_BIN ($(date -r "$BEFORE_BIN" "+%F %T"))}; s3fs $(s3fs --version 2>&1 | grep -o 'V[0-9.]*' | head -1); garage $("$garage" --version | awk '{print $2}')"
