@@ -375,8 +375,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        // Extended attributes are not stored in the bucket: every file has none.
-        reply.error(Errno::from_i32(libc::ENODATA));
+        // Extended attributes are not stored in the bucket. ENOSYS makes the kernel answer
+        // every later getxattr itself (EOPNOTSUPP) instead of asking: `ls -l` asks twice
+        // per file (SELinux label, ACL), which was most of the requests of a big folder's.
+        reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {

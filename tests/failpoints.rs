@@ -254,7 +254,7 @@ async fn a_listing_older_than_our_deletes_does_not_bring_back_what_they_removed(
     let late = tokio::spawn(async move {
         let fh = fs.opendir(autosync::fs::ROOT_INO).await?;
         let names: Vec<String> =
-            fs.readdir(fh, 0)?.into_iter().map(|e| e.name).filter(|n| !n.starts_with('.')).collect();
+            fs.readdir(fh, 0)?.iter().map(|e| e.name.clone()).filter(|n| !n.starts_with('.')).collect();
         fs.releasedir(fh);
         Ok::<_, FsError>(names)
     });

@@ -21,7 +21,7 @@ use super::lock;
 use super::object::{obj_path, stale};
 use super::sparse;
 use super::staging::BlockWriter;
-use super::types::{BlockIndex, ContentId, DirEntry, Fh, Ino, Kind, Policy, now_ns};
+use super::types::{BlockIndex, ContentId, DirEntry, DirPage, Fh, Ino, Kind, Policy, now_ns};
 use super::upload::MERGE_MAX;
 use crate::cache::SealedFile;
 use crate::state::Batch;
@@ -36,11 +36,11 @@ struct Handle {
     /// Read-ahead of reads of the bucket's copy.
     readahead: Readahead,
     /// Directory snapshot taken at opendir.
-    dir: Option<Vec<DirEntry>>,
+    dir: Option<Arc<[DirEntry]>>,
 }
 
 impl Handle {
-    fn new(ino: Ino, dir: Option<Vec<DirEntry>>) -> Handle {
+    fn new(ino: Ino, dir: Option<Arc<[DirEntry]>>) -> Handle {
         Handle { ino, wrote: false, unreported: 0, readahead: Readahead::default(), dir }
     }
 }
@@ -133,16 +133,18 @@ impl Files {
             entries
         };
         let fh = self.next_fh();
-        lock(&self.handles).insert(fh, Handle::new(ino, Some(entries)));
+        lock(&self.handles).insert(fh, Handle::new(ino, Some(entries.into())));
         Ok(fh)
     }
 
-    /// Entries from `offset` on; the offset of entry i is i + 1.
-    pub fn readdir(&self, fh: Fh, offset: u64) -> FsResult<Vec<DirEntry>> {
+    /// Entries from `offset` on; the offset of entry i is i + 1. A view of the snapshot,
+    /// not a copy: the kernel pages through a folder a few dozen entries at a time, and a
+    /// copy of the rest at each page made a big folder's listing quadratic.
+    pub fn readdir(&self, fh: Fh, offset: u64) -> FsResult<DirPage> {
         let hs = lock(&self.handles);
         let h = hs.get(&fh).ok_or(FsError::BadHandle)?;
         let d = h.dir.as_ref().ok_or(FsError::NotDir)?;
-        Ok(d.iter().skip(offset as usize).cloned().collect())
+        Ok(DirPage::new(Arc::clone(d), offset))
     }
 
     pub fn release_dir(&self, fh: Fh) {

@@ -17,6 +17,11 @@ use super::types::{Ino, Inode, Invalidation, Kind, to_ns};
 use crate::layout::{self, PosixAttrs};
 use crate::state::Batch;
 
+/// Attribute requests (HEAD) in flight at once for one listing.
+const HEADS_AT_ONCE: usize = 32;
+/// Answers applied to the tree (and committed) together.
+const HEADS_APPLIED_TOGETHER: usize = 512;
+
 impl Core {
     /// Reads object metadata (mode, owner, mtime, symlink) for inodes known only from a
     /// listing. Failures leave the defaults.
@@ -35,74 +40,88 @@ impl Core {
                 })
                 .collect()
         };
-        // In chunks, each applied before the next is asked for: a folder of 100,000 new
-        // files holds 1,024 answers at a time, not all of them.
-        for chunk in keys.chunks(1024) {
-            let results: Vec<_> = futures::stream::iter(chunk.iter().cloned())
-                .map(|(ino, key)| async move {
-                    let Ok(path) = obj_path(&key) else { return (ino, None) };
-                    let opts = GetOptions { head: true, ..Default::default() };
-                    // Keep the answer, not its body: on the local store that is an open file.
-                    let head = tokio::time::timeout(self.cfg.io_timeout, self.store.get_opts(&path, opts)).await;
-                    (ino, head.ok().and_then(|r| r.ok()).map(Head::from))
-                })
-                .buffer_unordered(32)
-                .collect()
-                .await;
-            self.apply_heads(results).await;
+        // Answers are applied in batches as they come, while the next requests are already
+        // under way: a folder of 100,000 new files holds a batch of answers at a time, not
+        // all of them, and never waits for the slowest answer of a batch to ask further.
+        let mut answers = futures::stream::iter(keys)
+            .map(|(ino, key)| async move {
+                let Ok(path) = obj_path(&key) else { return (ino, None) };
+                let opts = GetOptions { head: true, ..Default::default() };
+                // Keep the answer, not its body: on the local store that is an open file.
+                let head = tokio::time::timeout(self.cfg.io_timeout, self.store.get_opts(&path, opts)).await;
+                (ino, head.ok().and_then(|r| r.ok()).map(Head::from))
+            })
+            .buffer_unordered(HEADS_AT_ONCE)
+            .chunks(HEADS_APPLIED_TOGETHER);
+        while let Some(batch) = answers.next().await {
+            self.apply_heads(batch).await;
         }
     }
 
     /// Applies the attributes of HEAD answers (`None`: no object) to their inodes, if the
-    /// inodes still hold the version answered for and have no local change.
+    /// inodes still hold the version answered for and have no local change, and records
+    /// every inode asked about: a listing leaves the recording of its new entries to this,
+    /// once their attributes are in (an entry whose answer failed is recorded as listed,
+    /// and asked about again at the next listing).
     pub async fn apply_heads(&self, results: Vec<(Ino, Option<Head>)>) {
         let mut symlinks = Vec::new();
         {
             let mut l = self.lock();
             let mut batch = Batch::default();
             for (ino, r) in results {
-                let Some(r) = r else {
+                let Ok(n) = l.get_mut(ino) else { continue };
+                match r {
                     // A folder without our marker (another tool's bucket): keep the defaults
                     // instead of asking again at every lookup.
-                    if let Ok(n) = l.get_mut(ino)
-                        && n.kind == Kind::Dir
-                    {
-                        n.attrs_known = true;
+                    None if n.kind == Kind::Dir => n.attrs_known = true,
+                    None => {}
+                    Some(r) => {
+                        let applied = apply_head(n, &r);
+                        if applied && n.kind == Kind::Symlink && n.target.is_none() {
+                            symlinks.push(ino);
+                        }
                     }
-                    continue;
-                };
-                let Ok(n) = l.get_mut(ino) else { continue };
-                let current = n.kind == Kind::Dir
-                    || n.remote.as_ref().is_some_and(|rem| etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref()));
-                if n.dirty || !current {
-                    continue;
-                }
-                let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
-                if attrs.mtime.is_none() && n.kind != Kind::Dir {
-                    // Another tool's object: its mtime is the object's Last-Modified.
-                    n.mtime_ns = to_ns(SystemTime::from(r.meta.last_modified));
-                }
-                apply_posix(n, attrs);
-                if n.kind != Kind::Dir
-                    && let Some(rem) = n.remote.as_mut()
-                {
-                    // What the attributes were read at, and the generation the store gives
-                    // this version now (a copy onto itself changes it on GCS).
-                    rem.modified = Some(r.meta.last_modified.timestamp());
-                    if r.meta.version.is_some() {
-                        rem.version = r.meta.version.clone();
-                    }
-                }
-                if n.kind == Kind::Symlink && n.target.is_none() {
-                    symlinks.push(ino);
                 }
                 let _ = l.persist(ino, &mut batch);
             }
             let _ = l.commit(batch, false);
         }
-        for ino in symlinks {
-            let _ = self.load_symlink(ino).await;
+        self.load_symlinks(symlinks).await;
+    }
+
+    /// The targets of symlinks known only from a listing, read at once and recorded in
+    /// one commit.
+    async fn load_symlinks(&self, inos: Vec<Ino>) {
+        if inos.is_empty() {
+            return;
         }
+        let keys: Vec<(Ino, String)> = {
+            let tree = self.tree();
+            inos.iter()
+                .filter_map(|&i| {
+                    let n = tree.get(i).ok().filter(|n| n.target.is_none())?;
+                    Some((i, n.remote.as_ref()?.key.clone()))
+                })
+                .collect()
+        };
+        let targets: Vec<(Ino, String)> = futures::stream::iter(keys)
+            .map(|(ino, key)| async move {
+                let bytes = self.store.get(&obj_path(&key).ok()?).await.ok()?.bytes().await.ok()?;
+                Some((ino, String::from_utf8_lossy(&bytes).into_owned()))
+            })
+            .buffer_unordered(HEADS_AT_ONCE)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        let mut l = self.lock();
+        let mut batch = Batch::default();
+        for (ino, target) in targets {
+            let Ok(n) = l.get_mut(ino) else { continue };
+            n.size = target.len() as u64;
+            n.target = Some(target);
+            let _ = l.persist(ino, &mut batch);
+        }
+        let _ = l.commit(batch, false);
     }
 
     pub async fn load_symlink(&self, ino: Ino) -> FsResult<String> {
@@ -195,6 +214,33 @@ impl Core {
 /// A `remote_changed` event for an object a listing, the poll or an open found.
 pub fn remote_changed(path: &str, change: &str, meta: &object_store::ObjectMeta) -> Event {
     Event::new(EventKind::RemoteChanged).path(path).change(change).size(meta.size).version(meta.e_tag.clone())
+}
+
+/// Applies what a HEAD answered to an inode, if it still holds the version answered for
+/// and has no local change. Returns whether it did.
+fn apply_head(n: &mut Inode, r: &Head) -> bool {
+    let current = n.kind == Kind::Dir
+        || n.remote.as_ref().is_some_and(|rem| etag_same(rem.etag.as_deref(), r.meta.e_tag.as_deref()));
+    if n.dirty || !current {
+        return false;
+    }
+    let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
+    if attrs.mtime.is_none() && n.kind != Kind::Dir {
+        // Another tool's object: its mtime is the object's Last-Modified.
+        n.mtime_ns = to_ns(SystemTime::from(r.meta.last_modified));
+    }
+    apply_posix(n, attrs);
+    if n.kind != Kind::Dir
+        && let Some(rem) = n.remote.as_mut()
+    {
+        // What the attributes were read at, and the generation the store gives this
+        // version now (a copy onto itself changes it on GCS).
+        rem.modified = Some(r.meta.last_modified.timestamp());
+        if r.meta.version.is_some() {
+            rem.version = r.meta.version.clone();
+        }
+    }
+    true
 }
 
 /// Applies the POSIX attributes an object carries to its inode.

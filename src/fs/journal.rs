@@ -200,7 +200,7 @@ impl Queue {
         let seq = Seq(self.next_seq);
         self.next_seq += 1;
         batch.op(seq.0, &op)?;
-        batch.meta.push(("next_seq", self.next_seq));
+        batch.set_meta("next_seq", self.next_seq);
         self.register(seq, op, Instant::now() + delay);
         Ok(seq)
     }
@@ -354,7 +354,7 @@ impl Queue {
     pub fn record_conflict(&mut self, record: ConflictRecord, batch: &mut Batch) -> FsResult<()> {
         let n = self.next_conflict;
         self.next_conflict += 1;
-        batch.meta.push(("next_conflict", self.next_conflict));
+        batch.set_meta("next_conflict", self.next_conflict);
         batch.conflict(n, &record)?;
         Ok(())
     }

@@ -7,11 +7,11 @@
 //! and the keys it warned about. It changes the tree only through the core's locks, never
 //! touches file contents, and never queues an upload.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use object_store::ObjectMeta;
 use object_store::path::Path;
 use tokio::sync::watch;
@@ -19,17 +19,17 @@ use tokio::sync::watch;
 use super::core::{Core, Locked};
 use super::error::{FsError, FsResult};
 use super::heads::remote_changed;
+use super::kept::Kept;
 use super::lock;
 use super::object::{etag_same, folder_remote, obj_path, remote_of};
 use super::types::{Attr, Ino, Inode, Invalidation, Kind, ROOT_INO, to_ns};
 use crate::layout;
 use crate::state::Batch;
 
+mod poll;
+
 /// A listing not used for this long leaves memory (when nothing in it is held).
 const LISTING_IDLE: Duration = Duration::from_secs(600);
-
-/// Most folders a background poll lists in one round.
-const POLL_FOLDERS: usize = 256;
 
 /// How long folders listed before are answered from memory after a listing failed.
 const UNREACHABLE_PAUSE: Duration = Duration::from_secs(5);
@@ -50,6 +50,22 @@ pub struct Listings {
     raw_lister: OnceLock<crate::store::s3list::SharedLister>,
     /// Keys that cannot be file names, warned about once each.
     warned: Mutex<HashSet<String>>,
+    /// Folders being listed now; the channel closes when the listing is done.
+    listing_now: Mutex<HashMap<Ino, watch::Receiver<()>>>,
+}
+
+/// A folder's listing under way: others who need the folder listed wait until this is
+/// dropped.
+struct Turn<'a> {
+    listings: &'a Listings,
+    ino: Ino,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        lock(&self.listings.listing_now).remove(&self.ino);
+    }
 }
 
 impl Listings {
@@ -76,6 +92,7 @@ impl Listings {
             unreachable: Mutex::new(None),
             raw_lister: OnceLock::new(),
             warned: Mutex::new(HashSet::new()),
+            listing_now: Mutex::new(HashMap::new()),
         }
     }
 
@@ -142,9 +159,47 @@ impl Listings {
         Ok(())
     }
 
-    /// Lists a folder from the bucket and merges it with what is known locally.
+    /// Lists a folder from the bucket and merges it with what is known locally. A folder
+    /// being listed already is not listed twice at once: this waits for that listing (and
+    /// its attribute fetches), and is answered by it if it is within the TTL. Two listings
+    /// at once cost their pages twice, and the second would fetch again every attribute
+    /// the first is still fetching.
     pub async fn refresh(&self, ino: Ino) -> FsResult<()> {
+        self.refresh_after(ino, true).await
+    }
+
+    /// Lists a folder now (after any listing of it under way), whatever the TTL: `rmdir`
+    /// and a rename onto a folder must see what the bucket holds in it.
+    pub async fn refresh_now(&self, ino: Ino) -> FsResult<()> {
+        self.refresh_after(ino, false).await
+    }
+
+    async fn refresh_after(&self, ino: Ino, reuse: bool) -> FsResult<()> {
+        let _turn = loop {
+            let mut under_way = {
+                let mut now = lock(&self.listing_now);
+                match now.get(&ino) {
+                    Some(rx) => rx.clone(),
+                    None => {
+                        let (done, rx) = watch::channel(());
+                        now.insert(ino, rx);
+                        break Turn { listings: self, ino, _done: done };
+                    }
+                }
+            };
+            // Returns once that listing's turn is dropped: merged, attributes in, or failed.
+            let _ = under_way.changed().await;
+            if reuse && self.fresh(ino)? {
+                return Ok(());
+            }
+        };
+        self.list_and_merge(ino).await
+    }
+
+    /// Lists a folder from the bucket and merges it with what is known locally.
+    async fn list_and_merge(&self, ino: Ino) -> FsResult<()> {
         let core = &*self.core;
+        let started = Instant::now();
         let paused = lock(&self.unreachable).clone().filter(|(until, _)| Instant::now() < *until);
         if let Some((_, why)) = paused
             && core.tree().get(ino)?.listed
@@ -206,11 +261,24 @@ impl Listings {
                 break (listing, key, epoch);
             }
         };
+        let listed = Instant::now();
         let mut new_files = Vec::new();
         // What the kernel may hold that changed: names gone, contents replaced, and whether
         // the folder's own listing changed.
         let mut inval = Vec::new();
         let mut names_changed = false;
+        // Entries kept aside when this folder's listing left memory (a folder listed
+        // since has none): those still the same take their records back, without a HEAD.
+        let mut kept = Kept::default();
+        if !core.tree().get(ino)?.listed {
+            match core.journal.db().evicted::<Inode>(ino.0) {
+                Ok(records) => kept = Kept::new(records),
+                Err(e) => {
+                    tracing::warn!(folder = %key, "entries kept aside cannot be read, asking the bucket: {e}");
+                    kept = Kept::unreadable();
+                }
+            }
+        }
         // Tests hold a listing here, between its answer and its merge.
         fail::fail_point!("listing-before-merge");
         {
@@ -244,9 +312,15 @@ impl Listings {
                 }
                 seen.insert(name.clone());
                 if l.child(ino, &name).is_none() {
-                    let c = l.alloc_ino(&mut batch);
-                    let mut n = Inode::new(c, ino, name, Kind::Dir, 0o755, core.cfg.uid, core.cfg.gid);
-                    n.attrs_known = false;
+                    // A folder kept aside takes its record back: its entries kept aside are
+                    // filed under its number.
+                    let mut n = kept.folder(ino, &name, |i| l.contains(i)).unwrap_or_else(|| {
+                        let c = l.alloc_ino(&mut batch);
+                        let mut n = Inode::new(c, ino, name, Kind::Dir, 0o755, core.cfg.uid, core.cfg.gid);
+                        n.attrs_known = false;
+                        n
+                    });
+                    let c = n.ino;
                     names_changed = true;
                     n.remote = Some(folder_remote(full.clone()));
                     l.insert(n);
@@ -305,10 +379,10 @@ impl Listings {
                         // metadata (how s3fs and rclone chmod, chown or touch) keeps the ETag and
                         // moves Last-Modified. Without a Last-Modified on record (our own upload),
                         // the attributes are read once. `fetch_attrs` records the Last-Modified
-                        // with what it read, so a failed read is tried again at the next listing.
+                        // with what it read. A failed read is tried again at the next listing.
                         let modified = Some(m.last_modified.timestamp());
                         let retouched = n.remote.as_ref().is_some_and(|r| r.modified != modified);
-                        if clean && !changed && retouched {
+                        if clean && !changed && (retouched || !n.attrs_known) {
                             new_files.push(c);
                         }
                         if clean && changed {
@@ -328,6 +402,14 @@ impl Listings {
                             events.push(remote_changed(&core.rel_path(&full), "changed", m));
                         }
                     }
+                    // The version it was when the folder's listing left memory: its record
+                    // back, attributes included.
+                    None if let Some(n) = kept.file(ino, &name, m, |i| l.contains(i)) => {
+                        let c = n.ino;
+                        names_changed = true;
+                        l.insert(n);
+                        l.persist(c, &mut batch)?;
+                    }
                     None => {
                         let c = l.alloc_ino(&mut batch);
                         let mut n = Inode::new(c, ino, name, Kind::File, 0o644, core.cfg.uid, core.cfg.gid);
@@ -338,7 +420,7 @@ impl Listings {
                         n.attrs_known = false;
                         n.remote = Some(remote_of(m));
                         l.insert(n);
-                        l.persist(c, &mut batch)?;
+                        // Recorded once its attributes are in (`apply_heads`), not twice.
                         new_files.push(c);
                         if seen_before {
                             events.push(remote_changed(&core.rel_path(&full), "added", m));
@@ -376,6 +458,10 @@ impl Listings {
                     }
                 }
             }
+            if kept.any() {
+                // Taken back, or stale: the folder's entries are in the inode table again.
+                batch.del_evicted.push(ino.0);
+            }
             if let Ok(n) = l.get_mut(ino) {
                 n.listed_at = Some(Instant::now());
                 if !n.listed {
@@ -394,72 +480,26 @@ impl Listings {
         for what in inval {
             core.invalidate(what);
         }
-        core.fetch_attrs(new_files).await;
+        let merged = Instant::now();
+        let fetched = new_files.len();
+        // On the runtime's own threads, where the requests and their connections wake each
+        // other, rather than across to the FUSE thread waiting for this listing: that
+        // thread's wake-ups were a large share of a cold listing's CPU.
+        let fetcher = Arc::clone(&self.core);
+        if let Err(e) = tokio::spawn(async move { fetcher.fetch_attrs(new_files).await }).await {
+            tracing::error!(folder = %key, "fetching attributes failed: {e}");
+        }
         self.note(ino);
+        tracing::debug!(
+            folder = %key,
+            entries = listing.objects.len() + listing.common_prefixes.len(),
+            fetched,
+            list_ms = (listed - started).as_millis() as u64,
+            merge_ms = (merged - listed).as_millis() as u64,
+            attrs_ms = merged.elapsed().as_millis() as u64,
+            "folder listed"
+        );
         Ok(())
-    }
-
-    /// Lists the folders in use again, every `poll_interval`, until `stop`: changes made
-    /// in the bucket by others show without waiting for a lookup past the TTL, and the
-    /// kernel's caches of what changed are dropped.
-    pub async fn run_poller(&self, mut stop: watch::Receiver<bool>) {
-        let every = self.core.cfg.poll_interval;
-        if every.is_zero() {
-            return;
-        }
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.changed() => return,
-            }
-            if *stop.borrow() {
-                return;
-            }
-            self.poll_once().await;
-        }
-    }
-
-    /// One round of the poll: the folders in use that were listed before and not within
-    /// the last half interval, at most [`POLL_FOLDERS`] of them: open folders and those
-    /// holding open files first, then folders the kernel holds, or holds entries of.
-    pub async fn poll_once(&self) -> usize {
-        let every = self.core.cfg.poll_interval;
-        let dirs: Vec<Ino> = {
-            let tree = self.core.tree();
-            let busy = tree.nodes().filter_map(|n| {
-                if n.dir_open > 0 {
-                    Some(n.ino)
-                } else if n.open > 0 {
-                    Some(n.parent)
-                } else {
-                    None
-                }
-            });
-            let held = tree.nodes().filter(|n| n.lookups > 0).flat_map(|n| {
-                let own = (n.kind == Kind::Dir).then_some(n.ino);
-                own.into_iter().chain(std::iter::once(n.parent))
-            });
-            let mut seen = HashSet::new();
-            let busy: Vec<Ino> = busy.collect();
-            busy.into_iter()
-                .chain(std::iter::once(ROOT_INO))
-                .chain(held)
-                .filter(|&d| seen.insert(d))
-                .filter(|&d| {
-                    tree.get(d).is_ok_and(|n| n.kind == Kind::Dir && n.listed && !n.is_listed_fresh(every / 2))
-                })
-                .take(POLL_FOLDERS)
-                .collect()
-        };
-        let n = dirs.len();
-        futures::stream::iter(dirs)
-            .for_each_concurrent(4, |d| async move {
-                if let Err(e) = self.refresh(d).await {
-                    tracing::debug!(dir = %d, "poll: listing failed: {e}");
-                }
-            })
-            .await;
-        n
     }
 
     /// The raw listing of a folder, without the keys that cannot be paths (one warning each).
@@ -666,10 +706,13 @@ impl Listings {
             tracing::debug!(dir = %dir, entries = kids.len(), "listing leaves memory");
             dropped += kids.len();
             for c in kids {
-                if let Some(n) = l.remove(c)
-                    && n.staged
-                {
-                    self.core.staging.remove(c);
+                if let Some(mut n) = l.remove(c) {
+                    if n.staged {
+                        self.core.staging.remove(c);
+                        n.staged = false;
+                    }
+                    // Kept aside, for the next listing of the folder to take back.
+                    let _ = batch.evicted(dir.0, c.0, &n);
                 }
                 batch.del_inodes.push(c.0);
             }

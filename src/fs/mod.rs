@@ -22,6 +22,7 @@ mod files;
 mod heads;
 mod ids;
 mod journal;
+mod kept;
 mod listing;
 mod names;
 mod object;
@@ -45,7 +46,9 @@ pub use conflict::{ConflictConfig, ConflictRecord, ConflictRule, Policy, Version
 pub use error::{FsError, FsResult};
 pub use events::{Caller, Event, Listener};
 pub use object::obj_path;
-pub use types::{Attr, BlockIndex, DirEntry, Fh, Ino, Inode, Invalidation, Kind, Op, ROOT_INO, Remote, Seq, SetAttr};
+pub use types::{
+    Attr, BlockIndex, DirEntry, DirPage, Fh, Ino, Inode, Invalidation, Kind, Op, ROOT_INO, Remote, Seq, SetAttr,
+};
 
 use crate::cache::{BlockCache, CacheKey};
 use crate::store::Store;
@@ -394,7 +397,7 @@ impl Fs {
             return Err(FsError::NotDir);
         }
         // The bucket may hold files we have not listed yet.
-        self.listings.refresh(ino).await?;
+        self.listings.refresh_now(ino).await?;
         self.core.lock().rmdir_node(ino)
     }
 
@@ -432,7 +435,7 @@ impl Fs {
                 (true, false) => return Err(FsError::NotDir),
                 (false, true) => return Err(FsError::IsDir),
                 (true, true) => {
-                    self.listings.refresh(t).await?;
+                    self.listings.refresh_now(t).await?;
                     if self.core.tree().child_count(t) > 0 {
                         return Err(FsError::NotEmpty);
                     }
@@ -513,7 +516,7 @@ impl Fs {
     }
 
     /// Entries from `offset` on; the offset of entry i is i + 1.
-    pub fn readdir(&self, fh: Fh, offset: u64) -> FsResult<Vec<DirEntry>> {
+    pub fn readdir(&self, fh: Fh, offset: u64) -> FsResult<DirPage> {
         self.files.readdir(fh, offset)
     }
 

@@ -188,6 +188,10 @@ impl Tree {
                 if n.staged {
                     staged.push(k);
                 }
+                if n.kind == Kind::Dir {
+                    // Entries it kept aside when its listing left memory go with it.
+                    batch.del_evicted.push(k.0);
+                }
                 batch.del_inodes.push(k.0);
             }
         }
@@ -236,7 +240,7 @@ impl Tree {
     pub fn alloc_ino(&mut self, batch: &mut Batch) -> Ino {
         let ino = Ino(self.next_ino);
         self.next_ino += 1;
-        batch.meta.push(("next_ino", self.next_ino));
+        batch.set_meta("next_ino", self.next_ino);
         ino
     }
 
@@ -385,6 +389,6 @@ mod tests {
         let mut batch = Batch::default();
         assert_eq!(t.alloc_ino(&mut batch), Ino(5));
         assert_eq!(t.alloc_ino(&mut batch), Ino(6));
-        assert_eq!(batch.meta, [("next_ino", 6), ("next_ino", 7)]);
+        assert_eq!(batch.meta, [("next_ino", 7)], "the last number given, once");
     }
 }

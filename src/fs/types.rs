@@ -1,6 +1,7 @@
 //! Records of the filesystem: inodes as stored in the state database, journal operations,
 //! and the attribute struct handed to the FUSE adapter.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -198,6 +199,29 @@ pub struct DirEntry {
     pub name: String,
     pub kind: Kind,
     pub attr: Attr,
+}
+
+/// A folder handle's entries from an offset on: a view of the snapshot taken at `opendir`,
+/// shared rather than copied.
+#[derive(Debug, Clone)]
+pub struct DirPage {
+    entries: Arc<[DirEntry]>,
+    start: usize,
+}
+
+impl DirPage {
+    pub fn new(entries: Arc<[DirEntry]>, offset: u64) -> DirPage {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(entries.len());
+        DirPage { entries, start }
+    }
+}
+
+impl std::ops::Deref for DirPage {
+    type Target = [DirEntry];
+
+    fn deref(&self) -> &[DirEntry] {
+        &self.entries[self.start..]
+    }
 }
 
 pub fn now_ns() -> i64 {

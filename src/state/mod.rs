@@ -16,6 +16,10 @@ const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The record of every conflict, by sequence number.
 const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("conflicts");
+/// Records of folder entries that left memory with their folder's listing, by folder and
+/// inode (`folder << 64 | inode`): not loaded at startup, read back when the folder is
+/// listed again.
+const EVICTED: TableDefinition<u128, &[u8]> = TableDefinition::new("evicted");
 
 /// Bumped when the record encoding changes incompatibly. 2: sealed records.
 pub const FORMAT_VERSION: u64 = 2;
@@ -27,6 +31,7 @@ const TAG_LEN: usize = 16;
 const INODE_TABLE: u8 = b'I';
 const JOURNAL_TABLE: u8 = b'J';
 const CONFLICT_TABLE: u8 = b'C';
+const EVICTED_TABLE: u8 = b'E';
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -69,6 +74,18 @@ pub struct Batch {
     pub del_ops: Vec<u64>,
     pub meta: Vec<(&'static str, u64)>,
     pub put_conflicts: Vec<(u64, Vec<u8>)>,
+    /// Records kept aside under a folder: (folder, inode, record).
+    pub put_evicted: Vec<(u64, u64, Vec<u8>)>,
+    /// Folders whose records kept aside go (before `put_evicted` are added).
+    pub del_evicted: Vec<u64>,
+}
+
+fn evicted_key(dir: u64, ino: u64) -> u128 {
+    (u128::from(dir) << 64) | u128::from(ino)
+}
+
+fn evicted_of(dir: u64) -> std::ops::RangeInclusive<u128> {
+    evicted_key(dir, 0)..=evicted_key(dir, u64::MAX)
 }
 
 impl Batch {
@@ -79,6 +96,16 @@ impl Batch {
             && self.del_ops.is_empty()
             && self.meta.is_empty()
             && self.put_conflicts.is_empty()
+            && self.put_evicted.is_empty()
+            && self.del_evicted.is_empty()
+    }
+    /// Sets a counter: only the last value of a key is written (a listing of 50,000 new
+    /// names allocates as many inode numbers, and would otherwise write each one).
+    pub fn set_meta(&mut self, key: &'static str, value: u64) {
+        match self.meta.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => *v = value,
+            None => self.meta.push((key, value)),
+        }
     }
     pub fn inode<T: Serialize>(&mut self, ino: u64, rec: &T) -> Result<(), StateError> {
         self.put_inodes.push((ino, serde_json::to_vec(rec)?));
@@ -86,6 +113,11 @@ impl Batch {
     }
     pub fn op<T: Serialize>(&mut self, seq: u64, op: &T) -> Result<(), StateError> {
         self.put_ops.push((seq, serde_json::to_vec(op)?));
+        Ok(())
+    }
+    /// Keeps the record of inode `ino` aside under folder `dir` (see [`StateDb::evicted`]).
+    pub fn evicted<T: Serialize>(&mut self, dir: u64, ino: u64, rec: &T) -> Result<(), StateError> {
+        self.put_evicted.push((dir, ino, serde_json::to_vec(rec)?));
         Ok(())
     }
     pub fn conflict<T: Serialize>(&mut self, seq: u64, rec: &T) -> Result<(), StateError> {
@@ -133,6 +165,7 @@ impl StateDb {
         {
             tx.open_table(INODES)?;
             tx.open_table(CONFLICTS)?;
+            tx.open_table(EVICTED)?;
             let journal = tx.open_table(JOURNAL)?;
             let mut meta = tx.open_table(META)?;
             let found = meta.get("format")?.map(|v| v.value());
@@ -222,6 +255,15 @@ impl StateDb {
             for (k, v) in &batch.meta {
                 meta.insert(*k, v)?;
             }
+            if !batch.put_evicted.is_empty() || !batch.del_evicted.is_empty() {
+                let mut evicted = tx.open_table(EVICTED)?;
+                for dir in &batch.del_evicted {
+                    evicted.retain_in(evicted_of(*dir), |_, _| false)?;
+                }
+                for (dir, ino, v) in &batch.put_evicted {
+                    evicted.insert(evicted_key(*dir, *ino), self.seal(EVICTED_TABLE, *ino, v)?.as_slice())?;
+                }
+            }
             if !batch.put_conflicts.is_empty() {
                 let mut conflicts = tx.open_table(CONFLICTS)?;
                 for (seq, v) in &batch.put_conflicts {
@@ -231,6 +273,18 @@ impl StateDb {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The records kept aside under folder `dir` when its listing left memory.
+    pub fn evicted<T: DeserializeOwned>(&self, dir: u64) -> Result<Vec<T>, StateError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in tx.open_table(EVICTED)?.range(evicted_of(dir))? {
+            let (k, v) = row?;
+            // The low half of the key is the inode the record was sealed for.
+            out.push(self.open_record(EVICTED_TABLE, k.value() as u64, v.value())?);
+        }
+        Ok(out)
     }
 
     /// Every conflict record, oldest first.
@@ -271,6 +325,26 @@ mod tests {
         assert_eq!(l.inodes, vec!["two".to_string()]);
         assert_eq!(l.ops, vec![(1, "op1".to_string())]);
         assert!(l.meta.contains(&("next_ino".to_string(), 4)));
+    }
+
+    #[test]
+    fn records_kept_aside_are_read_back_by_folder_and_dropped_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = CacheKey::from_bytes([5; 32]);
+        let db = StateDb::open(&dir.path().join("s.redb"), &key).unwrap();
+        let mut b = Batch::default();
+        for (folder, ino) in [(7, 10), (7, 11), (8, 12), (6, 13)] {
+            b.evicted(folder, ino, &format!("{folder}/{ino}")).unwrap();
+        }
+        db.commit(&b, false).unwrap();
+        assert_eq!(db.evicted::<String>(7).unwrap(), ["7/10", "7/11"]);
+        assert_eq!(db.evicted::<String>(9).unwrap(), Vec::<String>::new());
+        let mut b = Batch::default();
+        b.del_evicted.push(7);
+        db.commit(&b, false).unwrap();
+        assert_eq!(db.evicted::<String>(7).unwrap(), Vec::<String>::new());
+        assert_eq!(db.evicted::<String>(8).unwrap(), ["8/12"], "other folders keep theirs");
+        assert_eq!(db.evicted::<String>(6).unwrap(), ["6/13"]);
     }
 
     #[test]

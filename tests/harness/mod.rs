@@ -211,7 +211,7 @@ impl Harness {
             let fh = self.fs().opendir(ino).await?;
             let entries = self.fs().readdir(fh, 0)?;
             self.fs().releasedir(fh);
-            for e in entries.into_iter().filter(|e| e.name != "." && e.name != "..") {
+            for e in entries.iter().filter(|e| e.name != "." && e.name != "..") {
                 let path = if prefix.is_empty() { e.name.clone() } else { format!("{prefix}/{}", e.name) };
                 match e.kind {
                     Kind::Dir => {
