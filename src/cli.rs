@@ -63,8 +63,9 @@ pub enum Command {
         /// Return once the mount is live, leaving it running in the background.
         #[arg(long)]
         daemon: bool,
-        /// Seconds between the last change to a file and its upload.
-        #[arg(long, default_value_t = 2.0)]
+        /// Seconds between the last change to a file and its upload, once no process holds
+        /// it open; a file held open waits at least 2 s after its last write.
+        #[arg(long, default_value_t = 0.2)]
         upload_delay: f64,
         /// Most changes uploaded at once. Changes to one path, or to paths above or below
         /// each other, still go in the order they were made.

@@ -104,8 +104,8 @@ pub fn registry_path(mountpoint: &Path) -> PathBuf {
 
 /// A dead FUSE mount (daemon killed) answers ENOTCONN: detach it so the path is usable.
 /// `stat` may still be answered from the kernel's attribute cache for a moment, so the
-/// folder is read too.
-fn clean_dead_mount(mp: &Path) {
+/// folder is read too. Says whether there was one.
+fn clean_dead_mount(mp: &Path) -> bool {
     let dead = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
     let stat_dead = std::fs::metadata(mp).err().is_some_and(|e| dead(&e));
     let read_dead = std::fs::read_dir(mp).err().is_some_and(|e| dead(&e));
@@ -113,10 +113,12 @@ fn clean_dead_mount(mp: &Path) {
         tracing::info!(mountpoint = %mp.display(), "cleaning up a dead mount left by a killed daemon");
         let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
     }
+    stat_dead || read_dead
 }
 
-fn check_mountpoint(mp: &Path) -> anyhow::Result<PathBuf> {
-    clean_dead_mount(mp);
+/// The mount point, canonical, and whether a dead mount was cleaned up there.
+fn check_mountpoint(mp: &Path) -> anyhow::Result<(PathBuf, bool)> {
+    let was_dead = clean_dead_mount(mp);
     let md = std::fs::metadata(mp).map_err(|_| {
         anyhow!("mount point {} does not exist: create it with `mkdir -p {}`", mp.display(), mp.display())
     })?;
@@ -130,7 +132,7 @@ fn check_mountpoint(mp: &Path) -> anyhow::Result<PathBuf> {
             mp.display()
         );
     }
-    Ok(mp.canonicalize()?)
+    Ok((mp.canonicalize()?, was_dead))
 }
 
 /// Buffers larger than a block (an upload's content, a snapshot's copy) get memory of their
@@ -257,16 +259,27 @@ struct StateLock {
     _lock: Flock<File>,
 }
 
-fn lock_state_dir(dir: &Path) -> anyhow::Result<StateLock> {
+/// Takes the state dir's lock. After a killed daemon's mount was cleaned up, waits up to
+/// `patience` for it: the killed process's last threads (one in a FUSE request the cleanup
+/// aborted, one in an fsync) can hold its files a moment after it is reported dead.
+fn lock_state_dir(dir: &Path, patience: Duration) -> anyhow::Result<StateLock> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create state dir {}", dir.display()))?;
-    let f = File::options().create(true).truncate(false).write(true).open(dir.join("lock"))?;
-    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(StateLock { _lock: l }),
-        Err((_, _)) => bail!(
-            "state dir {} is in use by another mount: unmount that one first, or pass a different --state-dir",
-            dir.display()
-        ),
+    let mut f = File::options().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    let until = std::time::Instant::now() + patience;
+    loop {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(StateLock { _lock: l }),
+            Err((back, _)) if std::time::Instant::now() < until => {
+                f = back;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => break,
+        }
     }
+    bail!(
+        "state dir {} is in use by another mount: unmount that one first, or pass a different --state-dir",
+        dir.display()
+    )
 }
 
 fn sd_notify(msg: &str) {
@@ -292,12 +305,13 @@ fn sd_notify(msg: &str) {
 pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     bound_allocator();
     let source = Source::parse(&opts.source)?;
-    let mountpoint = check_mountpoint(&opts.mountpoint)?;
+    let (mountpoint, was_dead) = check_mountpoint(&opts.mountpoint)?;
     let source = source.prepare()?;
     let id = short_hash(&source.identity());
     let state_dir = opts.state_dir.clone().unwrap_or_else(|| default_state_root().join(&id));
     let cache_dir = opts.cache_dir.clone().unwrap_or_else(|| default_cache_root().join(&id));
-    let _lock = lock_state_dir(&state_dir)?;
+    let patience = if was_dead { Duration::from_secs(5) } else { Duration::ZERO };
+    let _lock = lock_state_dir(&state_dir, patience)?;
     std::fs::create_dir_all(&cache_dir).with_context(|| format!("cannot create cache dir {}", cache_dir.display()))?;
     // Absolute paths: the control socket is found through a symlink, and --daemon may cd.
     let state_dir = state_dir.canonicalize()?;
@@ -330,6 +344,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         metadata_ttl: opts.metadata_ttl,
         poll_interval: opts.poll_interval,
         upload_delay: opts.upload_delay,
+        open_upload_delay: opts.upload_delay.max(crate::fs::OPEN_UPLOAD_DELAY),
         transfers: opts.transfers,
         blocks: BlockConfig { block_size: opts.block_size, memory_limit: opts.memory_limit, ..BlockConfig::default() },
         disk_cache: Some(Arc::new(disk_cache)),
@@ -355,6 +370,8 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let uploader = rt.spawn(Arc::clone(&fs).run_uploader(stop_rx.clone()));
     rt.spawn(Arc::clone(&fs).run_poller(stop_rx));
+    let warm = Arc::clone(&fs);
+    rt.spawn(async move { warm.warm_root().await });
     let (unmount_tx, mut unmount_rx) = tokio::sync::mpsc::channel::<()>(1);
     let socket = state_dir.join("control.sock");
     let registry = registry_path(&mountpoint);

@@ -35,7 +35,7 @@ const CAPS: [Caps; 2] = [Caps { create: true, update: true }, Caps { create: fal
 async fn harness(caps: Caps, delay: Duration, cfg: FsConfig) -> (Harness, FaultSwitch) {
     let sw = FaultSwitch::default();
     let store = FaultyStore::wrap(Arc::new(InMemory::new()), sw.clone());
-    let cfg = FsConfig { upload_delay: delay, ..cfg };
+    let cfg = FsConfig { upload_delay: delay, open_upload_delay: delay, ..cfg };
     (Harness::with_config(store, caps, cfg).await, sw)
 }
 

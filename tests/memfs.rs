@@ -965,6 +965,37 @@ async fn a_file_that_keeps_changing_is_uploaded_once() {
     assert_eq!(sw.writes()["f"], 1);
 }
 
+/// A file held open waits the open-file delay after its writes, an fsync included; the
+/// close of its last handle starts the upload after the upload delay (here none), a close
+/// while another handle holds it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_file_goes_up_soon_and_an_open_one_waits() {
+    let sw = FaultSwitch::default();
+    let store = FaultyStore::wrap(Arc::new(InMemory::new()), sw.clone());
+    let cfg = FsConfig { upload_delay: Duration::ZERO, open_upload_delay: Duration::from_secs(3600), ..cfg() };
+    let h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
+    let in_bucket = || async { h.bucket().await.get("f").cloned() };
+    let (attr, a) = h.fs().create(ROOT_INO, "f", 0o644, 0, 0).await.unwrap();
+    let (b, _) = h.fs().open(attr.ino).await.unwrap();
+    h.fs().write(a, 0, b"written").await.unwrap();
+    h.fs().flush(a).await.unwrap();
+    h.fs().close(a).await.unwrap();
+    h.fs().release(a).await.unwrap();
+    // No change can be awaited here: give a wrong upload time to happen.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(in_bucket().await, None, "went up while a handle still held the file");
+    assert_eq!(h.fs().status().pending_ops, 1);
+    h.fs().close(b).await.unwrap();
+    h.fs().release(b).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while in_bucket().await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "not uploaded 20 s after its last close");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(in_bucket().await.as_deref(), Some(&b"written"[..]));
+    assert_eq!(sw.writes()["f"], 1, "{:?}", sw.writes());
+}
+
 /// A bucket that stops answering listings: lookups answer from what is known, and a new
 /// file is created, written and closed, each listing giving up after `io_timeout`, never
 /// hanging; once the bucket answers again, the file goes up.

@@ -267,7 +267,7 @@ impl Files {
             n.dirty = true;
             n.generation += 1;
             // Push a queued upload back while the file keeps changing.
-            l.queue.postpone(ino, core.cfg.upload_delay);
+            l.queue.postpone(ino, core.cfg.open_upload_delay);
         }
         if let Some(h) = lock(&self.handles).get_mut(&fh) {
             h.wrote = true;
@@ -309,8 +309,14 @@ impl Files {
         {
             let mut l = core.lock();
             let mut batch = Batch::default();
-            if l.get(ino).is_ok_and(|n| n.parent != Ino::NONE) {
-                l.touch(ino, core.cfg.upload_delay, &mut batch)?;
+            if let Ok(n) = l.get(ino)
+                && n.parent != Ino::NONE
+            {
+                // The last close of a file starts its upload soon; an fsync, or a close
+                // while other handles hold the file, waits as a write does.
+                let last_close = closing && n.open <= 1;
+                let delay = if last_close { core.cfg.upload_delay } else { core.cfg.open_upload_delay };
+                l.touch(ino, delay, &mut batch)?;
             }
             l.commit(batch, true)?;
         }
@@ -339,17 +345,23 @@ impl Files {
         }
         // Written and never closed through flush: reported now, once.
         self.report_written(h.ino, h.unreported);
-        let mut tree = self.core.tree();
-        let orphan = match tree.get_mut(h.ino) {
+        let core = &*self.core;
+        let mut tree = core.tree();
+        let (orphan, last) = match tree.get_mut(h.ino) {
             Ok(n) => {
                 n.open = n.open.saturating_sub(1);
-                n.open == 0 && n.parent == Ino::NONE
+                (n.open == 0 && n.parent == Ino::NONE, n.open == 0 && n.dirty)
             }
-            Err(_) => false,
+            Err(_) => (false, false),
         };
         if orphan {
             tree.remove(h.ino);
-            self.core.staging.remove(h.ino);
+            core.staging.remove(h.ino);
+        }
+        // The last handle gone (one that wrote was closed while another held the file): its
+        // upload waits the upload delay, no longer the open-file delay.
+        if last && core.queue().hasten(h.ino, core.cfg.upload_delay) {
+            core.journal.wake.notify_one();
         }
         Ok(())
     }

@@ -226,6 +226,20 @@ impl Queue {
         true
     }
 
+    /// Brings an inode's queued `Sync` forward to `delay` from now, if it was due later;
+    /// says whether it did (the uploader, asleep until the old time, needs a wake-up).
+    pub fn hasten(&mut self, ino: Ino, delay: Duration) -> bool {
+        let Some(seq) = self.syncs.get(&ino) else { return false };
+        let at = Instant::now() + delay;
+        match self.ops.get_mut(seq) {
+            Some(q) if q.ready_at > at => {
+                q.ready_at = at;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Drops an inode's queued `Sync` from the queue and the database (it is queued again
     /// behind everything, or its inode went).
     pub fn drop_sync(&mut self, ino: Ino, batch: &mut Batch) {

@@ -73,8 +73,12 @@ pub const MULTIPART_THRESHOLD: u64 = 32 << 20;
 pub struct FsConfig {
     /// How long a folder listing or attribute is trusted before asking the bucket again.
     pub metadata_ttl: Duration,
-    /// How long after the last change an upload starts.
+    /// How long after the last change an upload starts, for a file nobody holds open (or
+    /// a folder, a rename, a removal).
     pub upload_delay: Duration,
+    /// How long after its last write the upload of a file still held open waits: a file
+    /// being written (a download, a log, a database) would otherwise go up at each pause.
+    pub open_upload_delay: Duration,
     /// Owner of objects whose metadata carries none.
     pub uid: u32,
     pub gid: u32,
@@ -111,6 +115,9 @@ pub struct FsConfig {
     pub conflict: ConflictConfig,
 }
 
+/// The least `open_upload_delay` of a mount (the CLI's `--upload-delay` is for closed files).
+pub const OPEN_UPLOAD_DELAY: Duration = Duration::from_secs(2);
+
 /// Changes uploaded at once by default (rclone's and s3fs's knobs are in this range).
 pub const DEFAULT_TRANSFERS: usize = 16;
 
@@ -119,6 +126,7 @@ impl Default for FsConfig {
         FsConfig {
             metadata_ttl: Duration::from_secs(5),
             upload_delay: Duration::from_secs(2),
+            open_upload_delay: Duration::from_secs(2),
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             host: hostname(),
@@ -306,6 +314,16 @@ impl Fs {
         let a = self.listings.find(parent, name).await?;
         self.entries_replied(&[a.ino]);
         Ok(a)
+    }
+
+    /// Lists the top folder once the mount is up, with the attributes of the objects the
+    /// state database has not seen, so that the first command in the mount finds its names
+    /// known (over a 40 ms link, a lookup that lists costs two round trips or more). A
+    /// lookup that comes during it waits for it rather than listing again.
+    pub async fn warm_root(&self) {
+        if let Err(e) = self.listings.ensure_listed(types::ROOT_INO).await {
+            tracing::debug!("listing the top folder at mount failed: {e}");
+        }
     }
 
     /// The kernel holds these entries (replied by `lookup` or `readdirplus`).

@@ -75,7 +75,9 @@ impl Locked<'_> {
             p.mtime_ns = now_ns();
             p.ctime_ns = p.mtime_ns;
         }
-        self.touch(ino, core.cfg.upload_delay, &mut batch)?;
+        // A new file is open (create): its upload waits as for a write.
+        let delay = if new.kind == Kind::File { core.cfg.open_upload_delay } else { core.cfg.upload_delay };
+        self.touch(ino, delay, &mut batch)?;
         let attr = self.get(ino)?.attr();
         self.commit(batch, false)?;
         let mut e = Event::new(EventKind::Created).size(attr.size);
@@ -217,9 +219,10 @@ impl Locked<'_> {
     /// Applies what setattr changes (a new size is already in the staging file) and queues
     /// the upload; a truncation is made durable at once, since close() may never follow.
     pub fn set_attrs(&mut self, ino: Ino, set: SetAttr) -> FsResult<Attr> {
-        let delay = self.core().cfg.upload_delay;
+        let cfg = &self.core().cfg;
         let mut batch = Batch::default();
         let n = self.get_mut(ino)?;
+        let delay = if n.open > 0 { cfg.open_upload_delay } else { cfg.upload_delay };
         if let Some(size) = set.size {
             n.size = size;
             n.mtime_ns = now_ns();

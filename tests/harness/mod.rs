@@ -34,7 +34,13 @@ pub fn cfg() -> FsConfig {
 /// `upload_delay` zero uploads concurrently with the test's next steps; a long one uploads
 /// only when the test flushes, which makes every interleaving deterministic.
 pub fn cfg_with_delay(upload_delay: Duration) -> FsConfig {
-    FsConfig { metadata_ttl: Duration::ZERO, upload_delay, host: "testhost".into(), ..FsConfig::default() }
+    FsConfig {
+        metadata_ttl: Duration::ZERO,
+        upload_delay,
+        open_upload_delay: upload_delay,
+        host: "testhost".into(),
+        ..FsConfig::default()
+    }
 }
 
 impl Harness {
