@@ -29,17 +29,9 @@ impl Core {
         if inos.is_empty() {
             return;
         }
-        let keys: Vec<(Ino, String)> = {
-            let tree = self.tree();
-            inos.iter()
-                .filter_map(|&i| {
-                    let n = tree.get(i).ok()?;
-                    let key = &n.remote.as_ref()?.key;
-                    // A folder's attributes live on its marker object.
-                    Some((i, if n.kind == Kind::Dir { layout::marker_key(key) } else { key.clone() }))
-                })
-                .collect()
-        };
+        // A folder's attributes live on its marker object.
+        let keys =
+            self.keys_of(&inos, |n, key| Some(if n.kind == Kind::Dir { layout::marker_key(key) } else { key.into() }));
         // Answers are applied in batches as they come, while the next requests are already
         // under way: a folder of 100,000 new files holds a batch of answers at a time, not
         // all of them, and never waits for the slowest answer of a batch to ask further.
@@ -89,21 +81,25 @@ impl Core {
         self.load_symlinks(symlinks).await;
     }
 
+    /// The object keys to ask about for `inos` known from the bucket: `pick` names the key
+    /// of each (or leaves it out).
+    fn keys_of(&self, inos: &[Ino], pick: impl Fn(&Inode, &str) -> Option<String>) -> Vec<(Ino, String)> {
+        let tree = self.tree();
+        inos.iter()
+            .filter_map(|&i| {
+                let n = tree.get(i).ok()?;
+                Some((i, pick(n, &n.remote.as_ref()?.key)?))
+            })
+            .collect()
+    }
+
     /// The targets of symlinks known only from a listing, read at once and recorded in
     /// one commit.
     async fn load_symlinks(&self, inos: Vec<Ino>) {
         if inos.is_empty() {
             return;
         }
-        let keys: Vec<(Ino, String)> = {
-            let tree = self.tree();
-            inos.iter()
-                .filter_map(|&i| {
-                    let n = tree.get(i).ok().filter(|n| n.target.is_none())?;
-                    Some((i, n.remote.as_ref()?.key.clone()))
-                })
-                .collect()
-        };
+        let keys = self.keys_of(&inos, |n, key| n.target.is_none().then(|| key.into()));
         let targets: Vec<(Ino, String)> = futures::stream::iter(keys)
             .map(|(ino, key)| async move {
                 let bytes = self.store.get(&obj_path(&key).ok()?).await.ok()?.bytes().await.ok()?;
