@@ -32,6 +32,8 @@ const S3_MIN_PART: u64 = 5 << 20;
 const MAX_PART: u64 = 5 << 30;
 /// S3's most parts in one upload.
 const MAX_PARTS: usize = 10_000;
+/// Parts copied by the store at once, for one upload.
+const COPIES_AT_ONCE: usize = 16;
 
 /// The part size for a file of `size` bytes: [`MIN_PART`], or larger (in whole MiB) for
 /// files so big that 8 MiB parts would pass S3's limit of 10,000 parts. A part larger than
@@ -50,7 +52,9 @@ pub(crate) enum Part {
 
 /// The parts of a content of `size` bytes whose `base` ranges (in order, merged) are its
 /// base's. A run of the base is copied when it is long enough to be a part of its own (or
-/// ends the content), in pieces of at most 5 GiB; everything else is sent, in parts of
+/// ends the content), in pieces of about `part` bytes (at least `part`, below twice it, at
+/// most 5 GiB), copied several at once as the AWS CLI does: one copy of a long run is the
+/// store copying it alone, at one disk's or one stream's pace. Everything else is sent, in parts of
 /// `part` bytes, cut short where a long run of the base begins, but never below S3's
 /// smallest part unless it is the last.
 pub(crate) fn plan(size: u64, base: &[Range<u64>], part: u64) -> Vec<Part> {
@@ -59,8 +63,9 @@ pub(crate) fn plan(size: u64, base: &[Range<u64>], part: u64) -> Vec<Part> {
     while pos < size {
         let run_end = base.iter().find(|r| r.start <= pos && pos < r.end).map(|r| r.end.min(size));
         if let Some(run_end) = run_end.filter(|&e| e - pos >= S3_MIN_PART || e == size) {
-            let pieces = (run_end - pos).div_ceil(MAX_COPY_PART);
-            let each = (run_end - pos).div_ceil(pieces);
+            let len = run_end - pos;
+            let pieces = (len / part).max(len.div_ceil(MAX_COPY_PART)).max(1);
+            let each = len.div_ceil(pieces);
             while pos < run_end {
                 let end = (pos + each).min(run_end);
                 parts.push(Part::Copy(pos..end));
@@ -133,6 +138,12 @@ impl Uploader {
                 let (c, p, id) = (Arc::clone(&copier), path.clone(), id.clone());
                 match part {
                     Part::Copy(r) => {
+                        // Copies hold no memory; their number in flight is bounded instead.
+                        while in_flight.len() >= COPIES_AT_ONCE {
+                            let Some(r) = in_flight.join_next().await else { break };
+                            let (i, part) = r.map_err(local)?;
+                            done[i] = Some(part?);
+                        }
                         let (key, etag, r) = (base.key.clone(), base.etag.clone(), r.clone());
                         self.core.counters().bytes_copied += r.end - r.start;
                         in_flight.spawn(async move {
@@ -281,13 +292,18 @@ mod tests {
 
     #[test]
     fn an_append_copies_the_base_and_sends_the_new_bytes() {
-        let base = 1 << 30;
-        assert_eq!(plan(base + 10, &[0..base], MIN_PART), [Part::Copy(0..base), Part::Send(base..base + 10)]);
-        // Unchanged: one copy (a rename, or an attribute change).
-        assert_eq!(plan(base, &[0..base], MIN_PART), [Part::Copy(0..base)]);
-        // Past 5 GiB, copies come in pieces.
+        let base = 64 * MIB;
+        let copies: Vec<Part> = (0..8).map(|i| Part::Copy(i * MIN_PART..(i + 1) * MIN_PART)).collect();
+        let mut append = copies.clone();
+        append.push(Part::Send(base..base + 10));
+        assert_eq!(plan(base + 10, &[0..base], MIN_PART), append);
+        // Unchanged: copies only (a rename, or an attribute change).
+        assert_eq!(plan(base, &[0..base], MIN_PART), copies);
+        // A run not a whole number of parts: pieces of at least a part, below two.
+        assert_eq!(plan(20 * MIB, &[0..20 * MIB], MIN_PART), [Part::Copy(0..10 * MIB), Part::Copy(10 * MIB..20 * MIB)]);
+        // Copies are at most 5 GiB, whatever the part size.
         let big = 12 << 30;
-        let p = plan(big + 1, &[0..big], MIN_PART);
+        let p = plan(big + 1, &[0..big], MAX_PART);
         assert_eq!(p.len(), 4);
         assert!(p[..3].iter().all(|x| matches!(x, Part::Copy(r) if r.end - r.start == 4 << 30)));
         // A base too short for a part of its own is sent.
@@ -299,7 +315,11 @@ mod tests {
         let size = 100 * MIB;
         let edited = 50 * MIB..50 * MIB + 64 * 1024;
         let p = plan(size, &[0..edited.start, edited.end..size], MIN_PART);
-        assert_eq!(p, [Part::Copy(0..50 * MIB), Part::Send(50 * MIB..55 * MIB), Part::Copy(55 * MIB..size)]);
+        assert_eq!(
+            p.iter().filter(|p| matches!(p, Part::Send(_))).collect::<Vec<_>>(),
+            [&Part::Send(50 * MIB..55 * MIB)]
+        );
+        assert_eq!(p.iter().filter(|p| matches!(p, Part::Copy(_))).count(), 6 + 5);
     }
 
     proptest! {
@@ -323,6 +343,7 @@ mod tests {
                 if copy {
                     prop_assert!(base.iter().any(|b| b.start <= r.start && r.end <= b.end), "{:?}", parts);
                     prop_assert!(r.end - r.start <= MAX_COPY_PART);
+                    prop_assert!(r.end - r.start < 2 * MIN_PART, "{:?}", parts);
                 } else {
                     prop_assert!(r.end - r.start <= MIN_PART);
                 }
