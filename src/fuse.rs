@@ -93,6 +93,10 @@ fn kind(k: Kind) -> FileType {
         Kind::File => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -110,7 +114,7 @@ fn attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: 1 << 20,
         flags: 0,
     }
@@ -179,21 +183,15 @@ impl Filesystem for FuseAdapter {
         reply.data(t.as_bytes());
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // FIFOs, sockets and device nodes cannot be stored as objects.
-            return reply.error(Errno::EPERM);
-        }
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let name = try_reply!(reply, name_str(name));
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            let a = try_reply!(
+                reply,
+                self.run("mknod", req, self.fs.mknod(Ino(parent.0), name, mode & !umask, rdev, req.uid(), req.gid()))
+            );
+            return reply.entry(&TTL, &attr(&a), Generation(0));
+        }
         let (a, fh) = try_reply!(
             reply,
             self.run("mknod", req, self.fs.create(Ino(parent.0), name, mode & !umask, req.uid(), req.gid()))

@@ -16,12 +16,18 @@ pub const S_IFMT: u32 = 0o170000;
 pub const S_IFREG: u32 = 0o100000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFLNK: u32 = 0o120000;
+pub const S_IFIFO: u32 = 0o010000;
+pub const S_IFSOCK: u32 = 0o140000;
+pub const S_IFCHR: u32 = 0o020000;
+pub const S_IFBLK: u32 = 0o060000;
 
 /// Metadata names, shared with s3fs so buckets stay readable by both.
 pub const META_MODE: &str = "mode";
 pub const META_UID: &str = "uid";
 pub const META_GID: &str = "gid";
 pub const META_MTIME: &str = "mtime";
+/// The device number of a device node (s3fs's name and format: a decimal `dev_t`).
+pub const META_RDEV: &str = "rdev";
 /// blake3 of the content, to settle ambiguous conditional writes by reading back.
 pub const META_HASH: &str = "autosync-hash";
 /// `WRITER:INO`: the mount state (a random id per state dir) and the inode that uploaded
@@ -89,6 +95,8 @@ pub struct PosixAttrs {
     pub gid: Option<u32>,
     /// Seconds since the epoch (s3fs precision).
     pub mtime: Option<i64>,
+    /// The device of a device node.
+    pub rdev: Option<u32>,
 }
 
 impl PosixAttrs {
@@ -109,6 +117,9 @@ impl PosixAttrs {
         if let Some(t) = self.mtime {
             put(META_MTIME, t.to_string());
         }
+        if let Some(d) = self.rdev {
+            put(META_RDEV, d.to_string());
+        }
         if let Some(h) = hash {
             put(META_HASH, h.to_string());
         }
@@ -126,6 +137,7 @@ impl PosixAttrs {
             uid: num(META_UID).and_then(|v| u32::try_from(v).ok()),
             gid: num(META_GID).and_then(|v| u32::try_from(v).ok()),
             mtime: num(META_MTIME),
+            rdev: num(META_RDEV).and_then(|v| u32::try_from(v).ok()),
         };
         (attrs, map.get(META_HASH).cloned())
     }
@@ -168,7 +180,13 @@ mod tests {
 
     #[test]
     fn attributes_round_trip_with_s3fs_names() {
-        let a = PosixAttrs { mode: Some(S_IFREG | 0o640), uid: Some(1000), gid: Some(100), mtime: Some(1_700_000_000) };
+        let a = PosixAttrs {
+            mode: Some(S_IFREG | 0o640),
+            uid: Some(1000),
+            gid: Some(100),
+            mtime: Some(1_700_000_000),
+            rdev: None,
+        };
         let attrs = a.to_attributes(Some("abc"), None);
         let map = metadata_map(&attrs);
         assert_eq!(map["mode"], (0o100640).to_string());

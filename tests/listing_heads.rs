@@ -113,7 +113,13 @@ impl Counted {
 
     /// Another client writes `key` with s3fs-style attributes (mode 0600, uid 1234).
     async fn remote_put(&self, key: &str, data: &[u8]) {
-        let attrs = PosixAttrs { mode: Some(0o100600), uid: Some(1234), gid: Some(4321), mtime: Some(1_700_000_000) };
+        let attrs = PosixAttrs {
+            mode: Some(0o100600),
+            uid: Some(1234),
+            gid: Some(4321),
+            mtime: Some(1_700_000_000),
+            rdev: None,
+        };
         let opts = PutOptions { attributes: attrs.to_attributes(None, None), ..Default::default() };
         self.bucket
             .put_opts(&Path::from(key), PutPayload::from(Bytes::copy_from_slice(data)), opts)
@@ -227,7 +233,7 @@ async fn a_listing_fetches_each_new_object_once_and_unchanged_ones_never_again()
 async fn symlinks_of_a_listing_are_read_once_and_known_after_a_remount() {
     const N: usize = 40;
     let mut c = Counted::new(Duration::ZERO).await;
-    let link = PosixAttrs { mode: Some(0o120777), uid: Some(1), gid: Some(2), mtime: Some(1_700_000_000) };
+    let link = PosixAttrs { mode: Some(0o120777), uid: Some(1), gid: Some(2), mtime: Some(1_700_000_000), rdev: None };
     for i in 0..N {
         let target = format!("../target/number-{i}");
         let opts = PutOptions { attributes: link.to_attributes(None, None), ..Default::default() };

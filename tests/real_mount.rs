@@ -558,6 +558,59 @@ fn chmod_chown_touch_survive_remount(backend: Backend) {
     m.unmount();
 }
 
+/// A FIFO, a socket and two device nodes: made with the usual tools, served by the kernel
+/// (a FIFO passes data from a writer to a reader), in the bucket as empty objects whose
+/// `mode` (and `rdev`) metadata say what they are, as s3fs stores them, and the same after
+/// a fresh mount of the bucket.
+fn special_files_fifo_socket_and_devices(backend: Backend) {
+    use std::os::unix::fs::FileTypeExt;
+    let fx = Fixture::new("special", backend);
+    let check = |when: &str| {
+        let kind = |name: &str| {
+            let md = fs::symlink_metadata(fx.m(name)).unwrap_or_else(|e| panic!("stat {name} {when}: {e}"));
+            let t = md.file_type();
+            let k = [t.is_fifo(), t.is_socket(), t.is_char_device(), t.is_block_device()];
+            (k, md.rdev(), md.len(), md.mode() & 0o7777)
+        };
+        assert_eq!(kind("fifo"), ([true, false, false, false], 0, 0, 0o640), "fifo {when}");
+        assert_eq!(kind("sock").0, [false, true, false, false], "socket {when}");
+        assert_eq!(kind("cdev"), ([false, false, true, false], libc::makedev(4, 5), 0, 0o600), "cdev {when}");
+        assert_eq!(kind("bdev"), ([false, false, false, true], libc::makedev(7, 3), 0, 0o600), "bdev {when}");
+        // The kernel serves the FIFO: what a writer puts in, a reader gets.
+        let fifo = fx.m("fifo");
+        let writer = std::thread::spawn(move || fs::write(fifo, b"through the fifo\n"));
+        assert_eq!(read(&fx.m("fifo")), b"through the fifo\n", "fifo {when}");
+        writer.join().unwrap().unwrap();
+    };
+    let m = fx.mount();
+    run_ok(sh("mkfifo", &[&"-m", &"640", &fx.m("fifo")]));
+    run_ok(sh("mknod", &[&"-m", &"600", &fx.m("cdev"), &"c", &"4", &"5"]));
+    run_ok(sh("mknod", &[&"-m", &"600", &fx.m("bdev"), &"b", &"7", &"3"]));
+    let listener = std::os::unix::net::UnixListener::bind(fx.m("sock")).expect("bind a socket in the mount");
+    drop(listener);
+    check("in the mount");
+
+    m.flush();
+    for (key, mode, rdev) in [
+        ("fifo", libc::S_IFIFO | 0o640, None),
+        ("cdev", libc::S_IFCHR | 0o600, Some(libc::makedev(4, 5))),
+        ("bdev", libc::S_IFBLK | 0o600, Some(libc::makedev(7, 3))),
+    ] {
+        let o = fx.bucket.get(key);
+        assert!(o.data.is_empty(), "{key} holds {} bytes in the bucket", o.data.len());
+        assert_eq!(o.meta.get("mode"), Some(&mode.to_string()), "mode of {key}: {:?}", o.meta);
+        assert_eq!(o.meta.get("rdev"), rdev.map(|d| d.to_string()).as_ref(), "rdev of {key}: {:?}", o.meta);
+    }
+    let sock = fx.bucket.get("sock").meta.get("mode").and_then(|m| m.parse::<u32>().ok());
+    assert_eq!(sock.map(|m| m & libc::S_IFMT), Some(libc::S_IFSOCK));
+    m.unmount();
+
+    // From the bucket alone (fresh state and cache, as on another machine).
+    let m = fx.mount_with(&fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    check("in a fresh mount of the bucket");
+    m.unmount();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. crash: SIGKILL the daemon, remount with the same state, the journal is replayed
 // ---------------------------------------------------------------------------------------------
@@ -1457,4 +1510,5 @@ against_every_backend!(
     bad_input_fails_with_one_line_and_mounts_nothing,
     rename_rmdir_noreplace_and_link_semantics,
     executable_script_runs_from_the_mount,
+    special_files_fifo_socket_and_devices,
 );

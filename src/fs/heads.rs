@@ -243,8 +243,14 @@ fn apply_head(n: &mut Inode, r: &Head) -> bool {
 pub fn apply_posix(n: &mut Inode, a: PosixAttrs) {
     if let Some(mode) = a.mode {
         n.perm = (mode & 0o7777) as u16;
+        // An object is a file, a symlink or a special file as its mode says; a folder
+        // only by its key (a marker).
         if n.kind != Kind::Dir {
-            n.kind = if a.is_symlink() { Kind::Symlink } else { Kind::File };
+            n.kind = match Kind::of_mode(mode) {
+                Kind::Dir => Kind::File,
+                k => k,
+            };
+            n.rdev = if matches!(n.kind, Kind::CharDevice | Kind::BlockDevice) { a.rdev.unwrap_or(0) } else { 0 };
         }
     }
     if let Some(u) = a.uid {

@@ -374,19 +374,31 @@ impl Fs {
 
     pub async fn mkdir(&self, parent: Ino, name: &str, mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
         self.prepare_new(parent, name).await?;
-        let new = NewNode { kind: Kind::Dir, perm: (mode & 0o7777) as u16, uid, gid, target: None };
+        let new = NewNode { kind: Kind::Dir, perm: (mode & 0o7777) as u16, uid, gid, target: None, rdev: 0 };
         self.core.lock().add_node(parent, name, new)
     }
 
     pub async fn symlink(&self, parent: Ino, name: &str, target: &str, uid: u32, gid: u32) -> FsResult<Attr> {
         self.prepare_new(parent, name).await?;
-        let new = NewNode { kind: Kind::Symlink, perm: 0o777, uid, gid, target: Some(target) };
+        let new = NewNode { kind: Kind::Symlink, perm: 0o777, uid, gid, target: Some(target), rdev: 0 };
+        self.core.lock().add_node(parent, name, new)
+    }
+
+    /// A FIFO, socket or device node (`mode` carries its type; `rdev` a device's number).
+    /// A regular file's `mknod` is a `create` whose handle the caller releases.
+    pub async fn mknod(&self, parent: Ino, name: &str, mode: u32, rdev: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        let kind = Kind::of_mode(mode);
+        if !kind.is_special() {
+            return Err(FsError::Invalid("mknod of a type that is not a FIFO, socket or device"));
+        }
+        self.prepare_new(parent, name).await?;
+        let new = NewNode { kind, perm: (mode & 0o7777) as u16, uid, gid, target: None, rdev };
         self.core.lock().add_node(parent, name, new)
     }
 
     pub async fn create(&self, parent: Ino, name: &str, mode: u32, uid: u32, gid: u32) -> FsResult<(Attr, Fh)> {
         self.prepare_new(parent, name).await?;
-        let new = NewNode { kind: Kind::File, perm: (mode & 0o7777) as u16, uid, gid, target: None };
+        let new = NewNode { kind: Kind::File, perm: (mode & 0o7777) as u16, uid, gid, target: None, rdev: 0 };
         let attr = self.core.lock().add_node(parent, name, new)?;
         Ok((attr, self.files.new_handle(attr.ino)))
     }

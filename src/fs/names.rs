@@ -38,10 +38,13 @@ pub struct NewNode<'a> {
     pub uid: u32,
     pub gid: u32,
     pub target: Option<&'a str>,
+    /// The device of a device node.
+    pub rdev: u32,
 }
 
 impl Locked<'_> {
-    /// Adds a file, folder or symlink (held by the kernel once) and queues its upload.
+    /// Adds a file, folder, symlink or special file (held by the kernel once) and queues
+    /// its upload.
     pub fn add_node(&mut self, parent: Ino, name: &str, new: NewNode<'_>) -> FsResult<Attr> {
         let core = self.core();
         let mut batch = Batch::default();
@@ -69,6 +72,8 @@ impl Locked<'_> {
                 core.staging.create_new(ino)?;
                 n.staged = true;
             }
+            Kind::CharDevice | Kind::BlockDevice => n.rdev = new.rdev,
+            Kind::Fifo | Kind::Socket => {}
         }
         self.insert(n);
         if let Ok(p) = self.get_mut(parent) {

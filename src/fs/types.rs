@@ -17,6 +17,47 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    /// Special files: in the bucket as an empty object whose `mode` carries the type (and
+    /// `rdev` the device), as s3fs stores them; the kernel serves them locally.
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl Kind {
+    /// The kind named by the type bits of `mode`; anything unknown is a regular file.
+    pub fn of_mode(mode: u32) -> Kind {
+        use crate::layout as l;
+        match mode & l::S_IFMT {
+            l::S_IFDIR => Kind::Dir,
+            l::S_IFLNK => Kind::Symlink,
+            l::S_IFIFO => Kind::Fifo,
+            l::S_IFSOCK => Kind::Socket,
+            l::S_IFCHR => Kind::CharDevice,
+            l::S_IFBLK => Kind::BlockDevice,
+            _ => Kind::File,
+        }
+    }
+
+    /// The type bits of a mode of this kind.
+    pub fn type_bits(self) -> u32 {
+        use crate::layout as l;
+        match self {
+            Kind::File => l::S_IFREG,
+            Kind::Dir => l::S_IFDIR,
+            Kind::Symlink => l::S_IFLNK,
+            Kind::Fifo => l::S_IFIFO,
+            Kind::Socket => l::S_IFSOCK,
+            Kind::CharDevice => l::S_IFCHR,
+            Kind::BlockDevice => l::S_IFBLK,
+        }
+    }
+
+    /// A FIFO, socket or device node: no content of its own.
+    pub fn is_special(self) -> bool {
+        matches!(self, Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice)
+    }
 }
 
 /// A version of an object in the bucket that a local inode is based on.
@@ -60,6 +101,9 @@ pub struct Inode {
     /// name missing locally can be answered without the bucket while it is unreachable.
     #[serde(default)]
     pub listed: bool,
+    /// The device a device node names (`rdev` in the object's metadata, as s3fs).
+    #[serde(default)]
+    pub rdev: u32,
     /// In-memory only: when the folder was last listed from the bucket.
     #[serde(skip)]
     pub listed_at: Option<Instant>,
@@ -108,6 +152,7 @@ impl Inode {
             dirty: false,
             attrs_known: true,
             listed: false,
+            rdev: 0,
             listed_at: None,
             generation: 0,
             open: 0,
@@ -129,6 +174,7 @@ impl Inode {
             mtime: from_ns(self.mtime_ns),
             ctime: from_ns(self.ctime_ns),
             nlink: if self.kind == Kind::Dir { 2 } else { 1 },
+            rdev: self.rdev,
         }
     }
 
@@ -143,16 +189,12 @@ impl Inode {
             uid: Some(self.uid),
             gid: Some(self.gid),
             mtime: Some(self.mtime_ns.div_euclid(1_000_000_000)),
+            rdev: matches!(self.kind, Kind::CharDevice | Kind::BlockDevice).then_some(self.rdev),
         }
     }
 
     pub fn file_mode(&self) -> u32 {
-        let t = match self.kind {
-            Kind::File => crate::layout::S_IFREG,
-            Kind::Dir => crate::layout::S_IFDIR,
-            Kind::Symlink => crate::layout::S_IFLNK,
-        };
-        t | u32::from(self.perm)
+        self.kind.type_bits() | u32::from(self.perm)
     }
 }
 
@@ -168,6 +210,8 @@ pub struct Attr {
     pub mtime: SystemTime,
     pub ctime: SystemTime,
     pub nlink: u32,
+    /// The device a device node names (0 for anything else).
+    pub rdev: u32,
 }
 
 /// What setattr may change.

@@ -320,7 +320,9 @@ impl Uploader {
                     let hash = blake3::hash(&data).to_hex().to_string();
                     Some(Content::bytes(data, hash))
                 }
-                Kind::Dir | Kind::File => None,
+                // A special file is an empty object; its mode says what it is.
+                k if k.is_special() => Some(Content::bytes(Bytes::new(), blake3::hash(b"").to_hex().to_string())),
+                _ => None,
             };
             (n, key, content)
         };
