@@ -996,6 +996,36 @@ async fn a_closed_file_goes_up_soon_and_an_open_one_waits() {
     assert_eq!(sw.writes()["f"], 1, "{:?}", sw.writes());
 }
 
+/// A folder's mtime and ctime move when an entry is made, removed or renamed in it (POSIX).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folders_times_follow_its_entries() {
+    let h = Harness::memory().await;
+    h.mkdir("d").await.unwrap();
+    h.mkdir("e").await.unwrap();
+    h.write("d/f", b"x").await.unwrap();
+    h.mkdir("d/sub").await.unwrap();
+    let times = |a: autosync::fs::Attr| (a.mtime, a.ctime);
+    let d = h.resolve("d").await.unwrap();
+    let e = h.resolve("e").await.unwrap();
+    let mut last = times(h.fs().getattr(d).await.unwrap());
+    let mut moved = |what: &str, now: (std::time::SystemTime, std::time::SystemTime)| {
+        assert!(now.0 > last.0 && now.1 > last.1, "{what}: times {last:?} -> {now:?}");
+        last = now;
+    };
+    // (Each step takes microseconds: the nanosecond clock moves between them.)
+    h.unlink("d/f").await.unwrap();
+    moved("unlink", times(h.fs().getattr(d).await.unwrap()));
+    h.rmdir("d/sub").await.unwrap();
+    moved("rmdir", times(h.fs().getattr(d).await.unwrap()));
+    h.write("d/g", b"y").await.unwrap();
+    moved("create", times(h.fs().getattr(d).await.unwrap()));
+    let before_e = times(h.fs().getattr(e).await.unwrap());
+    h.rename("d/g", "e/g").await.unwrap();
+    moved("rename out", times(h.fs().getattr(d).await.unwrap()));
+    let after_e = times(h.fs().getattr(e).await.unwrap());
+    assert!(after_e.0 > before_e.0 && after_e.1 > before_e.1, "rename in: {before_e:?} -> {after_e:?}");
+}
+
 /// A bucket that stops answering listings: lookups answer from what is known, and a new
 /// file is created, written and closed, each listing giving up after `io_timeout`, never
 /// hanging; once the bucket answers again, the file goes up.

@@ -76,10 +76,7 @@ impl Locked<'_> {
             Kind::Fifo | Kind::Socket => {}
         }
         self.insert(n);
-        if let Ok(p) = self.get_mut(parent) {
-            p.mtime_ns = now_ns();
-            p.ctime_ns = p.mtime_ns;
-        }
+        self.changed_in(parent);
         // A new file is open (create): its upload waits as for a write.
         let delay = if new.kind == Kind::File { core.cfg.open_upload_delay } else { core.cfg.upload_delay };
         self.touch(ino, delay, &mut batch)?;
@@ -120,9 +117,7 @@ impl Locked<'_> {
             self.remove_tree(ino, &mut batch);
             self.queue.forget_sync(ino);
         }
-        if let Ok(p) = self.get_mut(parent) {
-            p.mtime_ns = now_ns();
-        }
+        self.changed_in(parent);
         self.commit(batch, false)?;
         self.emit_deleted(path);
         Ok(())
@@ -145,13 +140,25 @@ impl Locked<'_> {
         }
         let key = self.key_of(ino)?;
         let path = self.path_of(ino);
+        let parent = self.get(ino)?.parent;
         // Even a folder never uploaded may sit on a marker it took over by a rename.
         self.push_op(Op::Delete { remote: folder_remote(layout::marker_key(&key)) }, delay, &mut batch)?;
         self.queue.forget_sync(ino);
         self.remove_tree(ino, &mut batch);
+        self.changed_in(parent);
         self.commit(batch, false)?;
         self.emit_deleted(path);
         Ok(())
+    }
+
+    /// A folder's entries changed: its mtime and ctime are now (POSIX, for `creat`,
+    /// `mkdir`, `unlink`, `rmdir`, `rename`). Kept in memory: a folder's times in the
+    /// bucket are its marker's, written when the folder itself changes.
+    fn changed_in(&mut self, dir: Ino) {
+        if let Ok(p) = self.get_mut(dir) {
+            p.mtime_ns = now_ns();
+            p.ctime_ns = p.mtime_ns;
+        }
     }
 
     /// Moves `ino` from `parent` to `newname` in `newparent`, replacing `target` (checked
@@ -201,9 +208,7 @@ impl Locked<'_> {
         self.move_to(ino, newparent, newname)?;
         self.get_mut(ino)?.ctime_ns = now_ns();
         for p in [parent, newparent] {
-            if let Ok(p) = self.get_mut(p) {
-                p.mtime_ns = now_ns();
-            }
+            self.changed_in(p);
         }
         // Folder first (its marker), then what is inside.
         for m in self.subtree(ino) {
