@@ -58,12 +58,12 @@ cleanup() {
   findmnt -rn "$work/mnt" > /dev/null && { umount "$work/mnt" 2> /dev/null || umount -l "$work/mnt"; }
   [ -n "$mpid" ] && kill "$mpid" 2> /dev/null
   stop_garage
-  if [ "${KEEP:-0}" = 1 ]; then echo "$me: kept $work" >&2; else rm -rf "$work"; fi
+  drop_work
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)$(builds)
+load_start=$(load_now)
 start_garage "$work/garage"
 garage_bucket big
 echo "$key_id:$secret" > "$work/s3fs.passwd"; chmod 600 "$work/s3fs.passwd"
@@ -155,7 +155,7 @@ for n in $SIZES; do
     fi
   done
 done
-load_end=$(cut -d' ' -f1-3 /proc/loadavg)$(builds)
+load_end=$(load_now)
 
 us() { echo "scale=0; $1 * 1000000 / $2" | bc; }   # us SECONDS N: microseconds per entry
 echo

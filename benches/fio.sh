@@ -91,7 +91,7 @@ echo "machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | 
   "$(free -g | awk '/Mem/{print $2}') GiB RAM, $(uname -r), fio $(fio --version | sed 's/fio-//')," \
   "garage $("$garage" --version | awk '{print $2}')"
 echo "autosync: $bin, built $(date -r "$bin" "+%F %T"); HEAD of $root: $(git -C "$root" log -1 --format=%h)"
-echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)$(builds)"
+echo "load average at start: $(load_now)"
 echo
 echo "MB/s = 10^6 bytes/s; daemon, Garage: CPU seconds each used during the job"
 row "job" "MB/s" "IOPS" "daemon" "Garage"
@@ -196,7 +196,7 @@ mrow "autosync flush of it ($(printf '%.1f' "$t") s)"
 unmount_fs
 
 echo
-echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)$(builds)"
+echo "load average at end: $(load_now)"
 echo
 echo "targets (issue 4):"
 printf '  %-56s %s\n' \

@@ -22,6 +22,10 @@ ratio() { echo "scale=2; $1 / $2" | bc -l | sed 's/^\./0./; s/^-\./-0./'; }
 cpu_of() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat"; }   # CPU s
 # builds: a note when compilers run next to the benchmark (the figures are then noisy)
 builds() { local n; n=$(pgrep -c rustc || true); [ "$n" -gt 0 ] && echo "  (note: $n rustc running)" || true; }
+# load_now: the load averages, and a note if builds are running
+load_now() { echo "$(cut -d' ' -f1-3 /proc/loadavg)$(builds)"; }
+# drop_work: removes the work dir $work, or keeps it (KEEP=1) and says where
+drop_work() { if [ "${KEEP:-0}" = 1 ]; then echo "$me: kept $work" >&2; else rm -rf "$work"; fi; }
 machine() {   # one line: cores, CPU, RAM, kernel
   echo "$(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)," \
     "$(free -g | awk '/Mem/{print $2}') GiB RAM, kernel $(uname -r)"

@@ -88,12 +88,12 @@ cleanup() {
   done < "$work/pids"
   [ -n "$proxy_pid" ] && kill "$proxy_pid" 2> /dev/null
   stop_garage
-  if [ "${KEEP:-0}" = 1 ]; then echo "$me: kept $work" >&2; else rm -rf "$work"; fi
+  drop_work
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)$(builds)
+load_start=$(load_now)
 
 # ---- Garage, the buckets, the proxy --------------------------------------------------------
 start_garage "$work/garage"
@@ -588,7 +588,7 @@ for r in $ROWS; do
     fi
   done
 done
-load_end=$(cut -d' ' -f1-3 /proc/loadavg)$(builds)
+load_end=$(load_now)
 
 # ---- the table ---------------------------------------------------------------------------------
 declare -A title unit
