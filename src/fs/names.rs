@@ -15,8 +15,8 @@ use crate::layout;
 use crate::state::Batch;
 
 /// A name a new entry may take: short enough, storable as a key, not reserved.
-pub fn check_name(name: &str, max_len: usize) -> FsResult<()> {
-    if name.len() > max_len {
+pub fn check_name(name: &str) -> FsResult<()> {
+    if name.len() > layout::NAME_MAX {
         return Err(FsError::NameTooLong);
     }
     if layout::is_local_temp_name(name) {
@@ -245,6 +245,12 @@ impl Locked<'_> {
         }
         if let Some(g) = set.gid {
             n.gid = g;
+        }
+        if let Some(t) = set.atime {
+            n.atime_ns = Some(to_ns(t));
+        } else if set.mtime.is_some() && n.atime_ns.is_none() {
+            // The access time stays where it was when only the modification time moves.
+            n.atime_ns = Some(n.mtime_ns);
         }
         if let Some(t) = set.mtime {
             n.mtime_ns = to_ns(t);
