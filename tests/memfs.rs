@@ -1426,6 +1426,7 @@ async fn an_open_file_stays_readable_after_unlink() {
     let ino = h.resolve("f").await.unwrap();
     let (fh, _) = h.fs().open(ino).await.unwrap();
     h.unlink("f").await.unwrap();
+    assert_eq!(h.fs().getattr(ino).await.unwrap().nlink, 0, "no name left");
     h.flush().await;
     assert!(h.bucket().await.is_empty());
     assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"still here");

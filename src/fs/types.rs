@@ -178,7 +178,12 @@ impl Inode {
             atime: from_ns(self.atime_ns.unwrap_or(self.mtime_ns)),
             mtime: from_ns(self.mtime_ns),
             ctime: from_ns(self.ctime_ns),
-            nlink: if self.kind == Kind::Dir { 2 } else { 1 },
+            nlink: match self.kind {
+                Kind::Dir => 2,
+                // Unlinked while open: no name left.
+                _ if self.parent == Ino::NONE => 0,
+                _ => 1,
+            },
             rdev: self.rdev,
         }
     }
