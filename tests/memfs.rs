@@ -1432,6 +1432,19 @@ async fn an_open_file_stays_readable_after_unlink() {
     assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"still here");
     h.fs().release(fh).await.unwrap();
     assert_eq!(h.fs().lookup(ROOT_INO, "f").await.unwrap_err().errno(), libc::ENOENT);
+
+    // Renamed over while open: the same, and the new file has the name.
+    h.remote_put("g", b"replaced").await;
+    h.remote_put("new", b"the newcomer").await;
+    let ino = h.resolve("g").await.unwrap();
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    h.fs().rename(ROOT_INO, "new", ROOT_INO, "g", false).await.unwrap();
+    assert_eq!(h.fs().getattr(ino).await.unwrap().nlink, 0, "no name left");
+    h.flush().await;
+    assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"replaced");
+    h.fs().release(fh).await.unwrap();
+    assert_eq!(h.fs().getattr(ino).await.unwrap_err().errno(), libc::ENOENT, "gone at the last release");
+    assert_eq!(h.read("g").await.unwrap(), b"the newcomer");
 }
 
 /// Sequences that once failed through races between uploads and listings (with uploads

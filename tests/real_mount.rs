@@ -1052,6 +1052,45 @@ fn rename_rmdir_noreplace_and_link_semantics(backend: Backend) {
     m.unmount();
 }
 
+/// A file unlinked, or renamed over, while open keeps its content for its descriptors until
+/// the last close (st_nlink 0 once it has no name), and nothing written to it afterwards
+/// reaches the bucket.
+fn open_files_outlive_unlink_and_rename_over(backend: Backend) {
+    let fx = Fixture::new("orphan", backend);
+    let m = fx.mount();
+    let (gone, over, other) = (fx.m("gone.txt"), fx.m("over.txt"), fx.m("other.txt"));
+    write_file(&gone, b"unlinked while open\n");
+    write_file(&over, b"renamed over while open\n");
+    write_file(&other, b"the file that took the name\n");
+    m.flush();
+
+    let g = OpenOptions::new().read(true).write(true).open(&gone).unwrap();
+    let o = OpenOptions::new().read(true).write(true).open(&over).unwrap();
+    fs::remove_file(&gone).unwrap();
+    fs::rename(&other, &over).unwrap();
+    assert_eq!(g.metadata().unwrap().nlink(), 0, "an unlinked open file has no name");
+    for (f, text) in [(&g, &b"unlinked while open\n"[..]), (&o, b"renamed over while open\n")] {
+        f.write_all_at(b"AFTER", text.len() as u64).unwrap();
+        let mut buf = vec![0; text.len() + 5];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..text.len()], text);
+        assert_eq!(&buf[text.len()..], b"AFTER");
+    }
+    assert_gone(&gone);
+    assert_eq!(read(&over), b"the file that took the name\n");
+    drop((g, o));
+    m.flush();
+    fx.bucket.assert_gone("gone.txt");
+    fx.bucket.assert_gone("other.txt");
+    assert_eq!(fx.bucket.data("over.txt"), b"the file that took the name\n");
+    m.unmount();
+    // Nothing of them comes back from the bucket either.
+    let m = fx.mount_with(&fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    assert_gone(&gone);
+    assert_eq!(read(&over), b"the file that took the name\n");
+    m.unmount();
+}
+
 // ---------------------------------------------------------------------------------------------
 // An executable written in the mount runs from it
 // ---------------------------------------------------------------------------------------------
@@ -1552,6 +1591,7 @@ against_every_backend!(
     sigkill_then_remount_replays_the_journal,
     bad_input_fails_with_one_line_and_mounts_nothing,
     rename_rmdir_noreplace_and_link_semantics,
+    open_files_outlive_unlink_and_rename_over,
     executable_script_runs_from_the_mount,
     special_files_fifo_socket_and_devices,
 );
