@@ -1419,6 +1419,22 @@ async fn folder_attributes_travel_on_the_marker() {
     assert_eq!((a.kind, a.perm, a.uid, a.mtime), (Kind::Dir, 0o750, 5, when));
 }
 
+/// In a set-group-ID folder, new entries take the folder's group and new folders the bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_group_id_folder_passes_its_group_on() {
+    let h = Harness::memory().await;
+    let d = h.fs().mkdir(ROOT_INO, "shared", 0o2775, 0, 100).await.unwrap();
+    let (f, fh) = h.fs().create(d.ino, "f", 0o644, 5, 6).await.unwrap();
+    h.fs().release(fh).await.unwrap();
+    let sub = h.fs().mkdir(d.ino, "sub", 0o755, 5, 6).await.unwrap();
+    assert_eq!((f.uid, f.gid, f.perm), (5, 100, 0o644));
+    assert_eq!((sub.uid, sub.gid, sub.perm), (5, 100, 0o2755));
+    let plain = h.fs().mkdir(ROOT_INO, "plain", 0o755, 5, 6).await.unwrap();
+    let (g, fh) = h.fs().create(plain.ino, "g", 0o644, 5, 6).await.unwrap();
+    h.fs().release(fh).await.unwrap();
+    assert_eq!(g.gid, 6, "elsewhere the caller's group");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_file_stays_readable_after_unlink() {
     let h = Harness::memory().await;

@@ -31,6 +31,8 @@ pub fn check_name(name: &str) -> FsResult<()> {
     Ok(())
 }
 
+const SET_GID: u16 = 0o2000;
+
 /// What a new entry is.
 pub struct NewNode<'a> {
     pub kind: Kind,
@@ -48,14 +50,24 @@ impl Locked<'_> {
     pub fn add_node(&mut self, parent: Ino, name: &str, new: NewNode<'_>) -> FsResult<Attr> {
         let core = self.core();
         let mut batch = Batch::default();
-        if self.get(parent)?.kind != Kind::Dir {
+        let p = self.get(parent)?;
+        if p.kind != Kind::Dir {
             return Err(FsError::NotDir);
+        }
+        // In a set-group-ID folder, a new entry takes the folder's group, and a new folder
+        // the set-group-ID bit too (as on Linux filesystems; the kernel leaves it to us).
+        let (mut perm, mut gid) = (new.perm, new.gid);
+        if p.perm & SET_GID != 0 {
+            gid = p.gid;
+            if new.kind == Kind::Dir {
+                perm |= SET_GID;
+            }
         }
         if self.child(parent, name).is_some() {
             return Err(FsError::Exists);
         }
         let ino = self.alloc_ino(&mut batch);
-        let mut n = Inode::new(ino, parent, name.to_string(), new.kind, new.perm, new.uid, new.gid);
+        let mut n = Inode::new(ino, parent, name.to_string(), new.kind, perm, new.uid, gid);
         n.dirty = true;
         // The kernel gets an entry for it.
         n.lookups = 1;
