@@ -119,6 +119,7 @@ impl Counted {
             gid: Some(4321),
             mtime: Some(1_700_000_000),
             rdev: None,
+            xattr: None,
         };
         let opts = PutOptions { attributes: attrs.to_attributes(None, None), ..Default::default() };
         self.bucket
@@ -233,7 +234,14 @@ async fn a_listing_fetches_each_new_object_once_and_unchanged_ones_never_again()
 async fn symlinks_of_a_listing_are_read_once_and_known_after_a_remount() {
     const N: usize = 40;
     let mut c = Counted::new(Duration::ZERO).await;
-    let link = PosixAttrs { mode: Some(0o120777), uid: Some(1), gid: Some(2), mtime: Some(1_700_000_000), rdev: None };
+    let link = PosixAttrs {
+        mode: Some(0o120777),
+        uid: Some(1),
+        gid: Some(2),
+        mtime: Some(1_700_000_000),
+        rdev: None,
+        xattr: None,
+    };
     for i in 0..N {
         let target = format!("../target/number-{i}");
         let opts = PutOptions { attributes: link.to_attributes(None, None), ..Default::default() };

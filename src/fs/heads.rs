@@ -265,5 +265,6 @@ pub fn apply_posix(n: &mut Inode, a: PosixAttrs) {
             n.mtime_ns = t.saturating_mul(1_000_000_000);
         }
     }
+    n.xattr = a.xattr;
     n.attrs_known = true;
 }
