@@ -389,6 +389,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        tracing::trace!(ino = ino.0, ?name, size, "getxattr");
         let got = try_reply!(reply, self.run("getxattr", req, self.fs.getxattr(Ino(ino.0), name.as_bytes(), size)));
         xattr_reply(reply, got);
     }

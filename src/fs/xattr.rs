@@ -1,8 +1,12 @@
 //! Extended attributes: get, list, set and remove of `user.*` names, kept in the inode as
 //! the object's `xattr` metadata (`crate::xattrs`, s3fs's layout) and uploaded with the
 //! object like a chmod. Other namespaces (`security.*`, `system.posix_acl_*`, `trusted.*`)
-//! are not kept: refused at once, without a lock or the bucket, since the kernel asks for
-//! some of them on every `ls -l`.
+//! are not kept: refused at once with `ENOTSUP`, without a lock or the bucket, since they
+//! are asked for often. `ls -l` asks for `security.selinux` and the ACL of every file, but
+//! stops asking for a device after one `ENOTSUP` (coreutils caches it; `ENODATA` would be
+//! asked again for each file). The kernel asks for `security.capability` before each
+//! write, to drop it (FUSE_HANDLE_KILLPRIV_V2 would stop that, but moves the clearing of
+//! set-uid bits on truncate and open into the daemon, which fuser 0.18 does not tell).
 
 use std::time::Duration;
 
