@@ -172,8 +172,9 @@ fn check_copy(root: &Path, want: &[(PathBuf, BTreeMap<String, String>)], what: &
     assert_eq!(read(&root.join("a.txt")), b"alpha\n", "{what}");
 }
 
-/// `cp -a --preserve=all` and `rsync -aX` (and `-aHX`) into the mount keep the attributes,
-/// `cp --preserve=xattr` out of it too, and they are in the bucket for a fresh mount.
+/// `cp -a --preserve=all` and `rsync -aX` (and `-aHAX`) into the mount keep the
+/// attributes, `cp -a` within it and `cp --preserve=xattr` out of it too, and they are in
+/// the bucket for a fresh mount.
 fn cp_and_rsync_keep_xattrs(backend: Backend) {
     let fx = Fixture::new("xcopy", backend);
     let src = fx.root.join("src");
@@ -183,8 +184,12 @@ fn cp_and_rsync_keep_xattrs(backend: Backend) {
     check_copy(&fx.m("cp"), &want, "cp -a --preserve=all");
     run_ok(cmd("rsync", &[&"-aX", &format!("{}/", src.display()), &fx.m("rs")]));
     check_copy(&fx.m("rs"), &want, "rsync -aX");
-    run_ok(cmd("rsync", &[&"-aHX", &format!("{}/", src.display()), &fx.m("rsh")]));
-    check_copy(&fx.m("rsh"), &want, "rsync -aHX");
+    // With ACLs too (-A): the mount has none to keep, and rsync goes on without them.
+    run_ok(cmd("rsync", &[&"-aHAX", &format!("{}/", src.display()), &fx.m("rsh")]));
+    check_copy(&fx.m("rsh"), &want, "rsync -aHAX");
+    // Within the mount.
+    run_ok(cmd("cp", &[&"-a", &"--preserve=all", &fx.m("cp"), &fx.m("cp2")]));
+    check_copy(&fx.m("cp2"), &want, "cp -a --preserve=all within the mount");
     // An rsync again finds nothing to change (the attributes read back are the same).
     let again = run_ok(cmd("rsync", &[&"-aXi", &format!("{}/", src.display()), &fx.m("rs")]));
     assert!(again.stdout.trim().is_empty(), "rsync -aX again changed: {again}");
