@@ -146,6 +146,11 @@ async fn attributes_reach_the_bucket_and_come_back_on_a_fresh_mount() {
     fresh.rename("d/f", "d/g").await.unwrap();
     fresh.flush().await;
     assert_eq!(in_bucket(&fresh, "d/g").await, [("user.other".to_string(), b"1".to_vec())].into());
+    // A rename of a file with no other change is a server-side copy: it keeps them too.
+    fresh.rename("d/g", "d/h").await.unwrap();
+    fresh.flush().await;
+    assert_eq!(in_bucket(&fresh, "d/h").await, [("user.other".to_string(), b"1".to_vec())].into());
+    assert_eq!(fresh.bucket().await.keys().collect::<Vec<_>>(), ["d/h"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
