@@ -32,6 +32,9 @@ pub enum FsError {
     /// A set would take the object's metadata over what the bucket keeps.
     #[error("too big: {0}")]
     TooBig(&'static str),
+    /// The object's metadata, needed for the answer, could not be read from the bucket.
+    #[error("the object's attributes could not be read from the bucket")]
+    AttrsUnread,
     #[error("bad file handle")]
     BadHandle,
     #[error("the remote object changed while reading it: {0}")]
@@ -77,6 +80,7 @@ impl FsError {
             FsError::NoData => libc::ENODATA,
             FsError::Range => libc::ERANGE,
             FsError::TooBig(_) => libc::E2BIG,
+            FsError::AttrsUnread => libc::EIO,
             FsError::BadHandle => libc::EBADF,
             FsError::Stale(_) => libc::ESTALE,
             FsError::Remote(object_store::Error::NotFound { .. }) => libc::ENOENT,

@@ -49,9 +49,22 @@ fn user_name(name: &[u8]) -> FsResult<&str> {
 }
 
 impl Fs {
-    /// The attributes of `ino` (read from the bucket first if only a listing knows it).
-    async fn xattrs_of(&self, ino: Ino) -> FsResult<XattrMap> {
+    /// Reads the object's metadata if only a listing knows the inode. An answer missing
+    /// then (the bucket failed the HEAD) is an error: attributes taken as none would be
+    /// shown, or written over the object's, as if they were.
+    async fn attrs_read(&self, ino: Ino) -> FsResult<()> {
         self.core.ensure_attrs(ino).await;
+        let tree = self.core.tree();
+        let n = tree.get(ino)?;
+        match n.attrs_known || n.remote.is_none() {
+            true => Ok(()),
+            false => Err(FsError::AttrsUnread),
+        }
+    }
+
+    /// The attributes of `ino`.
+    async fn xattrs_of(&self, ino: Ino) -> FsResult<XattrMap> {
+        self.attrs_read(ino).await?;
         let tree = self.core.tree();
         Ok(tree.get(ino)?.xattr.as_deref().map(xattrs::decode).unwrap_or_default())
     }
@@ -90,7 +103,7 @@ impl Fs {
         // With both flags the name must be new and exist: that fails either way, as on
         // Linux filesystems.
         let (create, replace) = (flags & libc::XATTR_CREATE != 0, flags & libc::XATTR_REPLACE != 0);
-        self.core.ensure_attrs(ino).await;
+        self.attrs_read(ino).await?;
         self.core.lock().change_xattrs(ino, |map| {
             let exists = map.contains_key(name);
             if create && exists {
@@ -110,7 +123,7 @@ impl Fs {
             Err(FsError::Invalid(_)) => return Err(FsError::NoData),
             Err(e) => return Err(e),
         };
-        self.core.ensure_attrs(ino).await;
+        self.attrs_read(ino).await?;
         self.core.lock().change_xattrs(ino, |map| map.remove(name).map(|_| ()).ok_or(FsError::NoData))
     }
 }
