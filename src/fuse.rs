@@ -121,7 +121,7 @@ fn attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino.0),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
         ctime: a.ctime,
         crtime: a.ctime,
@@ -179,7 +179,7 @@ impl Filesystem for FuseAdapter {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -189,7 +189,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttr { mode, uid, gid, size, mtime: mtime.map(time) };
+        let set = SetAttr { mode, uid, gid, size, atime: atime.map(time), mtime: mtime.map(time) };
         let a = try_reply!(reply, self.run("setattr", req, self.fs.setattr(Ino(ino.0), set)));
         reply.attr(&TTL, &attr(&a));
     }

@@ -26,6 +26,8 @@ pub const META_MODE: &str = "mode";
 pub const META_UID: &str = "uid";
 pub const META_GID: &str = "gid";
 pub const META_MTIME: &str = "mtime";
+/// Written only when it differs from `mtime` (s3fs writes it always; absent means `mtime`).
+pub const META_ATIME: &str = "atime";
 /// The device number of a device node (s3fs's name and format: a decimal `dev_t`).
 pub const META_RDEV: &str = "rdev";
 /// blake3 of the content, to settle ambiguous conditional writes by reading back.
@@ -39,13 +41,16 @@ pub const META_HOST: &str = "autosync-host";
 /// The user whose autosync wrote the object (the `priority` policy can rank users).
 pub const META_USER: &str = "autosync-user";
 
+/// The longest name of a file or folder, in bytes, as on Linux filesystems.
+pub const NAME_MAX: usize = 255;
+
 /// Why a listed key cannot become a file name.
 pub fn invalid_name(name: &str) -> Option<&'static str> {
     if name.is_empty() {
         Some("empty path component")
     } else if name == "." || name == ".." {
         Some("`.` or `..` component")
-    } else if name.len() > 255 {
+    } else if name.len() > NAME_MAX {
         Some("component longer than 255 bytes")
     } else if name.contains('\0') {
         Some("NUL byte in name")
@@ -93,8 +98,10 @@ pub struct PosixAttrs {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
-    /// Seconds since the epoch (s3fs precision).
-    pub mtime: Option<i64>,
+    /// Nanoseconds since the epoch; on the object `SECONDS[.NNNNNNNNN]` (see [`format_time`]).
+    pub mtime_ns: Option<i64>,
+    /// Last access, when it differs from the modification time.
+    pub atime_ns: Option<i64>,
     /// The device of a device node.
     pub rdev: Option<u32>,
     /// Extended attributes, as the `xattr` value s3fs writes (`crate::xattrs`).
@@ -116,8 +123,11 @@ impl PosixAttrs {
         if let Some(g) = self.gid {
             put(META_GID, g.to_string());
         }
-        if let Some(t) = self.mtime {
-            put(META_MTIME, t.to_string());
+        if let Some(t) = self.mtime_ns {
+            put(META_MTIME, format_time(t));
+        }
+        if let Some(t) = self.atime_ns {
+            put(META_ATIME, format_time(t));
         }
         if let Some(d) = self.rdev {
             put(META_RDEV, d.to_string());
@@ -141,7 +151,8 @@ impl PosixAttrs {
             mode: num(META_MODE).and_then(|v| u32::try_from(v).ok()),
             uid: num(META_UID).and_then(|v| u32::try_from(v).ok()),
             gid: num(META_GID).and_then(|v| u32::try_from(v).ok()),
-            mtime: num(META_MTIME),
+            mtime_ns: map.get(META_MTIME).and_then(|v| parse_time(v)),
+            atime_ns: map.get(META_ATIME).and_then(|v| parse_time(v)),
             rdev: num(META_RDEV).and_then(|v| u32::try_from(v).ok()),
             xattr: map.get(crate::xattrs::META_XATTR).cloned(),
         };
@@ -153,12 +164,37 @@ impl PosixAttrs {
         metadata_map(a).remove(META_ORIGIN)
     }
 
+    /// The modification time in whole seconds.
+    pub fn mtime(&self) -> Option<i64> {
+        self.mtime_ns.map(|t| t.div_euclid(NANOS))
+    }
+
     pub fn is_symlink(&self) -> bool {
         self.mode.is_some_and(|m| m & S_IFMT == S_IFLNK)
     }
 }
 
-/// s3fs may write `mtime` with a fractional part; keep the whole seconds.
+const NANOS: i64 = 1_000_000_000;
+
+/// A time on an object, as s3fs and rclone write it: whole seconds since the epoch, then
+/// `.` and nine digits of nanoseconds when there are any. Before 1970 the seconds are
+/// negative and the nanoseconds still count forward (a `timespec`).
+pub fn format_time(ns: i64) -> String {
+    let (s, n) = (ns.div_euclid(NANOS), ns.rem_euclid(NANOS));
+    if n == 0 { s.to_string() } else { format!("{s}.{n:09}") }
+}
+
+/// Reads [`format_time`]'s form; fewer than nine digits of fraction are a decimal fraction.
+pub fn parse_time(v: &str) -> Option<i64> {
+    let v = v.trim();
+    let (whole, frac) = v.split_once('.').unwrap_or((v, ""));
+    let secs: i64 = whole.parse().ok()?;
+    let digits: String = frac.chars().take_while(char::is_ascii_digit).take(9).collect();
+    let nanos = if digits.is_empty() { 0 } else { format!("{digits:0<9}").parse::<i64>().ok()? };
+    secs.checked_mul(NANOS)?.checked_add(nanos)
+}
+
+/// A number at the start of a value (`644`, or `-2` of `-2.5`).
 fn parse_leading_int(v: &str) -> Option<i64> {
     let v = v.trim();
     let end =
@@ -190,7 +226,8 @@ mod tests {
             mode: Some(S_IFREG | 0o640),
             uid: Some(1000),
             gid: Some(100),
-            mtime: Some(1_700_000_000),
+            mtime_ns: Some(1_700_000_000 * NANOS),
+            atime_ns: Some(-1),
             rdev: None,
             xattr: crate::xattrs::encode(&[("user.k".to_string(), b"v".to_vec())].into()),
         };
@@ -198,14 +235,21 @@ mod tests {
         let map = metadata_map(&attrs);
         assert_eq!(map["mode"], (0o100640).to_string());
         assert_eq!(map["mtime"], "1700000000");
+        assert_eq!(map["atime"], "-1.999999999");
         assert_eq!(map["xattr"], "%7B%22user.k%22%3A%22dg%3D%3D%22%7D");
         assert_eq!(PosixAttrs::from_attributes(&attrs), (a, Some("abc".into())));
     }
 
     #[test]
-    fn fractional_mtime_from_other_tools_keeps_seconds() {
-        assert_eq!(parse_leading_int("1700000000.123"), Some(1_700_000_000));
-        assert_eq!(parse_leading_int("junk"), None);
+    fn times_keep_their_nanoseconds_before_and_after_the_epoch() {
+        for ns in [0, 1, 1_700_000_000_123_456_789, 4_294_967_296 * NANOS, -1, -NANOS, -315_619_140 * NANOS + 5] {
+            assert_eq!(parse_time(&format_time(ns)), Some(ns), "{ns} as {}", format_time(ns));
+        }
+        assert_eq!(format_time(1_700_000_000 * NANOS), "1700000000", "whole seconds as s3fs wrote them");
+        assert_eq!(format_time(1_500_000_000), "1.500000000");
+        assert_eq!(parse_time("1700000000.5"), Some(1_700_000_000_500_000_000), "a short fraction");
+        assert_eq!(parse_time("-315619140.000000123"), Some(-315_619_140 * NANOS + 123), "s3fs before 1970");
+        assert_eq!(parse_time("junk"), None);
     }
 
     #[test]

@@ -118,7 +118,17 @@ fn clean_dead_mount(mp: &Path) -> bool {
 
 /// The mount point, canonical, and whether a dead mount was cleaned up there.
 fn check_mountpoint(mp: &Path) -> anyhow::Result<(PathBuf, bool)> {
-    let was_dead = clean_dead_mount(mp);
+    let mut was_dead = clean_dead_mount(mp);
+    // A daemon killed a moment ago may still be exiting: its mount answers from the
+    // kernel's caches until the connection drops, then ENOTCONN. Clean up again then.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while let Err(e) = std::fs::read_dir(mp) {
+        if e.raw_os_error() != Some(libc::ENOTCONN) || std::time::Instant::now() > deadline {
+            break;
+        }
+        was_dead |= clean_dead_mount(mp);
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let md = std::fs::metadata(mp).map_err(|_| {
         anyhow!("mount point {} does not exist: create it with `mkdir -p {}`", mp.display(), mp.display())
     })?;
@@ -353,8 +363,6 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         io_timeout: opts.io_timeout,
         staging_limit: opts.staging_size,
         conflict: opts.conflict,
-        // The local store writes NAME#N first: that has to fit in 255 bytes too.
-        max_name_len: if matches!(source, Source::Local { .. }) { 250 } else { 255 },
         ..FsConfig::default()
     };
     let fs = Fs::open_state(store, source.prefix(), &state_dir, &cache_dir, cfg, caps)

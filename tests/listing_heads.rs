@@ -117,7 +117,8 @@ impl Counted {
             mode: Some(0o100600),
             uid: Some(1234),
             gid: Some(4321),
-            mtime: Some(1_700_000_000),
+            mtime_ns: Some(1_700_000_000_000_000_000),
+            atime_ns: None,
             rdev: None,
             xattr: None,
         };
@@ -238,7 +239,8 @@ async fn symlinks_of_a_listing_are_read_once_and_known_after_a_remount() {
         mode: Some(0o120777),
         uid: Some(1),
         gid: Some(2),
-        mtime: Some(1_700_000_000),
+        mtime_ns: Some(1_700_000_000_000_000_000),
+        atime_ns: None,
         rdev: None,
         xattr: None,
     };

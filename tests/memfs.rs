@@ -58,19 +58,23 @@ async fn truncate_extend_and_attributes_reach_the_bucket() {
     let ino = h.resolve("f").await.unwrap();
     h.fs().setattr(ino, SetAttr { size: Some(4), ..Default::default() }).await.unwrap();
     assert_eq!(h.read("f").await.unwrap(), b"0123");
-    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-    let a = h
-        .fs()
-        .setattr(ino, SetAttr { size: Some(6), mode: Some(0o600), uid: Some(7), gid: Some(8), mtime: Some(when) })
-        .await
-        .unwrap();
-    assert_eq!((a.size, a.perm, a.uid, a.gid, a.mtime), (6, 0o600, 7, 8, when));
+    // Times to the nanosecond, the access time apart, one of them after 2106.
+    let when = std::time::UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789);
+    let seen = std::time::UNIX_EPOCH + Duration::from_secs(1 << 33);
+    let set =
+        SetAttr { size: Some(6), mode: Some(0o600), uid: Some(7), gid: Some(8), atime: Some(seen), mtime: Some(when) };
+    let a = h.fs().setattr(ino, set).await.unwrap();
+    assert_eq!((a.size, a.perm, a.uid, a.gid, a.atime, a.mtime), (6, 0o600, 7, 8, seen, when));
     assert_eq!(h.read("f").await.unwrap(), b"0123\0\0");
     h.flush().await;
     let r = h.store.get(&Path::from("f")).await.unwrap();
     let (attrs, hash) = autosync::layout::PosixAttrs::from_attributes(&r.attributes);
     assert_eq!(attrs.mode, Some(0o100600));
-    assert_eq!((attrs.uid, attrs.gid, attrs.mtime), (Some(7), Some(8), Some(1_600_000_000)));
+    assert_eq!((attrs.uid, attrs.gid), (Some(7), Some(8)));
+    assert_eq!(attrs.mtime_ns, Some(1_600_000_000_123_456_789));
+    assert_eq!(attrs.atime_ns, Some((1 << 33) * 1_000_000_000));
+    let meta = autosync::layout::metadata_map(&r.attributes);
+    assert_eq!(meta["mtime"], "1600000000.123456789", "as s3fs and rclone write it");
     assert_eq!(hash.as_deref(), Some(blake3::hash(b"0123\0\0").to_hex().as_str()));
 }
 
@@ -1422,11 +1426,25 @@ async fn an_open_file_stays_readable_after_unlink() {
     let ino = h.resolve("f").await.unwrap();
     let (fh, _) = h.fs().open(ino).await.unwrap();
     h.unlink("f").await.unwrap();
+    assert_eq!(h.fs().getattr(ino).await.unwrap().nlink, 0, "no name left");
     h.flush().await;
     assert!(h.bucket().await.is_empty());
     assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"still here");
     h.fs().release(fh).await.unwrap();
     assert_eq!(h.fs().lookup(ROOT_INO, "f").await.unwrap_err().errno(), libc::ENOENT);
+
+    // Renamed over while open: the same, and the new file has the name.
+    h.remote_put("g", b"replaced").await;
+    h.remote_put("new", b"the newcomer").await;
+    let ino = h.resolve("g").await.unwrap();
+    let (fh, _) = h.fs().open(ino).await.unwrap();
+    h.fs().rename(ROOT_INO, "new", ROOT_INO, "g", false).await.unwrap();
+    assert_eq!(h.fs().getattr(ino).await.unwrap().nlink, 0, "no name left");
+    h.flush().await;
+    assert_eq!(h.fs().read(fh, 0, 100).await.unwrap().as_ref(), b"replaced");
+    h.fs().release(fh).await.unwrap();
+    assert_eq!(h.fs().getattr(ino).await.unwrap_err().errno(), libc::ENOENT, "gone at the last release");
+    assert_eq!(h.read("g").await.unwrap(), b"the newcomer");
 }
 
 /// Sequences that once failed through races between uploads and listings (with uploads

@@ -558,6 +558,48 @@ fn chmod_chown_touch_survive_remount(backend: Backend) {
     m.unmount();
 }
 
+/// Names of 255 bytes (the most Linux allows) work everywhere, the local folder included,
+/// and times keep their nanoseconds and a separate access time past 2106.
+fn long_names_and_exact_times(backend: Backend) {
+    let fx = Fixture::new("names", backend);
+    let m = fx.mount();
+    let long = |c: &str| c.repeat(255);
+    let (dir, file, moved) = (fx.m(&long("d")), fx.m(&format!("{}/{}", long("d"), long("f"))), fx.m(&long("m")));
+    fs::create_dir(&dir).unwrap();
+    write_file(&file, b"a long name\n");
+    write_file(&fx.m("short"), b"renamed to a long name\n");
+    fs::rename(fx.m("short"), &moved).unwrap();
+    for (what, r) in [
+        ("create", fs::write(fx.m(&(long("x") + "x")), b"").err()),
+        ("mkdir", fs::create_dir(fx.m(&(long("y") + "y"))).err()),
+    ] {
+        assert_eq!(r.and_then(|e| e.raw_os_error()), Some(libc::ENAMETOOLONG), "{what} of a 256-byte name");
+    }
+    // touch -d takes nanoseconds; -a and -m set one time each.
+    run_ok(sh("touch", &[&"-m", &"-d", &"@1600000000.123456789", &file]));
+    run_ok(sh("touch", &[&"-a", &"-d", &"@4294967296", &file]));
+    let times = |p: &Path| {
+        let md = fs::metadata(p).unwrap();
+        (md.mtime(), md.mtime_nsec(), md.atime(), md.atime_nsec())
+    };
+    let want = (1_600_000_000, 123_456_789, 4_294_967_296, 0);
+    assert_eq!(times(&file), want, "in the mount");
+    m.flush();
+    let key = format!("{}/{}", long("d"), long("f"));
+    let meta = fx.bucket.get(&key).meta;
+    assert_eq!(meta.get("mtime").map(String::as_str), Some("1600000000.123456789"), "{meta:?}");
+    assert_eq!(meta.get("atime").map(String::as_str), Some("4294967296"), "{meta:?}");
+    assert_eq!(fx.bucket.data(&long("m")), b"renamed to a long name\n");
+    m.unmount();
+
+    // From the bucket alone (fresh state and cache, as on another machine).
+    let m = fx.mount_with(&fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    assert_eq!(read(&file), b"a long name\n");
+    assert_eq!(read(&moved), b"renamed to a long name\n");
+    assert_eq!(times(&file), want, "in a fresh mount of the bucket");
+    m.unmount();
+}
+
 /// A FIFO, a socket and two device nodes: made with the usual tools, served by the kernel
 /// (a FIFO passes data from a writer to a reader), in the bucket as empty objects whose
 /// `mode` (and `rdev`) metadata say what they are, as s3fs stores them, and the same after
@@ -1007,6 +1049,45 @@ fn rename_rmdir_noreplace_and_link_semantics(backend: Backend) {
     assert_eq!(fx.bucket.data("c2.txt"), b"c\n");
     assert_eq!(fx.bucket.data("e.txt"), b"e\n");
     fx.bucket.assert_gone("hard");
+    m.unmount();
+}
+
+/// A file unlinked, or renamed over, while open keeps its content for its descriptors until
+/// the last close (st_nlink 0 once it has no name), and nothing written to it afterwards
+/// reaches the bucket.
+fn open_files_outlive_unlink_and_rename_over(backend: Backend) {
+    let fx = Fixture::new("orphan", backend);
+    let m = fx.mount();
+    let (gone, over, other) = (fx.m("gone.txt"), fx.m("over.txt"), fx.m("other.txt"));
+    write_file(&gone, b"unlinked while open\n");
+    write_file(&over, b"renamed over while open\n");
+    write_file(&other, b"the file that took the name\n");
+    m.flush();
+
+    let g = OpenOptions::new().read(true).write(true).open(&gone).unwrap();
+    let o = OpenOptions::new().read(true).write(true).open(&over).unwrap();
+    fs::remove_file(&gone).unwrap();
+    fs::rename(&other, &over).unwrap();
+    assert_eq!(g.metadata().unwrap().nlink(), 0, "an unlinked open file has no name");
+    for (f, text) in [(&g, &b"unlinked while open\n"[..]), (&o, b"renamed over while open\n")] {
+        f.write_all_at(b"AFTER", text.len() as u64).unwrap();
+        let mut buf = vec![0; text.len() + 5];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..text.len()], text);
+        assert_eq!(&buf[text.len()..], b"AFTER");
+    }
+    assert_gone(&gone);
+    assert_eq!(read(&over), b"the file that took the name\n");
+    drop((g, o));
+    m.flush();
+    fx.bucket.assert_gone("gone.txt");
+    fx.bucket.assert_gone("other.txt");
+    assert_eq!(fx.bucket.data("over.txt"), b"the file that took the name\n");
+    m.unmount();
+    // Nothing of them comes back from the bucket either.
+    let m = fx.mount_with(&fx.root.join("state2"), &fx.root.join("cache2"), UPLOAD_DELAY);
+    assert_gone(&gone);
+    assert_eq!(read(&over), b"the file that took the name\n");
     m.unmount();
 }
 
@@ -1506,9 +1587,11 @@ against_every_backend!(
     edits_of_a_big_file_already_in_the_bucket,
     rename_a_folder_of_1000_files,
     chmod_chown_touch_survive_remount,
+    long_names_and_exact_times,
     sigkill_then_remount_replays_the_journal,
     bad_input_fails_with_one_line_and_mounts_nothing,
     rename_rmdir_noreplace_and_link_semantics,
+    open_files_outlive_unlink_and_rename_over,
     executable_script_runs_from_the_mount,
     special_files_fifo_socket_and_devices,
 );

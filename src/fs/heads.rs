@@ -221,7 +221,7 @@ fn apply_head(n: &mut Inode, r: &Head) -> bool {
         return false;
     }
     let (attrs, _) = PosixAttrs::from_attributes(&r.attributes);
-    if attrs.mtime.is_none() && n.kind != Kind::Dir {
+    if attrs.mtime_ns.is_none() && n.kind != Kind::Dir {
         // Another tool's object: its mtime is the object's Last-Modified.
         n.mtime_ns = to_ns(SystemTime::from(r.meta.last_modified));
     }
@@ -259,12 +259,13 @@ pub fn apply_posix(n: &mut Inode, a: PosixAttrs) {
     if let Some(g) = a.gid {
         n.gid = g;
     }
-    if let Some(t) = a.mtime {
-        // Keep sub-second precision when the seconds agree.
-        if n.mtime_ns.div_euclid(1_000_000_000) != t {
-            n.mtime_ns = t.saturating_mul(1_000_000_000);
+    if let Some(t) = a.mtime_ns {
+        // Whole seconds (as s3fs writes them) keep a sub-second part known here.
+        if t.rem_euclid(1_000_000_000) != 0 || n.mtime_ns.div_euclid(1_000_000_000) != t.div_euclid(1_000_000_000) {
+            n.mtime_ns = t;
         }
     }
+    n.atime_ns = a.atime_ns;
     n.xattr = a.xattr;
     n.attrs_known = true;
 }

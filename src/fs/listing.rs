@@ -121,7 +121,7 @@ impl Listings {
     /// older than the TTL.
     pub async fn find(&self, parent: Ino, name: &str) -> FsResult<Attr> {
         self.evict();
-        if name.len() > 255 {
+        if name.len() > layout::NAME_MAX {
             return Err(FsError::NameTooLong);
         }
         if layout::is_reserved(name) {

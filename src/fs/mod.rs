@@ -50,6 +50,7 @@ pub use events::{Caller, Event, Listener};
 pub use object::obj_path;
 pub use types::{
     Attr, BlockIndex, DirEntry, DirPage, Fh, Ino, Inode, Invalidation, Kind, Op, ROOT_INO, Remote, Seq, SetAttr,
+    from_ns,
 };
 pub use xattr::XattrReply;
 
@@ -94,8 +95,6 @@ pub struct FsConfig {
     pub multipart_threshold: u64,
     /// Most changes uploaded at once (`--transfers`).
     pub transfers: usize,
-    /// Longest file name accepted (the local-folder store needs room for its temp suffix).
-    pub max_name_len: usize,
     /// Block size, read-ahead and memory bound of reads from the bucket.
     pub blocks: BlockConfig,
     /// Sealed blocks on local disk, kept across mounts; none keeps blocks in memory only.
@@ -137,7 +136,6 @@ impl Default for FsConfig {
             poll_interval: Duration::ZERO,
             multipart_threshold: MULTIPART_THRESHOLD,
             transfers: DEFAULT_TRANSFERS,
-            max_name_len: 255,
             blocks: BlockConfig::default(),
             disk_cache: None,
             key: None,
@@ -357,7 +355,7 @@ impl Fs {
 
     /// Checks for mkdir, create and symlink: the name is valid and free in the bucket too.
     async fn prepare_new(&self, parent: Ino, name: &str) -> FsResult<()> {
-        check_name(name, self.core.cfg.max_name_len)?;
+        check_name(name)?;
         // Make sure the name is free in the bucket too, not only in what we have seen.
         if !self.listings.fresh(parent)?
             && let Err(e) = self.listings.refresh(parent).await
@@ -442,7 +440,7 @@ impl Fs {
         newname: &str,
         noreplace: bool,
     ) -> FsResult<()> {
-        check_name(newname, self.core.cfg.max_name_len)?;
+        check_name(newname)?;
         let ino = self.resolve(parent, name).await?;
         let target = match self.resolve(newparent, newname).await {
             Ok(t) => Some(t),

@@ -15,8 +15,8 @@ use crate::layout;
 use crate::state::Batch;
 
 /// A name a new entry may take: short enough, storable as a key, not reserved.
-pub fn check_name(name: &str, max_len: usize) -> FsResult<()> {
-    if name.len() > max_len {
+pub fn check_name(name: &str) -> FsResult<()> {
+    if name.len() > layout::NAME_MAX {
         return Err(FsError::NameTooLong);
     }
     if layout::is_local_temp_name(name) {
@@ -102,25 +102,31 @@ impl Locked<'_> {
         let node = n.clone();
         let path = self.path_of(ino);
         self.drop_remote(&node, None, delay, &mut batch)?;
-        if node.open > 0 {
-            // Still open: keep the inode (and its staging) until the last release.
-            self.detach(ino);
-            self.set_remote(ino, None);
-            if let Ok(n) = self.get_mut(ino) {
-                n.overwrites = None;
-                n.dirty = false;
-                n.parent = Ino::NONE;
-            }
-            self.queue.forget_sync(ino);
-            batch.del_inodes.push(ino.0);
-        } else {
-            self.remove_tree(ino, &mut batch);
-            self.queue.forget_sync(ino);
-        }
+        self.remove_name(ino, &mut batch);
         self.changed_in(parent);
         self.commit(batch, false)?;
         self.emit_deleted(path);
         Ok(())
+    }
+
+    /// A file or symlink lost its name (unlinked, or renamed over; its objects are dealt
+    /// with by the caller). One still open keeps its inode and staging, with no name and
+    /// nothing more to upload, until its last release.
+    fn remove_name(&mut self, ino: Ino, batch: &mut Batch) {
+        self.queue.forget_sync(ino);
+        if self.get(ino).is_ok_and(|n| n.open == 0) {
+            self.remove_tree(ino, batch);
+            return;
+        }
+        self.detach(ino);
+        self.set_remote(ino, None);
+        if let Ok(n) = self.get_mut(ino) {
+            n.overwrites = None;
+            n.dirty = false;
+            n.parent = Ino::NONE;
+            n.ctime_ns = now_ns();
+        }
+        batch.del_inodes.push(ino.0);
     }
 
     fn emit_deleted(&self, path: Option<String>) {
@@ -202,8 +208,12 @@ impl Locked<'_> {
                     self.get_mut(ino)?.overwrites = Some(r);
                 }
             }
-            self.queue.forget_sync(t);
-            self.remove_tree(t, &mut batch);
+            if is_dir {
+                self.queue.forget_sync(t);
+                self.remove_tree(t, &mut batch);
+            } else {
+                self.remove_name(t, &mut batch);
+            }
         }
         self.move_to(ino, newparent, newname)?;
         self.get_mut(ino)?.ctime_ns = now_ns();
@@ -245,6 +255,12 @@ impl Locked<'_> {
         }
         if let Some(g) = set.gid {
             n.gid = g;
+        }
+        if let Some(t) = set.atime {
+            n.atime_ns = Some(to_ns(t));
+        } else if set.mtime.is_some() && n.atime_ns.is_none() {
+            // The access time stays where it was when only the modification time moves.
+            n.atime_ns = Some(n.mtime_ns);
         }
         if let Some(t) = set.mtime {
             n.mtime_ns = to_ns(t);

@@ -86,6 +86,9 @@ pub struct Inode {
     pub gid: u32,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+    /// Last access, set by `utimensat` (the mount is `noatime`); none follows `mtime_ns`.
+    #[serde(default)]
+    pub atime_ns: Option<i64>,
     pub target: Option<String>,
     /// The object this inode's content came from (or was last uploaded to).
     pub remote: Option<Remote>,
@@ -149,6 +152,7 @@ impl Inode {
             gid,
             mtime_ns: now,
             ctime_ns: now,
+            atime_ns: None,
             target: None,
             remote: None,
             overwrites: None,
@@ -176,9 +180,15 @@ impl Inode {
             perm: self.perm,
             uid: self.uid,
             gid: self.gid,
+            atime: from_ns(self.atime_ns.unwrap_or(self.mtime_ns)),
             mtime: from_ns(self.mtime_ns),
             ctime: from_ns(self.ctime_ns),
-            nlink: if self.kind == Kind::Dir { 2 } else { 1 },
+            nlink: match self.kind {
+                Kind::Dir => 2,
+                // Unlinked while open: no name left.
+                _ if self.parent == Ino::NONE => 0,
+                _ => 1,
+            },
             rdev: self.rdev,
         }
     }
@@ -187,13 +197,14 @@ impl Inode {
         self.listed_at.is_some_and(|t| t.elapsed() < ttl)
     }
 
-    /// The attributes as they travel on the object (mtime in whole seconds, as s3fs).
+    /// The attributes as they travel on the object.
     pub fn posix_attrs(&self) -> crate::layout::PosixAttrs {
         crate::layout::PosixAttrs {
             mode: Some(self.file_mode()),
             uid: Some(self.uid),
             gid: Some(self.gid),
-            mtime: Some(self.mtime_ns.div_euclid(1_000_000_000)),
+            mtime_ns: Some(self.mtime_ns),
+            atime_ns: self.atime_ns.filter(|&a| a != self.mtime_ns),
             rdev: matches!(self.kind, Kind::CharDevice | Kind::BlockDevice).then_some(self.rdev),
             xattr: self.xattr.clone(),
         }
@@ -213,6 +224,7 @@ pub struct Attr {
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
+    pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
     pub nlink: u32,
@@ -227,6 +239,7 @@ pub struct SetAttr {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
     pub mtime: Option<SystemTime>,
 }
 

@@ -13,12 +13,12 @@ use futures::stream::BoxStream;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
-    Attribute, AttributeValue, Attributes, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
-    ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
-    Result, UploadPart,
+    Attribute, AttributeValue, Attributes, CopyMode, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    RenameOptions, Result, UploadPart,
 };
 
-use crate::layout::{PosixAttrs, metadata_map};
+use crate::layout::{PosixAttrs, RESERVED_PREFIX, metadata_map};
 
 const XATTR: &str = "user.autosync.meta";
 
@@ -68,10 +68,11 @@ fn apply_at(path: &std::path::Path, attributes: &Attributes) -> Result<()> {
         // Only root may give files away; the xattr still carries the owner.
         let _ = std::os::unix::fs::chown(path, attrs.uid, attrs.gid);
     }
-    if let Some(t) = attrs.mtime {
-        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
+    if let Some(t) = attrs.mtime_ns {
+        let at = crate::fs::from_ns;
+        let times = std::fs::FileTimes::new().set_modified(at(t)).set_accessed(at(attrs.atime_ns.unwrap_or(t)));
         let f = std::fs::File::options().write(true).open(path).map_err(generic)?;
-        f.set_modified(when).map_err(generic)?;
+        f.set_times(times).map_err(generic)?;
     }
     Ok(())
 }
@@ -86,9 +87,7 @@ fn put_staged(dest: &std::path::Path, payload: &PutPayload, create: bool, attrib
     let (mut file, staged) = {
         let mut n = 1u32;
         loop {
-            let mut p = dest.as_os_str().to_owned();
-            p.push(format!("#{n}"));
-            let p = std::path::PathBuf::from(p);
+            let p = staging_path(dest, n);
             match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
                 Ok(f) => break (f, p),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
@@ -122,6 +121,36 @@ fn put_staged(dest: &std::path::Path, payload: &PutPayload, create: bool, attrib
     res
 }
 
+/// Where a new version of `dest` is written before it is published: `NAME#N` beside it,
+/// which `LocalFileSystem` leaves out of listings. A name too long for that suffix (a
+/// 255-byte name is legal) is staged under a short reserved name in the same folder, so
+/// the rename that publishes it stays within one filesystem.
+fn staging_path(dest: &std::path::Path, n: u32) -> std::path::PathBuf {
+    let name = dest.file_name().map_or(0, |f| f.len());
+    if name + 1 + n.to_string().len() <= crate::layout::NAME_MAX {
+        let mut p = dest.as_os_str().to_owned();
+        p.push(format!("#{n}"));
+        return p.into();
+    }
+    dest.with_file_name(format!("{}long-{}#{n}", RESERVED_PREFIX, short_id(dest)))
+}
+
+/// The object path a multipart upload of a long name is assembled at (`LocalFileSystem`
+/// stages it at `PATH#N`, which would not fit), renamed onto the name at completion.
+fn long_upload_path(location: &Path) -> Option<Path> {
+    let name = location.filename()?;
+    if name.len() + 4 <= crate::layout::NAME_MAX {
+        return None;
+    }
+    let short = format!("{}upload-{:016x}", RESERVED_PREFIX, rand::random::<u64>());
+    let parent: Vec<_> = location.parts().collect();
+    Some(Path::from_iter(parent[..parent.len() - 1].iter().cloned().chain([short.as_str().into()])))
+}
+
+fn short_id(p: &std::path::Path) -> String {
+    blake3::hash(p.as_os_str().as_encoded_bytes()).to_hex()[..16].to_string()
+}
+
 /// Reads the attributes back: the xattr when autosync wrote the file, `stat` otherwise.
 fn read_back(inner: &LocalFileSystem, location: &Path) -> Attributes {
     let mut out = Attributes::new();
@@ -132,7 +161,8 @@ fn read_back(inner: &LocalFileSystem, location: &Path) -> Attributes {
         map.entry("mode".into()).or_insert_with(|| md.mode().to_string());
         map.entry("uid".into()).or_insert_with(|| md.uid().to_string());
         map.entry("gid".into()).or_insert_with(|| md.gid().to_string());
-        map.entry("mtime".into()).or_insert_with(|| md.mtime().to_string());
+        let mtime = md.mtime().saturating_mul(1_000_000_000).saturating_add(md.mtime_nsec());
+        map.entry("mtime".into()).or_insert_with(|| crate::layout::format_time(mtime));
     }
     for (k, v) in map {
         out.insert(Attribute::Metadata(k.into()), AttributeValue::from(v));
@@ -172,8 +202,15 @@ impl ObjectStore for LocalAttrStore {
         mut opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
         let attributes = std::mem::take(&mut opts.attributes);
-        let upload = self.inner.put_multipart_opts(location, opts).await?;
-        Ok(Box::new(LocalUpload { upload, inner: Arc::clone(&self.inner), location: location.clone(), attributes }))
+        let assembled_at = long_upload_path(location);
+        let upload = self.inner.put_multipart_opts(assembled_at.as_ref().unwrap_or(location), opts).await?;
+        Ok(Box::new(LocalUpload {
+            upload,
+            inner: Arc::clone(&self.inner),
+            location: location.clone(),
+            assembled_at,
+            attributes,
+        }))
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
@@ -195,7 +232,14 @@ impl ObjectStore for LocalAttrStore {
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.inner.copy_opts(from, to, options).await?;
+        let long = to.filename().is_some_and(|n| n.len() + 4 > crate::layout::NAME_MAX);
+        if long && matches!(options.mode, CopyMode::Overwrite) {
+            // `LocalFileSystem` stages an overwriting copy at `TO#N`: too long here.
+            let (src, dest) = (self.inner.path_to_filesystem(from)?, self.inner.path_to_filesystem(to)?);
+            tokio::task::spawn_blocking(move || copy_long(&src, &dest)).await.map_err(generic)??;
+        } else {
+            self.inner.copy_opts(from, to, options).await?;
+        }
         let attrs = read_back(&self.inner, from);
         apply(&self.inner, to, &attrs)
     }
@@ -206,11 +250,34 @@ impl ObjectStore for LocalAttrStore {
     }
 }
 
+/// An overwriting copy onto a long name: a hard link at a short staging name, renamed into
+/// place (as `LocalFileSystem` does with `TO#N`).
+fn copy_long(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    let mut n = 1;
+    loop {
+        let staged = staging_path(to, n);
+        match std::fs::hard_link(from, &staged) {
+            Ok(()) => break std::fs::rename(&staged, to).map_err(generic),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && from.exists() && n == 1 => {
+                std::fs::create_dir_all(to.parent().ok_or_else(|| generic(e))?).map_err(generic)?;
+                n += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                break Err(object_store::Error::NotFound { path: from.display().to_string(), source: Box::new(e) });
+            }
+            Err(e) => break Err(generic(e)),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct LocalUpload {
     upload: Box<dyn MultipartUpload>,
     inner: Arc<LocalFileSystem>,
     location: Path,
+    /// Where a long name's upload is assembled before it is renamed onto `location`.
+    assembled_at: Option<Path>,
     attributes: Attributes,
 }
 
@@ -222,6 +289,12 @@ impl MultipartUpload for LocalUpload {
 
     async fn complete(&mut self) -> Result<PutResult> {
         self.upload.complete().await?;
+        if let Some(at) = &self.assembled_at {
+            apply(&self.inner, at, &self.attributes)?;
+            self.inner.rename(at, &self.location).await?;
+            let meta = self.inner.head(&self.location).await?;
+            return Ok(PutResult { e_tag: meta.e_tag, version: meta.version, extensions: Default::default() });
+        }
         finish_put(&self.inner, &self.location, &self.attributes).await
     }
 
@@ -294,5 +367,41 @@ mod tests {
             assert_eq!(back.xattr, attrs.xattr, "{key}");
             assert_eq!(crate::xattrs::decode(back.xattr.as_deref().unwrap()), map);
         }
+    }
+
+    /// A 255-byte name (legal on Linux, too long for `NAME#N`) is written whole, in parts,
+    /// and by a copy, and leaves no staging file behind.
+    #[tokio::test]
+    async fn names_of_255_bytes_are_written_every_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalAttrStore::new(dir.path()).unwrap();
+        let long = |c: &str| Path::from(format!("d/{}", c.repeat(255)));
+        let (a, b, c) = (long("a"), long("b"), long("c"));
+        let opts = PutOptions { attributes: attrs("h1"), ..Default::default() };
+        store.put_opts(&a, PutPayload::from_static(b"whole"), opts).await.unwrap();
+        let create = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let again = store.put_opts(&a, PutPayload::from_static(b"x"), create).await;
+        assert!(matches!(again, Err(object_store::Error::AlreadyExists { .. })), "{again:?}");
+
+        let opts = PutMultipartOptions { attributes: attrs("h2"), ..Default::default() };
+        let mut up = store.put_multipart_opts(&b, opts).await.unwrap();
+        up.put_part(PutPayload::from_static(b"in ")).await.unwrap();
+        up.put_part(PutPayload::from_static(b"parts")).await.unwrap();
+        up.complete().await.unwrap();
+        store.copy(&a, &c).await.unwrap();
+
+        for (key, want, hash) in [(&a, &b"whole"[..], "h1"), (&b, b"in parts", "h2"), (&c, b"whole", "h1")] {
+            let got = store.get_opts(key, GetOptions::default()).await.unwrap();
+            let (_, h) = PosixAttrs::from_attributes(&got.attributes);
+            assert_eq!(got.bytes().await.unwrap().as_ref(), want);
+            assert_eq!(h.as_deref(), Some(hash), "metadata of {key}");
+        }
+        let mut names: Vec<_> =
+            std::fs::read_dir(dir.path().join("d")).unwrap().flatten().map(|e| e.file_name()).collect();
+        names.sort();
+        let want: Vec<std::ffi::OsString> = ["a", "b", "c"].iter().map(|c| c.repeat(255).into()).collect();
+        assert_eq!(names, want, "no staging file stays behind");
+        let listed = store.list_with_delimiter(Some(&Path::from("d"))).await.unwrap();
+        assert_eq!(listed.objects.len(), 3);
     }
 }

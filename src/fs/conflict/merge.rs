@@ -109,7 +109,7 @@ impl Uploader {
             size: Some(content.size()),
             etag: None,
             hash: Some(content.hash().to_string()),
-            modified: node.posix_attrs().mtime,
+            modified: node.posix_attrs().mtime(),
         };
         let mut batch = Batch::default();
         let mut inner = self.core.lock();

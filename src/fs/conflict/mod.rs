@@ -93,7 +93,7 @@ impl Uploader {
             size: Some(src.size),
             etag: src.etag.clone(),
             hash: None,
-            modified: node.posix_attrs().mtime,
+            modified: node.posix_attrs().mtime(),
         };
         let mut batch = Batch::default();
         let mut inval = Vec::new();
@@ -171,13 +171,13 @@ impl Uploader {
             };
         let theirs = theirs.map(|r| {
             let (attrs, hash) = PosixAttrs::from_attributes(&r.attributes);
-            let modified = attrs.mtime.unwrap_or(r.meta.last_modified.timestamp());
+            let modified = attrs.mtime().unwrap_or(r.meta.last_modified.timestamp());
             let mut meta = layout::metadata_map(&r.attributes);
             let (host, user) = (meta.remove(layout::META_HOST), meta.remove(layout::META_USER));
             Theirs { meta: r.meta, hash, modified, host, user }
         });
         let (policy, discard) = self.core.cfg.conflict.for_path(&self.core.rel_path(key));
-        let ours_mtime = node.posix_attrs().mtime.unwrap_or(0);
+        let ours_mtime = node.posix_attrs().mtime().unwrap_or(0);
         let local_wins = match policy {
             Policy::KeepBoth | Policy::Remote | Policy::Merge => false,
             Policy::Local => true,
@@ -251,7 +251,7 @@ impl Uploader {
                 size: Some(content.size()),
                 etag: put.e_tag.clone(),
                 hash: Some(content.hash().to_string()),
-                modified: node.posix_attrs().mtime,
+                modified: node.posix_attrs().mtime(),
             },
         );
         if let Some(old) = &moved_from {
@@ -465,7 +465,7 @@ impl Uploader {
             size: Some(content.size()),
             etag: put.e_tag.clone(),
             hash: Some(content.hash().to_string()),
-            modified: node.posix_attrs().mtime,
+            modified: node.posix_attrs().mtime(),
         };
         let record = self.conflict_record(policy, &path, outcome, remote_path, &theirs, local);
         if saved.is_some() {
@@ -504,7 +504,7 @@ impl Uploader {
             size: Some(content.size()),
             etag: None,
             hash: Some(content.hash().to_string()),
-            modified: node.posix_attrs().mtime,
+            modified: node.posix_attrs().mtime(),
         };
         let outcome = "the bucket's version kept the path; this mount's version was discarded".to_string();
         let record = self.conflict_record(policy, &path, outcome, Some(path.clone()), &theirs, local);
