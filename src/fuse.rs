@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::future::Future;
+use std::os::unix::ffi::OsStrExt;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::fs::events::{Caller, as_caller};
-use crate::fs::{Attr, Fh, Fs, FsError, FsResult, Ino, Invalidation, Kind, SetAttr};
+use crate::fs::{Attr, Fh, Fs, FsError, FsResult, Ino, Invalidation, Kind, SetAttr, XattrReply};
 
 /// How long the kernel may cache attributes and names before asking again.
 const TTL: Duration = Duration::from_secs(1);
@@ -74,13 +75,28 @@ impl FuseAdapter {
 fn log_error(what: &str, e: &FsError) {
     match e {
         // Expected answers, not failures.
-        FsError::NotFound | FsError::Exists | FsError::NotEmpty | FsError::NotDir | FsError::IsDir => {
+        FsError::NotFound
+        | FsError::Exists
+        | FsError::NotEmpty
+        | FsError::NotDir
+        | FsError::IsDir
+        | FsError::NoData
+        | FsError::Range
+        | FsError::TooBig(_)
+        | FsError::NotKept(_) => {
             tracing::debug!("{what}: {e}")
         }
         // Someone else replaced the object under an open file: worth a word, not an alarm.
         FsError::Stale(_) => tracing::warn!("{what}: {e}"),
         FsError::Shared(inner) => log_error(what, inner),
         _ => tracing::error!("{what}: {e}"),
+    }
+}
+
+fn xattr_reply(reply: fuser::ReplyXattr, got: XattrReply) {
+    match got {
+        XattrReply::Size(n) => reply.size(n),
+        XattrReply::Data(d) => reply.data(&d),
     }
 }
 
@@ -372,32 +388,34 @@ impl Filesystem for FuseAdapter {
         reply.statfs(blocks, blocks, blocks, 1 << 30, 1 << 30, 4096, 255, 4096);
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        // Extended attributes are not stored in the bucket. ENOSYS makes the kernel answer
-        // every later getxattr itself (EOPNOTSUPP) instead of asking: `ls -l` asks twice
-        // per file (SELinux label, ACL), which was most of the requests of a big folder's.
-        reply.error(Errno::ENOSYS);
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        tracing::trace!(ino = ino.0, ?name, size, "getxattr");
+        let got = try_reply!(reply, self.run("getxattr", req, self.fs.getxattr(Ino(ino.0), name.as_bytes(), size)));
+        xattr_reply(reply, got);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        let got = try_reply!(reply, self.run("listxattr", req, self.fs.listxattr(Ino(ino.0), size)));
+        xattr_reply(reply, got);
     }
 
     fn setxattr(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::from_i32(libc::ENOTSUP));
+        try_reply!(reply, self.run("setxattr", req, self.fs.setxattr(Ino(ino.0), name.as_bytes(), value, flags)));
+        reply.ok();
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        try_reply!(reply, self.run("removexattr", req, self.fs.removexattr(Ino(ino.0), name.as_bytes())));
+        reply.ok();
     }
 
     fn create(

@@ -92,7 +92,7 @@ pub fn conflict_name(name: &str, host: &str, stamp: &str) -> String {
 }
 
 /// POSIX attributes as stored on an object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PosixAttrs {
     /// Full st_mode including the type bits, as s3fs writes it.
     pub mode: Option<u32>,
@@ -104,10 +104,12 @@ pub struct PosixAttrs {
     pub atime_ns: Option<i64>,
     /// The device of a device node.
     pub rdev: Option<u32>,
+    /// Extended attributes, as the `xattr` value s3fs writes (`crate::xattrs`).
+    pub xattr: Option<String>,
 }
 
 impl PosixAttrs {
-    pub fn to_attributes(self, hash: Option<&str>, origin: Option<&str>) -> Attributes {
+    pub fn to_attributes(&self, hash: Option<&str>, origin: Option<&str>) -> Attributes {
         let mut a = Attributes::new();
         let mut put = |k: &'static str, v: String| {
             a.insert(Attribute::Metadata(k.into()), AttributeValue::from(v));
@@ -130,6 +132,9 @@ impl PosixAttrs {
         if let Some(d) = self.rdev {
             put(META_RDEV, d.to_string());
         }
+        if let Some(x) = &self.xattr {
+            put(crate::xattrs::META_XATTR, x.clone());
+        }
         if let Some(h) = hash {
             put(META_HASH, h.to_string());
         }
@@ -149,6 +154,7 @@ impl PosixAttrs {
             mtime_ns: map.get(META_MTIME).and_then(|v| parse_time(v)),
             atime_ns: map.get(META_ATIME).and_then(|v| parse_time(v)),
             rdev: num(META_RDEV).and_then(|v| u32::try_from(v).ok()),
+            xattr: map.get(crate::xattrs::META_XATTR).cloned(),
         };
         (attrs, map.get(META_HASH).cloned())
     }
@@ -223,12 +229,14 @@ mod tests {
             mtime_ns: Some(1_700_000_000 * NANOS),
             atime_ns: Some(-1),
             rdev: None,
+            xattr: crate::xattrs::encode(&[("user.k".to_string(), b"v".to_vec())].into()),
         };
         let attrs = a.to_attributes(Some("abc"), None);
         let map = metadata_map(&attrs);
         assert_eq!(map["mode"], (0o100640).to_string());
         assert_eq!(map["mtime"], "1700000000");
         assert_eq!(map["atime"], "-1.999999999");
+        assert_eq!(map["xattr"], "%7B%22user.k%22%3A%22dg%3D%3D%22%7D");
         assert_eq!(PosixAttrs::from_attributes(&attrs), (a, Some("abc".into())));
     }
 

@@ -13,3 +13,4 @@ pub mod mount;
 pub mod source;
 pub mod state;
 pub mod store;
+pub mod xattrs;

@@ -120,6 +120,7 @@ impl Counted {
             mtime_ns: Some(1_700_000_000_000_000_000),
             atime_ns: None,
             rdev: None,
+            xattr: None,
         };
         let opts = PutOptions { attributes: attrs.to_attributes(None, None), ..Default::default() };
         self.bucket
@@ -241,6 +242,7 @@ async fn symlinks_of_a_listing_are_read_once_and_known_after_a_remount() {
         mtime_ns: Some(1_700_000_000_000_000_000),
         atime_ns: None,
         rdev: None,
+        xattr: None,
     };
     for i in 0..N {
         let target = format!("../target/number-{i}");

@@ -1097,6 +1097,11 @@ struct S3fs {
 
 impl S3fs {
     fn mount(fx: &Fixture, server: &Server, bucket: &str) -> S3fs {
+        Self::mount_opts(fx, server, bucket, "")
+    }
+
+    /// With more `-o` options (`,`-separated, each starting with `,`).
+    fn mount_opts(fx: &Fixture, server: &Server, bucket: &str, more: &str) -> S3fs {
         let exe = tool("AUTOSYNC_S3FS", "s3fs");
         let mnt = fx.root.join("s3fs-mnt");
         fs::create_dir(&mnt).unwrap();
@@ -1107,7 +1112,7 @@ impl S3fs {
         let log_path = fx.root.join("s3fs.log");
         let log = fs::File::create(&log_path).unwrap();
         let opts = format!(
-            "url={},use_path_request_style,endpoint={},passwd_file={}",
+            "url={},use_path_request_style,endpoint={},passwd_file={}{more}",
             server.endpoint(),
             server.region(),
             passwd.display()
@@ -1246,6 +1251,38 @@ fn attributes_interoperate_with_rclone_and_s3fs(backend: Backend) {
     wait_for("the chmod made through s3fs in autosync", Duration::from_secs(20), || {
         (attrs(&fx.m("from-s3fs.txt")).0 == libc::S_IFREG | 0o640).then_some(())
     });
+    drop(s3fs);
+    m.unmount();
+    assert_no_warnings(&fx);
+}
+
+/// Extended attributes in s3fs's `use_xattr` layout: what `setfattr` sets in autosync,
+/// s3fs mounted with `-o use_xattr` reads, and the reverse.
+fn xattrs_interoperate_with_s3fs(backend: Backend) {
+    tool("AUTOSYNC_S3FS", "s3fs");
+    let fx = Fixture::new("xinterop", backend);
+    let server = fx.server("server");
+    server.create_bucket("xinterop");
+    let m = fx.mount(&server, "s3://xinterop", "0.5", "a");
+    write_file(&fx.m("f.txt"), b"attributes\n");
+    xattr::set(fx.m("f.txt"), "user.from_autosync", &[0, 1, 2, 255]).unwrap();
+    xattr::set(fx.m("f.txt"), "user.note", b"hello").unwrap();
+    m.flush();
+
+    let s3fs = S3fs::mount_opts(&fx, &server, "xinterop", ",use_xattr");
+    let f = s3fs.m("f.txt");
+    assert_eq!(xattr::get(&f, "user.from_autosync").unwrap(), Some(vec![0, 1, 2, 255]), "in s3fs");
+    assert_eq!(xattr::get(&f, "user.note").unwrap().as_deref(), Some(&b"hello"[..]), "in s3fs");
+    // Set through s3fs (a copy of the object onto itself with the new metadata), in a later
+    // second than the upload, so the new Last-Modified shows it to autosync.
+    let second = unix_seconds();
+    wait_for("the next second", Duration::from_secs(2), || (unix_seconds() > second).then_some(()));
+    xattr::set(&f, "user.from_s3fs", b"s3fs was here").unwrap();
+    wait_for("the attribute set through s3fs in autosync", Duration::from_secs(20), || {
+        xattr::get(fx.m("f.txt"), "user.from_s3fs").ok().flatten()
+    });
+    assert_eq!(xattr::get(fx.m("f.txt"), "user.from_s3fs").unwrap().as_deref(), Some(&b"s3fs was here"[..]));
+    assert_eq!(xattr::get(fx.m("f.txt"), "user.note").unwrap().as_deref(), Some(&b"hello"[..]));
     drop(s3fs);
     m.unmount();
     assert_no_warnings(&fx);
@@ -1414,6 +1451,7 @@ against_every_backend!(
     three_hundred_mib_file_goes_up_in_38_parts,
     five_thousand_objects_list_across_pages,
     attributes_interoperate_with_rclone_and_s3fs,
+    xattrs_interoperate_with_s3fs,
     unquoted_etags_still_tell_edits_from_conflicts,
     parts_copied_by_the_bucket_are_held_to_the_source_version,
 );

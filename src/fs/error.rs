@@ -20,6 +20,21 @@ pub enum FsError {
     NameTooLong,
     #[error("not supported: {0}")]
     Unsupported(&'static str),
+    /// An extended attribute of a namespace the mount does not keep (only `user.*`).
+    #[error("not kept: {0}")]
+    NotKept(&'static str),
+    /// No extended attribute of that name.
+    #[error("no such extended attribute")]
+    NoData,
+    /// The caller's buffer is smaller than the value or list asked for.
+    #[error("buffer too small")]
+    Range,
+    /// A set would take the object's metadata over what the bucket keeps.
+    #[error("too big: {0}")]
+    TooBig(&'static str),
+    /// The object's metadata, needed for the answer, could not be read from the bucket.
+    #[error("the object's attributes could not be read from the bucket")]
+    AttrsUnread,
     #[error("bad file handle")]
     BadHandle,
     #[error("the remote object changed while reading it: {0}")]
@@ -61,6 +76,11 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::Unsupported(_) => libc::ENOTSUP,
+            FsError::NotKept(_) => libc::ENOTSUP,
+            FsError::NoData => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::TooBig(_) => libc::E2BIG,
+            FsError::AttrsUnread => libc::EIO,
             FsError::BadHandle => libc::EBADF,
             FsError::Stale(_) => libc::ESTALE,
             FsError::Remote(object_store::Error::NotFound { .. }) => libc::ENOENT,
@@ -106,6 +126,10 @@ mod tests {
     fn errno_mapping_is_deliberate() {
         assert_eq!(FsError::NotFound.errno(), libc::ENOENT);
         assert_eq!(FsError::Unsupported("hard links").errno(), libc::ENOTSUP);
+        assert_eq!(FsError::NotKept("security.*").errno(), libc::ENOTSUP);
+        assert_eq!(FsError::NoData.errno(), libc::ENODATA);
+        assert_eq!(FsError::Range.errno(), libc::ERANGE);
+        assert_eq!(FsError::TooBig("xattrs").errno(), libc::E2BIG);
         assert_eq!(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)).errno(), libc::ENOSPC);
         let nf = object_store::Error::NotFound { path: "x".into(), source: "gone".into() };
         assert_eq!(FsError::Remote(nf).errno(), libc::ENOENT);

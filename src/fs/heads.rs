@@ -266,5 +266,6 @@ pub fn apply_posix(n: &mut Inode, a: PosixAttrs) {
         }
     }
     n.atime_ns = a.atime_ns;
+    n.xattr = a.xattr;
     n.attrs_known = true;
 }

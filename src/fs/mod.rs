@@ -11,7 +11,8 @@
 //! - `listing`: folders listed and merged, the memory bound on listings, the poll;
 //! - `files`: handles, open, read, write, close over staging and the block reader;
 //! - `upload` and `conflict`: one change as store calls, and conflicts resolved by policy;
-//! - `events`: the one stream of events that observers listen to.
+//! - `events`: the one stream of events that observers listen to;
+//! - `xattr`: extended attributes, kept in the inode and uploaded as object metadata.
 
 mod blocks;
 mod conflict;
@@ -32,6 +33,7 @@ mod startup;
 mod tree;
 pub mod types;
 mod upload;
+mod xattr;
 
 use std::path::Path as FsPath;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,6 +52,7 @@ pub use types::{
     Attr, BlockIndex, DirEntry, DirPage, Fh, Ino, Inode, Invalidation, Kind, Op, ROOT_INO, Remote, Seq, SetAttr,
     from_ns,
 };
+pub use xattr::XattrReply;
 
 use crate::cache::{BlockCache, CacheKey};
 use crate::store::Store;

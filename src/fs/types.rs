@@ -107,6 +107,10 @@ pub struct Inode {
     /// The device a device node names (`rdev` in the object's metadata, as s3fs).
     #[serde(default)]
     pub rdev: u32,
+    /// Extended attributes as the object's `xattr` metadata carries them (s3fs's layout,
+    /// `crate::xattrs`); None when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xattr: Option<String>,
     /// In-memory only: when the folder was last listed from the bucket.
     #[serde(skip)]
     pub listed_at: Option<Instant>,
@@ -157,6 +161,7 @@ impl Inode {
             attrs_known: true,
             listed: false,
             rdev: 0,
+            xattr: None,
             listed_at: None,
             generation: 0,
             open: 0,
@@ -201,6 +206,7 @@ impl Inode {
             mtime_ns: Some(self.mtime_ns),
             atime_ns: self.atime_ns.filter(|&a| a != self.mtime_ns),
             rdev: matches!(self.kind, Kind::CharDevice | Kind::BlockDevice).then_some(self.rdev),
+            xattr: self.xattr.clone(),
         }
     }
 

@@ -348,6 +348,27 @@ mod tests {
         assert!(matches!(r, Err(object_store::Error::NotImplemented { .. })), "{r:?}");
     }
 
+    /// Extended attributes travel in the one `xattr` value (URL-encoded JSON): it comes
+    /// back byte for byte through the backing file's `user.autosync.meta`, and a copy
+    /// keeps it.
+    #[tokio::test]
+    async fn extended_attributes_round_trip_and_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalAttrStore::new(dir.path()).unwrap();
+        let map: crate::xattrs::XattrMap =
+            [("user.a".to_string(), vec![0u8, 1, 255, b'"']), ("user.b".to_string(), b"x".to_vec())].into();
+        let attrs = PosixAttrs { mode: Some(0o100644), xattr: crate::xattrs::encode(&map), ..Default::default() };
+        let opts = PutOptions { attributes: attrs.to_attributes(Some("h"), None), ..Default::default() };
+        store.put_opts(&Path::from("f"), PutPayload::from_static(b"1"), opts).await.unwrap();
+        store.copy(&Path::from("f"), &Path::from("g")).await.unwrap();
+        for key in ["f", "g"] {
+            let got = store.get_opts(&Path::from(key), GetOptions { head: true, ..Default::default() }).await.unwrap();
+            let (back, _) = PosixAttrs::from_attributes(&got.attributes);
+            assert_eq!(back.xattr, attrs.xattr, "{key}");
+            assert_eq!(crate::xattrs::decode(back.xattr.as_deref().unwrap()), map);
+        }
+    }
+
     /// A 255-byte name (legal on Linux, too long for `NAME#N`) is written whole, in parts,
     /// and by a copy, and leaves no staging file behind.
     #[tokio::test]

@@ -222,7 +222,7 @@ impl Uploader {
                 }
                 inner.queue.writing(seq, &copy_key);
             }
-            match self.conditional_put(node.ino, &copy_key, None, &content, attrs).await {
+            match self.conditional_put(node.ino, &copy_key, None, &content, &attrs).await {
                 Ok(p) => {
                     found = Some((copy_key, copy_name, p));
                     break;
@@ -439,7 +439,7 @@ impl Uploader {
             _ => None,
         };
         let base = theirs.as_ref().map(|t| remote_of(&t.meta));
-        let put = match self.conditional_put(node.ino, key, base.as_ref(), &content, node.posix_attrs()).await {
+        let put = match self.conditional_put(node.ino, key, base.as_ref(), &content, &node.posix_attrs()).await {
             Ok(p) => p,
             Err(PutError::Diverged) => {
                 // Changed again meanwhile: the op is retried and decides again.

@@ -284,12 +284,12 @@ impl Uploader {
         self.core.queue().writing(seq, key);
         tracing::debug!(key, ?base, ?moved_from, "put");
         let mut content = content;
-        let mut result = self.conditional_put(node.ino, key, base.as_ref(), &content, attrs).await;
+        let mut result = self.conditional_put(node.ino, key, base.as_ref(), &content, &attrs).await;
         if matches!(&result, Err(PutError::Other(e)) if e.is_gone()) && content.base().is_some() {
             // The version the file is staged over is gone from the bucket: what this mount
             // has of it goes in, and the rest comes from the bucket's version now.
             content = self.settle_over_base(content).await?;
-            result = self.conditional_put(node.ino, key, base.as_ref(), &content, attrs).await;
+            result = self.conditional_put(node.ino, key, base.as_ref(), &content, &attrs).await;
         }
         let put = match result {
             Ok(p) => p,
@@ -384,7 +384,7 @@ impl Uploader {
         key: &str,
         base: Option<&Remote>,
         content: &Content,
-        attrs: PosixAttrs,
+        attrs: &PosixAttrs,
     ) -> Result<object_store::PutResult, PutError> {
         let mut base = base.cloned();
         // Each rebase follows one more object of ours; a bucket that keeps changing under
@@ -412,7 +412,7 @@ impl Uploader {
         key: &str,
         base: Option<&Remote>,
         content: &Content,
-        attrs: PosixAttrs,
+        attrs: &PosixAttrs,
     ) -> Result<object_store::PutResult, PutError> {
         let path = obj_path(key)?;
         let origin = format!("{}:{ino}", self.core.writer);
