@@ -226,8 +226,9 @@ fn round_trip_under_a_prefix(backend: Backend) {
         };
         assert!(o.data == content, "{rel}: the object's content differs from the file in the mount");
         let got = (o.meta.get("mode"), o.meta.get("uid"), o.meta.get("gid"), o.meta.get("mtime"));
-        let (mode, uid, gid, mtime) =
-            (md.mode().to_string(), md.uid().to_string(), md.gid().to_string(), md.mtime().to_string());
+        // The mtime to the nanosecond, as rclone writes it.
+        let mtime = autosync::layout::format_time(md.mtime() * 1_000_000_000 + md.mtime_nsec());
+        let (mode, uid, gid) = (md.mode().to_string(), md.uid().to_string(), md.gid().to_string());
         assert_eq!(got, (Some(&mode), Some(&uid), Some(&gid), Some(&mtime)), "{rel}: metadata {:?}", o.meta);
         assert_eq!(o.meta.get("autosync-hash"), Some(&blake3::hash(&content).to_hex().to_string()), "{rel}");
     }
