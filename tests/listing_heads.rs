@@ -5,24 +5,19 @@
 //! wrapper over `memory://`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use autosync::fs::{Attr, Caps, FsConfig, Ino, Kind, ROOT_INO};
 use autosync::layout::PosixAttrs;
 use autosync::store::Store;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
-};
+use object_store::{ObjectStoreExt, PutOptions, PutPayload};
 
 mod harness;
+use harness::spy::{Hooks, Spy};
 use harness::*;
 
 /// The requests a mount made, by kind and key.
@@ -35,51 +30,23 @@ struct Counts {
 
 /// Counts attribute fetches (HEADs) and reads per key, and folder listings.
 #[derive(Debug)]
-struct CountingStore {
-    inner: Store,
+struct Counter {
     counts: Arc<Mutex<Counts>>,
     /// How long each folder listing takes to answer.
     list_delay: Duration,
 }
 
-impl fmt::Display for CountingStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Counting({})", self.inner)
+impl Hooks for Counter {
+    fn get(&self, location: &Path, head: bool) -> Option<object_store::Error> {
+        let mut c = self.counts.lock().unwrap();
+        let per_key = if head { &mut c.heads } else { &mut c.gets };
+        *per_key.entry(location.to_string()).or_default() += 1;
+        None
     }
-}
 
-#[async_trait]
-impl ObjectStore for CountingStore {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
-        self.inner.put_opts(location, payload, opts).await
-    }
-    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        {
-            let mut c = self.counts.lock().unwrap();
-            let per_key = if options.head { &mut c.heads } else { &mut c.gets };
-            *per_key.entry(location.to_string()).or_default() += 1;
-        }
-        self.inner.get_opts(location, options).await
-    }
-    fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
-        self.inner.delete_stream(locations)
-    }
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+    fn list(&self, _prefix: Option<&Path>) -> Duration {
         self.counts.lock().unwrap().listings += 1;
-        tokio::time::sleep(self.list_delay).await;
-        self.inner.list_with_delimiter(prefix).await
-    }
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
-        self.inner.rename_opts(from, to, options).await
+        self.list_delay
     }
 }
 
@@ -105,8 +72,7 @@ impl Counted {
     async fn with_config(cfg: FsConfig, list_delay: Duration) -> Counted {
         let bucket: Store = Arc::new(InMemory::new());
         let counts = Arc::new(Mutex::new(Counts::default()));
-        let store: Store =
-            Arc::new(CountingStore { inner: Arc::clone(&bucket), counts: Arc::clone(&counts), list_delay });
+        let store = Spy::store(Arc::clone(&bucket), Arc::new(Counter { counts: Arc::clone(&counts), list_delay }));
         let h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
         Counted { h, bucket, counts }
     }

@@ -2,24 +2,19 @@
 //! a program gets (flags, sizes, errors), and what reaches the bucket (s3fs's `xattr`
 //! metadata) and comes back from it, after a restart and on a fresh mount.
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use async_trait::async_trait;
 use autosync::fs::{Caps, FsError, Ino, XattrReply};
 use autosync::layout::PosixAttrs;
 use autosync::store::Store;
 use autosync::xattrs;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
-    PutOptions, PutPayload, PutResult, RenameOptions, Result,
-};
+use object_store::{GetOptions, ObjectStore, PutOptions, PutPayload};
 
 mod harness;
+use harness::spy::{Hooks, Spy};
 use harness::*;
 
 const CREATE: i32 = libc::XATTR_CREATE;
@@ -209,47 +204,16 @@ async fn another_clients_change_of_the_attributes_shows_after_a_listing() {
     assert_eq!(get(&h, ino, "user.v").await.unwrap(), b"theirs");
 }
 
-/// A store whose HEADs fail while `fail` is set; listings and everything else go through.
+/// HEADs fail while `fail` is set; listings and everything else go through.
 #[derive(Debug)]
 struct HeadsFail {
-    inner: Store,
-    fail: Arc<AtomicBool>,
+    fail: AtomicBool,
 }
 
-impl fmt::Display for HeadsFail {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HeadsFail({})", self.inner)
-    }
-}
-
-#[async_trait]
-impl ObjectStore for HeadsFail {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
-        self.inner.put_opts(location, payload, opts).await
-    }
-    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        if options.head && self.fail.load(Ordering::SeqCst) {
-            return Err(object_store::Error::Generic { store: "test", source: "HEAD refused".into() });
-        }
-        self.inner.get_opts(location, options).await
-    }
-    fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
-        self.inner.delete_stream(locations)
-    }
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
-        self.inner.rename_opts(from, to, options).await
+impl Hooks for HeadsFail {
+    fn get(&self, _location: &Path, head: bool) -> Option<object_store::Error> {
+        (head && self.fail.load(Ordering::SeqCst))
+            .then(|| object_store::Error::Generic { store: "test", source: "HEAD refused".into() })
     }
 }
 
@@ -258,9 +222,9 @@ impl ObjectStore for HeadsFail {
 /// can be read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attributes_that_cannot_be_read_are_an_error_not_none() {
-    let fail = Arc::new(AtomicBool::new(false));
+    let hooks = Arc::new(HeadsFail { fail: AtomicBool::new(false) });
     let bucket: Store = Arc::new(object_store::memory::InMemory::new());
-    let store: Store = Arc::new(HeadsFail { inner: Arc::clone(&bucket), fail: Arc::clone(&fail) });
+    let store = Spy::store(Arc::clone(&bucket), Arc::clone(&hooks));
     let h = Harness::new(store, Caps { create: true, update: true }).await;
     let theirs: xattrs::XattrMap = [("user.theirs".to_string(), b"kept".to_vec())].into();
     let attrs = PosixAttrs { mode: Some(0o100644), xattr: xattrs::encode(&theirs), ..Default::default() };
@@ -274,14 +238,14 @@ async fn attributes_that_cannot_be_read_are_an_error_not_none() {
     assert_eq!(list(&h, ino).await, ["user.theirs"]);
     // Changed in the bucket, then listed again while HEADs fail.
     put(b"v2").await.unwrap();
-    fail.store(true, Ordering::SeqCst);
+    hooks.fail.store(true, Ordering::SeqCst);
     let ino = h.resolve("f").await.unwrap();
     let fs = h.fs();
     assert_eq!(fs.listxattr(ino, 0).await.unwrap_err().errno(), libc::EIO);
     assert_eq!(fs.getxattr(ino, b"user.theirs", 0).await.unwrap_err().errno(), libc::EIO);
     assert_eq!(fs.setxattr(ino, b"user.ours", b"x", 0).await.unwrap_err().errno(), libc::EIO);
     // Once the bucket answers, the set keeps theirs.
-    fail.store(false, Ordering::SeqCst);
+    hooks.fail.store(false, Ordering::SeqCst);
     fs.setxattr(ino, b"user.ours", b"x", 0).await.unwrap();
     h.flush().await;
     assert_eq!(in_bucket(&h, "f").await.keys().collect::<Vec<_>>(), ["user.ours", "user.theirs"]);

@@ -2,6 +2,8 @@
 //! filesystem test binaries (`memfs`, `failpoints`).
 #![allow(dead_code)]
 
+pub mod spy;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
