@@ -8,44 +8,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::servers::{Backend, Server};
-use common::{BIN, Mount, TestDir, Tier, run_ok, wait_for};
+use common::fixture::Fixture;
+use common::servers::Backend;
+use common::{BIN, Mount, Tier, run_ok, wait_for};
 use serde_json::Value;
 
 static TIER: Tier = Tier::real_mount("autosync-events-");
-
-struct Fixture {
-    dir: TestDir,
-    server: Server,
-    source: String,
-    state: PathBuf,
-    cache: PathBuf,
-}
-
-impl Fixture {
-    fn new(name: &str, backend: Backend) -> Fixture {
-        let dir = TestDir::new(&TIER, &format!("{name}-{}", backend.name()));
-        let server = Server::start(backend, &dir.root, "server");
-        server.create_bucket("bkt");
-        Fixture {
-            source: server.source("bkt", ""),
-            server,
-            state: dir.root.join("state"),
-            cache: dir.root.join("cache"),
-            dir,
-        }
-    }
-
-    fn mount(&self, upload_delay: &str) -> Mount {
-        let creds = self.server.creds();
-        self.server.mount(&self.dir, &self.source, (&self.state, &self.cache), (upload_delay, "1"), creds)
-    }
-}
 
 /// `autosync events --json --since SEQ` in the background; its lines arrive on a channel.
 struct Follower {
@@ -110,9 +82,9 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
 }
 
 fn events_show_a_script_and_its_uploads_in_order(backend: Backend) {
-    let fx = Fixture::new("script", backend);
+    let fx = Fixture::new(&TIER, "script", backend);
     // Uploads only when flushed: the order of every event is the script's.
-    let m = fx.mount("3600");
+    let m = fx.mount_with(&fx.state, &fx.cache, "3600");
     let first = next_event(&m);
     let follower = Follower::start(&m, first);
     let script = format!(
@@ -184,7 +156,7 @@ fn events_show_a_script_and_its_uploads_in_order(backend: Backend) {
     drop(follower);
     m.flush(); // `end` goes up (end + 1); the unmount is end + 2
     m.unmount();
-    let m = fx.mount("3600");
+    let m = fx.mount_with(&fx.state, &fx.cache, "3600");
     let replay = Follower::start(&m, first);
     let after = replay.until("the events after the restart", |v| s(v, "kind") == "mounted");
     let summary: Vec<(&str, u64, u64)> = after
@@ -201,8 +173,8 @@ const FILES: usize = 10_000;
 
 #[test]
 fn a_listener_that_reads_nothing_is_told_how_many_events_it_missed() {
-    let fx = Fixture::new("lagged", Backend::Local);
-    let m = fx.mount("0.2");
+    let fx = Fixture::new(&TIER, "lagged", Backend::Local);
+    let m = fx.mount_with(&fx.state, &fx.cache, "0.2");
     let first = next_event(&m);
     // A listener on the control socket that reads nothing until the files are made.
     let mut sock = UnixStream::connect(fx.state.join("control.sock")).expect("connect to the control socket");

@@ -11,54 +11,21 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use autosync::xattrs;
-use common::servers::{Backend, Other, Server};
-use common::{Mount, TestDir, Tier, UPLOAD_DELAY, read, run_ok, write_file};
-
-const METADATA_TTL: &str = "1";
+use common::fixture::Fixture;
+use common::servers::Backend;
+use common::{Tier, read, run_ok, write_file};
 
 static TIER: Tier = Tier::real_mount("autosync-posix-");
 
-/// One test's temp dir, its server with one bucket, and another client of that bucket.
-struct Fixture {
-    dir: TestDir,
-    server: Server,
-    bucket: Other,
-    source: String,
-}
-
 impl Fixture {
-    fn new(name: &str, backend: Backend) -> Self {
-        let dir = TestDir::new(&TIER, &format!("{name}-{}", backend.name()));
-        let server = Server::start(backend, &dir.root, "server");
-        server.create_bucket("bkt");
-        Fixture { bucket: server.client("bkt"), source: server.source("bkt", ""), server, dir }
-    }
-
-    /// Mounts the bucket with the state and cache dirs named `state{n}` and `cache{n}`: a
-    /// new `n` is a fresh mount of the bucket, as on another machine.
-    fn mount(&self, n: u32) -> Mount {
-        let (state, cache) = (self.root.join(format!("state{n}")), self.root.join(format!("cache{n}")));
-        let creds = self.server.creds();
-        self.server.mount(&self.dir, &self.source, (&state, &cache), (UPLOAD_DELAY, METADATA_TTL), creds)
-    }
-
     /// The attributes the object at `key` carries in the bucket (its `xattr` metadata).
     fn xattrs_in_bucket(&self, key: &str) -> xattrs::XattrMap {
         let meta = self.bucket.get(key).meta;
         meta.get(xattrs::META_XATTR).map(|v| xattrs::decode(v)).unwrap_or_default()
-    }
-}
-
-impl Deref for Fixture {
-    type Target = TestDir;
-
-    fn deref(&self) -> &TestDir {
-        &self.dir
     }
 }
 
@@ -92,8 +59,8 @@ fn errno(r: std::io::Result<impl Sized>) -> Option<i32> {
 /// those of a Linux filesystem, and the attributes are in the bucket as s3fs's `xattr`
 /// metadata, after an unmount and remount, and in a fresh mount of the bucket.
 fn setfattr_getfattr_survive_remount(backend: Backend) {
-    let fx = Fixture::new("xattr", backend);
-    let m = fx.mount(1);
+    let fx = Fixture::new(&TIER, "xattr", backend);
+    let m = fx.mount_as(1);
     let (d, f) = (fx.m("d"), fx.m("d/f.txt"));
     fs::create_dir(&d).unwrap();
     write_file(&f, b"with attributes\n");
@@ -127,12 +94,12 @@ fn setfattr_getfattr_survive_remount(backend: Backend) {
     assert_eq!(fx.bucket.data("d/f.txt"), b"with attributes\n");
     m.unmount();
 
-    let m = fx.mount(1);
+    let m = fx.mount_as(1);
     assert_eq!(getfattr(&f), want_f, "after unmount + remount");
     assert_eq!(getfattr(&d), want_d, "after unmount + remount");
     m.unmount();
 
-    let m = fx.mount(2);
+    let m = fx.mount_as(2);
     assert_eq!(getfattr(&f), want_f, "in a fresh mount of the bucket");
     assert_eq!(getfattr(&d), want_d, "in a fresh mount of the bucket");
     assert_eq!(read(&f), b"with attributes\n");
@@ -176,10 +143,10 @@ fn check_copy(root: &Path, want: &[(PathBuf, BTreeMap<String, String>)], what: &
 /// attributes, `cp -a` within it and `cp --preserve=xattr` out of it too, and they are in
 /// the bucket for a fresh mount.
 fn cp_and_rsync_keep_xattrs(backend: Backend) {
-    let fx = Fixture::new("xcopy", backend);
+    let fx = Fixture::new(&TIER, "xcopy", backend);
     let src = fx.root.join("src");
     let want = tree_with_xattrs(&src);
-    let m = fx.mount(1);
+    let m = fx.mount_as(1);
     run_ok(cmd("cp", &[&"-a", &"--preserve=all", &src, &fx.m("cp")]));
     check_copy(&fx.m("cp"), &want, "cp -a --preserve=all");
     run_ok(cmd("rsync", &[&"-aX", &format!("{}/", src.display()), &fx.m("rs")]));
@@ -200,7 +167,7 @@ fn cp_and_rsync_keep_xattrs(backend: Backend) {
     m.flush();
     m.unmount();
 
-    let m = fx.mount(2);
+    let m = fx.mount_as(2);
     check_copy(&fx.m("cp"), &want, "cp copy in a fresh mount of the bucket");
     check_copy(&fx.m("rs"), &want, "rsync copy in a fresh mount of the bucket");
     m.unmount();

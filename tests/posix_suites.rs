@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::servers::{Backend, Other, Server, find_exe};
-use common::{Mount, TestDir, Tier, UPLOAD_DELAY, read, try_run};
+use common::fixture::Fixture;
+use common::servers::{Backend, find_exe};
+use common::{Mount, Tier, read, try_run};
 
 static TIER: Tier = Tier::real_mount("autosync-posix-");
 
@@ -27,31 +28,11 @@ const SUITE_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// A mounted bucket of `backend` in its own temp dir, which other users may enter (the
 /// permission cases of pjdfstest run as `nobody` and `daemon`).
-struct Mounted {
-    dir: TestDir,
-    bucket: Other,
-    mount: Option<Mount>,
-    _server: Server,
-}
-
-impl Mounted {
-    fn new(name: &str, backend: Backend) -> Mounted {
-        let dir = TestDir::new(&TIER, &format!("{name}-{}", backend.name()));
-        fs::set_permissions(&dir.root, fs::Permissions::from_mode(0o755)).unwrap();
-        let server = Server::start(backend, &dir.root, "server");
-        server.create_bucket("bkt");
-        let source = server.source("bkt", "");
-        let dirs = (&dir.root.join("state"), &dir.root.join("cache"));
-        let mount =
-            server.mount(&dir, &source, (dirs.0.as_path(), dirs.1.as_path()), (UPLOAD_DELAY, "1"), server.creds());
-        Mounted { bucket: server.client("bkt"), mount: Some(mount), dir, _server: server }
-    }
-
-    fn unmount(mut self) {
-        if let Some(m) = self.mount.take() {
-            m.unmount();
-        }
-    }
+fn mounted(name: &str, backend: Backend) -> (Fixture, Mount) {
+    let fx = Fixture::new(&TIER, name, backend);
+    fs::set_permissions(&fx.root, fs::Permissions::from_mode(0o755)).unwrap();
+    let m = fx.mount();
+    (fx, m)
 }
 
 fn tool(var: &str, name: &str) -> PathBuf {
@@ -106,11 +87,11 @@ fn verdicts(out: &str) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>)
 }
 
 fn pjdfstest(backend: Backend) {
-    let fx = Mounted::new("pjdfstest", backend);
+    let (fx, m) = mounted("pjdfstest", backend);
     let mut cmd = Command::new(tool("AUTOSYNC_PJDFSTEST", "pjdfstest"));
-    cmd.current_dir(&fx.dir.mnt).arg("-c").arg(suite_file("pjdfstest.toml")).arg("-p").arg(&fx.dir.mnt);
+    cmd.current_dir(&fx.mnt).arg("-c").arg(suite_file("pjdfstest.toml")).arg("-p").arg(&fx.mnt);
     let out = try_run(&mut cmd, SUITE_TIMEOUT, None).unwrap_or_else(|e| panic!("{e}"));
-    fs::write(fx.dir.root.join("pjdfstest.out"), format!("{}\n{}", out.stdout, out.stderr)).unwrap();
+    fs::write(fx.root.join("pjdfstest.out"), format!("{}\n{}", out.stdout, out.stderr)).unwrap();
     let (ok, failed, skipped) = verdicts(&out.stdout);
     let total = ok.len() + failed.len() + skipped.len();
     assert!(total > 300, "pjdfstest ran {total} tests, expected about 400: {out}");
@@ -130,27 +111,27 @@ fn pjdfstest(backend: Backend) {
         unexpected.is_empty(),
         "pjdfstest tests failed that are not in tests/posix/pjdfstest-exclusions: {unexpected:?} \
          (output: {})",
-        fx.dir.root.join("pjdfstest.out").display()
+        fx.root.join("pjdfstest.out").display()
     );
     assert!(stale.is_empty(), "these exclusions match no failure any more, remove them: {stale:?}");
-    fx.unmount();
+    m.unmount();
 }
 
 /// fsx on one file of the mount, `ops` operations; then what reached the bucket is the
 /// file as fsx left it.
 fn fsx(backend: Backend, ops: u32) {
-    let fx = Mounted::new("fsx", backend);
-    let artifacts = fx.dir.root.join("fsx");
+    let (fx, m) = mounted("fsx", backend);
+    let artifacts = fx.root.join("fsx");
     fs::create_dir(&artifacts).unwrap();
-    let file = fx.dir.m("fsx.bin");
+    let file = fx.m("fsx.bin");
     let mut cmd = Command::new(tool("AUTOSYNC_FSX", "fsx"));
     cmd.arg("-N").arg(ops.to_string()).arg("-S").arg("20261207").arg("-P").arg(&artifacts).arg(&file);
     let out = try_run(&mut cmd, SUITE_TIMEOUT, None).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.ok() && out.stdout.contains("All operations completed A-OK"), "fsx failed: {out}");
     let local = read(&file);
-    fx.mount.as_ref().unwrap().flush();
+    m.flush();
     assert!(fx.bucket.data("fsx.bin") == local, "the bucket's fsx.bin differs from the mount's after a flush");
-    fx.unmount();
+    m.unmount();
 }
 
 fn fsx_many(backend: Backend) {

@@ -19,21 +19,18 @@ mod common;
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::{self, OpenOptions};
-use std::ops::Deref;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::fixture::{Fixture, METADATA_TTL};
 use common::servers::{Backend, Other, Server};
 use common::{
     BIN, Mount, MountSpec, Rng, STAMP, StrayGuard, TestDir, Tier, UPLOAD_DELAY, mounted, read, run, run_ok, try_run,
     wait_for, write_file,
 };
-
-/// Short re-listing delay so that re-listings happen within the tests' time.
-const METADATA_TTL: &str = "1";
 
 static TIER: Tier = Tier::real_mount("autosync-");
 
@@ -43,61 +40,6 @@ fn sh(prog: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
         c.arg(a.as_ref());
     }
     c
-}
-
-/// One test's temp dir (mount point, state and cache dirs, daemon log), its server with one
-/// bucket, and another client of that bucket.
-struct Fixture {
-    dir: TestDir,
-    server: Server,
-    /// The other client, looking at the bucket from outside.
-    bucket: Other,
-    source: String,
-    state: PathBuf,
-    cache: PathBuf,
-}
-
-impl Fixture {
-    fn new(name: &str, backend: Backend) -> Self {
-        let dir = TestDir::new(&TIER, &format!("{name}-{}", backend.name()));
-        let server = Server::start(backend, &dir.root, "server");
-        server.create_bucket("bkt");
-        Fixture {
-            bucket: server.client("bkt"),
-            source: server.source("bkt", ""),
-            server,
-            state: dir.root.join("state"),
-            cache: dir.root.join("cache"),
-            dir,
-        }
-    }
-
-    /// Mounts the bucket at `mnt` with this fixture's state and cache dirs.
-    fn mount(&self) -> Mount {
-        self.mount_with(&self.state, &self.cache, UPLOAD_DELAY)
-    }
-
-    /// Mounts the bucket at `mnt` with the given state and cache dirs and upload delay.
-    fn mount_with(&self, state: &Path, cache: &Path, upload_delay: &str) -> Mount {
-        let creds = self.server.creds();
-        self.server.mount(&self.dir, &self.source, (state, cache), (upload_delay, METADATA_TTL), creds)
-    }
-
-    /// The bucket folder, for a local-folder backend.
-    fn local_bucket(&self) -> Option<PathBuf> {
-        match &self.server {
-            Server::Local(root) => Some(root.join("bkt")),
-            _ => None,
-        }
-    }
-}
-
-impl Deref for Fixture {
-    type Target = TestDir;
-
-    fn deref(&self) -> &TestDir {
-        &self.dir
-    }
 }
 
 impl Mount {
@@ -181,7 +123,7 @@ fn make_tree(root: &Path) {
 }
 
 fn cp_tree_then_diff_mount_and_bucket(backend: Backend) {
-    let fx = Fixture::new("cp", backend);
+    let fx = Fixture::new(&TIER, "cp", backend);
     let src = fx.root.join("src");
     make_tree(&src);
     let m = fx.mount();
@@ -246,7 +188,7 @@ fn git(fx: &Fixture, dir: &Path) -> Command {
 }
 
 fn git_clone_status_log_commit(backend: Backend) {
-    let fx = Fixture::new("git", backend);
+    let fx = Fixture::new(&TIER, "git", backend);
     let origin = fx.root.join("origin");
     fs::create_dir(&origin).unwrap();
     run_ok(git(&fx, &origin).args(["init", "-q", "-b", "main"]));
@@ -299,7 +241,7 @@ fn sqlite(db: &Path, sql: &str) -> String {
 }
 
 fn sqlite_database_in_the_mount(backend: Backend) {
-    let fx = Fixture::new("sqlite", backend);
+    let fx = Fixture::new(&TIER, "sqlite", backend);
     let m = fx.mount();
     let db = fx.m("app.db");
     let mut sql = String::from("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER NOT NULL, s TEXT);\nBEGIN;\n");
@@ -331,7 +273,7 @@ fn sqlite_database_in_the_mount(backend: Backend) {
 // ---------------------------------------------------------------------------------------------
 
 fn random_writes_into_a_64_mib_file(backend: Backend) {
-    let fx = Fixture::new("pwrite", backend);
+    let fx = Fixture::new(&TIER, "pwrite", backend);
     let m = fx.mount();
     let path = fx.m("big.bin");
     let mut rng = Rng(4);
@@ -384,7 +326,7 @@ fn status_json(m: &Mount) -> serde_json::Value {
 /// (`>>`), writes into it, a truncate. None of it is downloaded whole: the local copy holds
 /// the blocks written, and on S3 the bucket copies the unchanged ranges into the upload.
 fn edits_of_a_big_file_already_in_the_bucket(backend: Backend) {
-    let fx = Fixture::new("overbase", backend);
+    let fx = Fixture::new(&TIER, "overbase", backend);
     let mut rng = Rng(14);
     let mut expected = rng.bytes((40 << 20) + 12_345);
     fx.bucket.put("big.log", &expected);
@@ -470,7 +412,7 @@ fn check_renamed_dir(dir: &Path) {
 }
 
 fn rename_a_folder_of_1000_files(backend: Backend) {
-    let fx = Fixture::new("mvdir", backend);
+    let fx = Fixture::new(&TIER, "mvdir", backend);
     let m = fx.mount();
     let dir = fx.m("dir");
     fs::create_dir(&dir).unwrap();
@@ -509,7 +451,7 @@ fn check_attrs(path: &Path, perm: u32, when: &str) {
 }
 
 fn chmod_chown_touch_survive_remount(backend: Backend) {
-    let fx = Fixture::new("attrs", backend);
+    let fx = Fixture::new(&TIER, "attrs", backend);
     let m = fx.mount();
     let (d, f) = (fx.m("d"), fx.m("d/f.txt"));
     fs::create_dir(&d).unwrap();
@@ -561,7 +503,7 @@ fn chmod_chown_touch_survive_remount(backend: Backend) {
 /// Names of 255 bytes (the most Linux allows) work everywhere, the local folder included,
 /// and times keep their nanoseconds and a separate access time past 2106.
 fn long_names_and_exact_times(backend: Backend) {
-    let fx = Fixture::new("names", backend);
+    let fx = Fixture::new(&TIER, "names", backend);
     let m = fx.mount();
     let long = |c: &str| c.repeat(255);
     let (dir, file, moved) = (fx.m(&long("d")), fx.m(&format!("{}/{}", long("d"), long("f"))), fx.m(&long("m")));
@@ -606,7 +548,7 @@ fn long_names_and_exact_times(backend: Backend) {
 /// a fresh mount of the bucket.
 fn special_files_fifo_socket_and_devices(backend: Backend) {
     use std::os::unix::fs::FileTypeExt;
-    let fx = Fixture::new("special", backend);
+    let fx = Fixture::new(&TIER, "special", backend);
     let check = |when: &str| {
         let kind = |name: &str| {
             let md = fs::symlink_metadata(fx.m(name)).unwrap_or_else(|e| panic!("stat {name} {when}: {e}"));
@@ -658,7 +600,7 @@ fn special_files_fifo_socket_and_devices(backend: Backend) {
 // ---------------------------------------------------------------------------------------------
 
 fn sigkill_then_remount_replays_the_journal(backend: Backend) {
-    let fx = Fixture::new("crash", backend);
+    let fx = Fixture::new(&TIER, "crash", backend);
     // A long upload delay: at the kill, the files are only in the local journal.
     let m = fx.mount_with(&fx.state, &fx.cache, "600");
     let big: Vec<u8> = Rng(7).bytes(300_000);
@@ -689,7 +631,7 @@ fn sigkill_then_remount_replays_the_journal(backend: Backend) {
 // ---------------------------------------------------------------------------------------------
 
 fn bad_input_fails_with_one_line_and_mounts_nothing(backend: Backend) {
-    let fx = Fixture::new("bad", backend);
+    let fx = Fixture::new(&TIER, "bad", backend);
     let m = fx.mount();
     write_file(&fx.m("keep.txt"), b"the good mount keeps working\n");
 
@@ -748,7 +690,7 @@ fn top_files(mnt: &Path) -> BTreeMap<String, Vec<u8>> {
 /// edit–edit, a delete–edit and a create–create conflict, under keep-both. Every version
 /// written survives somewhere, and both mounts converge to the bucket's view.
 fn two_mounts_of_one_bucket_keep_every_version_and_converge(backend: Backend) {
-    let fx = Fixture::new("twomounts", backend);
+    let fx = Fixture::new(&TIER, "twomounts", backend);
     let dir_b = TestDir::new(&TIER, &format!("twomounts-b-{}", backend.name()));
     // Uploads only on flush, so the order of events is the test's.
     let a = fx.mount_with(&fx.state, &fx.cache, "3600");
@@ -825,7 +767,7 @@ fn two_mounts_of_one_bucket_keep_every_version_and_converge(backend: Backend) {
 /// file holding both, on both mounts and in the bucket. And the background poll: mount B
 /// trusts its listings for an hour, yet shows A's new and changed files within seconds.
 fn two_mounts_merge_text_and_the_poll_shows_changes(backend: Backend) {
-    let fx = Fixture::new("merge", backend);
+    let fx = Fixture::new(&TIER, "merge", backend);
     let dir_b = TestDir::new(&TIER, &format!("merge-b-{}", backend.name()));
     let creds = fx.server.creds();
     let merge = |extra: &[&str]| {
@@ -899,7 +841,7 @@ fn all_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
 /// renamed on one while the other adds a file inside it. Nothing written is lost, and
 /// both mounts converge to the bucket's view.
 fn two_mounts_rename_edit_and_folder_rename_add(backend: Backend) {
-    let fx = Fixture::new("tworename", backend);
+    let fx = Fixture::new(&TIER, "tworename", backend);
     let dir_b = TestDir::new(&TIER, &format!("tworename-b-{}", backend.name()));
     let a = fx.mount_with(&fx.state, &fx.cache, "3600");
     let b = fx.server.mount(
@@ -959,7 +901,7 @@ fn conflict_host_name() -> String {
 /// Conflict flags are checked before anything is mounted.
 #[test]
 fn bad_conflict_flags_are_refused_before_mounting() {
-    let fx = Fixture::new("badflags", Backend::Local);
+    let fx = Fixture::new(&TIER, "badflags", Backend::Local);
     let rules = fx.root.join("rules");
     fs::write(&rules, "*.docx newest\nshared/** whoever\n").unwrap();
     let rules_flag = rules.display().to_string();
@@ -1001,7 +943,7 @@ fn renameat2_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 fn rename_rmdir_noreplace_and_link_semantics(backend: Backend) {
-    let fx = Fixture::new("rename", backend);
+    let fx = Fixture::new(&TIER, "rename", backend);
     let m = fx.mount();
     let (a, b) = (fx.m("a.txt"), fx.m("b.txt"));
     write_file(&a, b"old content of a\n");
@@ -1056,7 +998,7 @@ fn rename_rmdir_noreplace_and_link_semantics(backend: Backend) {
 /// the last close (st_nlink 0 once it has no name), and nothing written to it afterwards
 /// reaches the bucket.
 fn open_files_outlive_unlink_and_rename_over(backend: Backend) {
-    let fx = Fixture::new("orphan", backend);
+    let fx = Fixture::new(&TIER, "orphan", backend);
     let m = fx.mount();
     let (gone, over, other) = (fx.m("gone.txt"), fx.m("over.txt"), fx.m("other.txt"));
     write_file(&gone, b"unlinked while open\n");
@@ -1096,7 +1038,7 @@ fn open_files_outlive_unlink_and_rename_over(backend: Backend) {
 // ---------------------------------------------------------------------------------------------
 
 fn executable_script_runs_from_the_mount(backend: Backend) {
-    let fx = Fixture::new("perm", backend);
+    let fx = Fixture::new(&TIER, "perm", backend);
     let m = fx.mount();
     let p = fx.m("x.sh");
     write_file(&p, b"#!/bin/sh\necho hi\n");
@@ -1167,7 +1109,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn block_cache_survives_remount_and_refetches_tampered_blocks() {
-    let fx = Fixture::new("blockcache", Backend::Local);
+    let fx = Fixture::new(&TIER, "blockcache", Backend::Local);
     let data = marked_content(5 << 20, 11);
     let name = "secret-report-name.bin";
     fx.bucket.put(name, &data);
@@ -1237,7 +1179,7 @@ fn assert_nothing_readable(root: &Path, names: &[&str]) -> usize {
 /// table are sealed too: neither the cache dir nor the state dir shows names or plaintext.
 #[test]
 fn no_plaintext_or_names_under_the_cache_and_state_dirs() {
-    let fx = Fixture::new("sealed", Backend::Local);
+    let fx = Fixture::new(&TIER, "sealed", Backend::Local);
     let m = fx.mount();
     let names = ["secret-folder-qz", "secret-report-qz.txt", "secret-big-qz.bin", "secret-renamed-qz.txt"];
     let dir = fx.m(names[0]);
@@ -1277,7 +1219,7 @@ fn no_plaintext_or_names_under_the_cache_and_state_dirs() {
 /// held 3,000 descriptors (100,000 ran out of them and the listing hung).
 #[test]
 fn listing_a_big_folder_holds_few_files_open() {
-    let fx = Fixture::new("nofile", Backend::Local);
+    let fx = Fixture::new(&TIER, "nofile", Backend::Local);
     let root = fx.local_bucket().unwrap().join("big");
     fs::create_dir_all(&root).unwrap();
     for i in 0..3000 {
@@ -1330,7 +1272,7 @@ fn listing_a_big_folder_holds_few_files_open() {
 
 #[test]
 fn remount_right_after_unmount() {
-    let fx = Fixture::new("remount", Backend::Local);
+    let fx = Fixture::new(&TIER, "remount", Backend::Local);
     for i in 0..3 {
         let mut m = fx.mount_extra(&[]);
         write_file(&fx.m(&format!("f{i}")), b"x");
@@ -1346,7 +1288,7 @@ fn remount_right_after_unmount() {
 
 #[test]
 fn another_block_size_never_reads_old_blocks() {
-    let fx = Fixture::new("blocksize", Backend::Local);
+    let fx = Fixture::new(&TIER, "blocksize", Backend::Local);
     let data = Rng(41).bytes((5 << 20) + 12345);
     fx.bucket.put("f.bin", &data);
     let m = fx.mount_extra(&[]);
@@ -1361,7 +1303,7 @@ fn another_block_size_never_reads_old_blocks() {
 
 #[test]
 fn cache_warm_and_clear_commands() {
-    let fx = Fixture::new("cachecmds", Backend::Local);
+    let fx = Fixture::new(&TIER, "cachecmds", Backend::Local);
     let (a, b) = (Rng(31).bytes(3 << 20), Rng(32).bytes(2 << 20));
     fx.bucket.put("d/a.bin", &a);
     fx.bucket.put("d/sub/b.bin", &b);
@@ -1385,7 +1327,7 @@ fn cache_warm_and_clear_commands() {
 
 #[test]
 fn block_cache_stays_under_its_bound() {
-    let fx = Fixture::new("cachebound", Backend::Local);
+    let fx = Fixture::new(&TIER, "cachebound", Backend::Local);
     let data = Rng(12).bytes(12 << 20);
     fx.bucket.put("big.bin", &data);
     let m = fx.mount_extra(&["--cache-size", "4M"]);
@@ -1405,7 +1347,7 @@ fn block_cache_stays_under_its_bound() {
 /// bytes, then prints one summary line.
 #[test]
 fn flush_on_a_terminal_shows_progress_and_a_summary() {
-    let fx = Fixture::new("flushbar", Backend::Local);
+    let fx = Fixture::new(&TIER, "flushbar", Backend::Local);
     let m = fx.mount_with(&fx.state, &fx.cache, "3600");
     for i in 0..3 {
         write_file(&fx.m(&format!("f{i}")), &Rng(40 + i).bytes(4 << 20));
@@ -1446,7 +1388,7 @@ impl Drop for Tmpfs {
 /// and once the uploads are done their local copies make room, so writing works again.
 #[test]
 fn a_full_cache_disk_gives_enospc_and_writes_resume_after_uploads() {
-    let fx = Fixture::new("enospc", Backend::Local);
+    let fx = Fixture::new(&TIER, "enospc", Backend::Local);
     let _tmpfs = Tmpfs::mount(&fx.cache, "64m");
     // Nothing uploads (so nothing leaves staging) until the flush.
     let mut opts = fx.server.mount_opts();
@@ -1482,7 +1424,7 @@ fn a_full_cache_disk_gives_enospc_and_writes_resume_after_uploads() {
 
 #[test]
 fn a_remote_change_invalidates_cached_blocks_and_the_page_cache() {
-    let fx = Fixture::new("cacheinval", Backend::Local);
+    let fx = Fixture::new(&TIER, "cacheinval", Backend::Local);
     let v1 = marked_content(3 << 20, 21);
     let v2 = marked_content(3 << 20, 22);
     fx.bucket.put("f.bin", &v1);
@@ -1515,7 +1457,7 @@ fn a_remote_change_invalidates_cached_blocks_and_the_page_cache() {
 /// mount is kept (and stays pending, with the refusal in `status`).
 #[test]
 fn gcs_lists_reads_and_deletes() {
-    let fx = Fixture::new("gcs", Backend::Gcs);
+    let fx = Fixture::new(&TIER, "gcs", Backend::Gcs);
     let Server::Gcs(gcs) = &fx.server else { unreachable!() };
     let attrs = |mode: u32| {
         vec![("mode", mode.to_string()), ("uid", "1234".into()), ("gid", "5678".into()), ("mtime", STAMP.to_string())]

@@ -41,6 +41,7 @@ macro_rules! against_every_backend {
     };
 }
 
+pub mod fixture;
 pub mod servers;
 pub mod unquote;
 
