@@ -34,6 +34,8 @@ struct Counter {
     counts: Arc<Mutex<Counts>>,
     /// How long each folder listing takes to answer.
     list_delay: Duration,
+    /// How long each attribute fetch takes to answer.
+    head_delay: Duration,
 }
 
 impl Hooks for Counter {
@@ -42,6 +44,10 @@ impl Hooks for Counter {
         let per_key = if head { &mut c.heads } else { &mut c.gets };
         *per_key.entry(location.to_string()).or_default() += 1;
         None
+    }
+
+    fn get_delay(&self, _location: &Path, head: bool) -> Duration {
+        if head { self.head_delay } else { Duration::ZERO }
     }
 
     fn list(&self, _prefix: Option<&Path>) -> Duration {
@@ -70,9 +76,14 @@ impl Counted {
     }
 
     async fn with_config(cfg: FsConfig, list_delay: Duration) -> Counted {
+        Self::with_delays(cfg, list_delay, Duration::ZERO).await
+    }
+
+    async fn with_delays(cfg: FsConfig, list_delay: Duration, head_delay: Duration) -> Counted {
         let bucket: Store = Arc::new(InMemory::new());
         let counts = Arc::new(Mutex::new(Counts::default()));
-        let store = Spy::store(Arc::clone(&bucket), Arc::new(Counter { counts: Arc::clone(&counts), list_delay }));
+        let counter = Counter { counts: Arc::clone(&counts), list_delay, head_delay };
+        let store = Spy::store(Arc::clone(&bucket), Arc::new(counter));
         let h = Harness::with_config(store, Caps { create: true, update: true }, cfg).await;
         Counted { h, bucket, counts }
     }
@@ -316,4 +327,33 @@ async fn a_folder_that_left_memory_takes_its_attributes_back() {
     let (heads, _) = c.take();
     assert_eq!(heads, BTreeMap::new(), "attributes fetched again after a remount");
     assert_eq!(after, again);
+}
+
+/// A folder read while its listing still fetches its new entries' attributes waits for
+/// them: a symlink is never answered as a file (the kernel would keep it a file, and
+/// `readlink` would fail with EINVAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_read_during_its_listing_waits_for_the_attributes() {
+    let cfg = FsConfig { metadata_ttl: Duration::from_secs(60), listing_min_age: Duration::ZERO, ..cfg() };
+    let c = Counted::with_delays(cfg, Duration::ZERO, Duration::from_millis(300)).await;
+    let link = PosixAttrs { mode: Some(0o120777), ..Default::default() };
+    let opts = PutOptions { attributes: link.to_attributes(None, None), ..Default::default() };
+    c.bucket.put_opts(&Path::from("d/link"), PutPayload::from_static(b"target"), opts).await.expect("put");
+    let d = c.h.resolve("d").await.expect("resolve d");
+    c.take();
+
+    let fs = Arc::clone(c.h.fs());
+    let first = tokio::spawn(async move { fs.opendir(d).await });
+    // The first listing is merged once its attribute fetch has started.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !c.counts.lock().unwrap().heads.contains_key("d/link") {
+        assert!(std::time::Instant::now() < deadline, "the listing never fetched d/link's attributes");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for fh in [c.h.fs().opendir(d).await.expect("second opendir"), first.await.unwrap().expect("first opendir")] {
+        let page = c.h.fs().readdir(fh, 0).expect("readdir");
+        let kinds: Vec<_> = page.iter().filter(|e| e.name == "link").map(|e| e.kind).collect();
+        assert_eq!(kinds, [Kind::Symlink]);
+        c.h.fs().releasedir(fh);
+    }
 }

@@ -150,13 +150,25 @@ impl Listings {
         self.evict();
         let fresh = self.fresh(ino)?;
         let _ = self.lru.get(&ino);
-        if !fresh && let Err(e) = self.refresh(ino).await {
+        if fresh {
+            // A listing merged a moment ago may still be fetching its new entries'
+            // attributes: a reply before them would tell the kernel a symlink is a file.
+            self.wait_under_way(ino).await;
+        } else if let Err(e) = self.refresh(ino).await {
             if !self.core.tree().get(ino)?.listed {
                 return Err(e);
             }
             tracing::debug!("listing failed, serving the folder as last seen: {e}");
         }
         Ok(())
+    }
+
+    /// Waits for the listing of `ino` under way, if any, to finish (merge and attributes).
+    async fn wait_under_way(&self, ino: Ino) {
+        let under_way = lock(&self.listing_now).get(&ino).cloned();
+        if let Some(mut rx) = under_way {
+            let _ = rx.changed().await;
+        }
     }
 
     /// Lists a folder from the bucket and merges it with what is known locally. A folder

@@ -22,6 +22,11 @@ pub trait Hooks: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// Before a GET or HEAD that goes through: how long it takes to answer.
+    fn get_delay(&self, _location: &Path, _head: bool) -> Duration {
+        Duration::ZERO
+    }
+
     /// Before a folder listing: how long it takes to answer.
     fn list(&self, _prefix: Option<&Path>) -> Duration {
         Duration::ZERO
@@ -57,6 +62,10 @@ impl<H: Hooks> ObjectStore for Spy<H> {
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         if let Some(e) = self.hooks.get(location, options.head) {
             return Err(e);
+        }
+        let delay = self.hooks.get_delay(location, options.head);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         self.inner.get_opts(location, options).await
     }
