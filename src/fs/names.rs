@@ -251,10 +251,7 @@ impl Locked<'_> {
     /// Applies what setattr changes (a new size is already in the staging file) and queues
     /// the upload; a truncation is made durable at once, since close() may never follow.
     pub fn set_attrs(&mut self, ino: Ino, set: SetAttr) -> FsResult<Attr> {
-        let cfg = &self.core().cfg;
-        let mut batch = Batch::default();
         let n = self.get_mut(ino)?;
-        let delay = if n.open > 0 { cfg.open_upload_delay } else { cfg.upload_delay };
         if let Some(size) = set.size {
             n.size = size;
             n.mtime_ns = now_ns();
@@ -277,15 +274,27 @@ impl Locked<'_> {
         if let Some(t) = set.mtime {
             n.mtime_ns = to_ns(t);
         }
+        self.attributes_changed(ino, set.size.is_some())
+    }
+
+    /// An inode's attributes were changed in memory (mode, owner, times, size, extended
+    /// attributes): its ctime is now, its upload is queued as for any change (the top
+    /// folder has no object: it is only persisted), the batch is committed (`durable`:
+    /// synced at once) and the change told as an event.
+    pub(super) fn attributes_changed(&mut self, ino: Ino, durable: bool) -> FsResult<Attr> {
+        let cfg = &self.core().cfg;
+        let mut batch = Batch::default();
+        let n = self.get_mut(ino)?;
+        let delay = if n.open > 0 { cfg.open_upload_delay } else { cfg.upload_delay };
         n.ctime_ns = now_ns();
-        if n.ino != ROOT_INO {
+        if ino != ROOT_INO {
             n.dirty = true;
             self.touch(ino, delay, &mut batch)?;
         } else {
             self.persist(ino, &mut batch)?;
         }
         let attr = self.get(ino)?.attr();
-        self.commit(batch, set.size.is_some())?;
+        self.commit(batch, durable)?;
         let mut e = Event::new(EventKind::AttributesChanged).size(attr.size);
         if let Some(p) = self.path_of(ino) {
             e = e.path(p);

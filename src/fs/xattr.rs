@@ -8,14 +8,10 @@
 //! write, to drop it (FUSE_HANDLE_KILLPRIV_V2 would stop that, but moves the clearing of
 //! set-uid bits on truncate and open into the daemon, which fuser 0.18 does not tell).
 
-use std::time::Duration;
-
 use super::Fs;
 use super::core::Locked;
 use super::error::{FsError, FsResult};
-use super::events::{Event, Kind as EventKind};
-use super::types::{Ino, ROOT_INO, now_ns};
-use crate::state::Batch;
+use super::types::Ino;
 use crate::xattrs::{self, XattrMap};
 
 /// The only namespace kept.
@@ -48,6 +44,14 @@ fn user_name(name: &[u8]) -> FsResult<&str> {
     std::str::from_utf8(name).map_err(|_| FsError::Invalid("extended attribute names must be UTF-8"))
 }
 
+/// A name to look up: one that cannot be stored is not there (`ENODATA`).
+fn stored_name(name: &[u8]) -> FsResult<&str> {
+    match user_name(name) {
+        Err(FsError::Invalid(_)) => Err(FsError::NoData),
+        other => other,
+    }
+}
+
 impl Fs {
     /// Reads the object's metadata if only a listing knows the inode. An answer missing
     /// then (the bucket failed the HEAD) is an error: attributes taken as none would be
@@ -70,12 +74,7 @@ impl Fs {
     }
 
     pub async fn getxattr(&self, ino: Ino, name: &[u8], size: u32) -> FsResult<XattrReply> {
-        let name = match user_name(name) {
-            Ok(n) => n,
-            // A name that cannot be stored is not there.
-            Err(FsError::Invalid(_)) => return Err(FsError::NoData),
-            Err(e) => return Err(e),
-        };
+        let name = stored_name(name)?;
         let mut map = self.xattrs_of(ino).await?;
         let value = map.remove(name).ok_or(FsError::NoData)?;
         XattrReply::sized(value, size)
@@ -118,11 +117,7 @@ impl Fs {
     }
 
     pub async fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
-        let name = match user_name(name) {
-            Ok(n) => n,
-            Err(FsError::Invalid(_)) => return Err(FsError::NoData),
-            Err(e) => return Err(e),
-        };
+        let name = stored_name(name)?;
         self.attrs_read(ino).await?;
         self.core.lock().change_xattrs(ino, |map| map.remove(name).map(|_| ()).ok_or(FsError::NoData))
     }
@@ -132,33 +127,15 @@ impl Locked<'_> {
     /// Changes an inode's attributes as `change` says, within the metadata budget, and
     /// queues the upload that carries them (a change of metadata, like a chmod).
     fn change_xattrs(&mut self, ino: Ino, change: impl FnOnce(&mut XattrMap) -> FsResult<()>) -> FsResult<()> {
-        let cfg = &self.core().cfg;
         let n = self.get(ino)?;
-        let delay: Duration = if n.open > 0 { cfg.open_upload_delay } else { cfg.upload_delay };
         let mut map = n.xattr.as_deref().map(xattrs::decode).unwrap_or_default();
         change(&mut map)?;
         let encoded = xattrs::encode(&map);
         if !xattrs::fits(encoded.as_deref()) {
             return Err(FsError::TooBig("extended attributes over the object metadata budget"));
         }
-        let mut batch = Batch::default();
-        let n = self.get_mut(ino)?;
-        n.xattr = encoded;
-        n.ctime_ns = now_ns();
-        if ino != ROOT_INO {
-            n.dirty = true;
-            self.touch(ino, delay, &mut batch)?;
-        } else {
-            // The top folder has no object: its attributes live in the state dir only.
-            self.persist(ino, &mut batch)?;
-        }
-        self.commit(batch, false)?;
-        let mut e = Event::new(EventKind::AttributesChanged);
-        if let Some(p) = self.path_of(ino) {
-            e = e.path(p);
-        }
-        self.emit(e);
-        Ok(())
+        self.get_mut(ino)?.xattr = encoded;
+        self.attributes_changed(ino, false).map(|_| ())
     }
 }
 
