@@ -270,9 +270,10 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
-        // Objects cannot share content: hard links are refused as link(2) documents.
-        reply.error(Errno::EPERM);
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let name = try_reply!(reply, name_str(newname));
+        let a = try_reply!(reply, self.run("link", req, self.fs.link(Ino(ino.0), Ino(newparent.0), name)));
+        reply.entry(&TTL, &attr(&a), Generation(0));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

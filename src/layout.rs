@@ -30,6 +30,9 @@ pub const META_MTIME: &str = "mtime";
 pub const META_ATIME: &str = "atime";
 /// The device number of a device node (s3fs's name and format: a decimal `dev_t`).
 pub const META_RDEV: &str = "rdev";
+/// The link group of a file with several names (hard links): each name is a full copy of
+/// the object and carries the same group id.
+pub const META_LINK: &str = "autosync-link";
 /// blake3 of the content, to settle ambiguous conditional writes by reading back.
 pub const META_HASH: &str = "autosync-hash";
 /// `WRITER:INO`: the mount state (a random id per state dir) and the inode that uploaded
@@ -106,6 +109,8 @@ pub struct PosixAttrs {
     pub rdev: Option<u32>,
     /// Extended attributes, as the `xattr` value s3fs writes (`crate::xattrs`).
     pub xattr: Option<String>,
+    /// The link group, for a file with several names (`autosync-link`).
+    pub link: Option<String>,
 }
 
 impl PosixAttrs {
@@ -135,6 +140,9 @@ impl PosixAttrs {
         if let Some(x) = &self.xattr {
             put(crate::xattrs::META_XATTR, x.clone());
         }
+        if let Some(g) = &self.link {
+            put(META_LINK, g.clone());
+        }
         if let Some(h) = hash {
             put(META_HASH, h.to_string());
         }
@@ -155,6 +163,7 @@ impl PosixAttrs {
             atime_ns: map.get(META_ATIME).and_then(|v| parse_time(v)),
             rdev: num(META_RDEV).and_then(|v| u32::try_from(v).ok()),
             xattr: map.get(crate::xattrs::META_XATTR).cloned(),
+            link: map.get(META_LINK).cloned(),
         };
         (attrs, map.get(META_HASH).cloned())
     }
@@ -230,6 +239,7 @@ mod tests {
             atime_ns: Some(-1),
             rdev: None,
             xattr: crate::xattrs::encode(&[("user.k".to_string(), b"v".to_vec())].into()),
+            link: Some("g1".into()),
         };
         let attrs = a.to_attributes(Some("abc"), None);
         let map = metadata_map(&attrs);
@@ -237,6 +247,7 @@ mod tests {
         assert_eq!(map["mtime"], "1700000000");
         assert_eq!(map["atime"], "-1.999999999");
         assert_eq!(map["xattr"], "%7B%22user.k%22%3A%22dg%3D%3D%22%7D");
+        assert_eq!(map["autosync-link"], "g1");
         assert_eq!(PosixAttrs::from_attributes(&attrs), (a, Some("abc".into())));
     }
 

@@ -98,6 +98,7 @@ impl Counted {
             atime_ns: None,
             rdev: None,
             xattr: None,
+            link: None,
         };
         let opts = PutOptions { attributes: attrs.to_attributes(None, None), ..Default::default() };
         self.bucket
@@ -220,6 +221,7 @@ async fn symlinks_of_a_listing_are_read_once_and_known_after_a_remount() {
         atime_ns: None,
         rdev: None,
         xattr: None,
+        link: None,
     };
     for i in 0..N {
         let target = format!("../target/number-{i}");

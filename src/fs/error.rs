@@ -18,6 +18,9 @@ pub enum FsError {
     Invalid(&'static str),
     #[error("name too long")]
     NameTooLong,
+    /// Not allowed for this kind of entry (a hard link to a folder).
+    #[error("not permitted: {0}")]
+    NotPermitted(&'static str),
     #[error("not supported: {0}")]
     Unsupported(&'static str),
     /// An extended attribute of a namespace the mount does not keep (only `user.*`).
@@ -75,6 +78,7 @@ impl FsError {
             FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NotPermitted(_) => libc::EPERM,
             FsError::Unsupported(_) => libc::ENOTSUP,
             FsError::NotKept(_) => libc::ENOTSUP,
             FsError::NoData => libc::ENODATA,

@@ -125,8 +125,9 @@ impl Files {
                 },
             ];
             for (name, ci) in tree.children(ino) {
-                if let Ok(cn) = tree.get(ci) {
-                    entries.push(DirEntry { ino: ci, name: name.clone(), kind: cn.kind, attr: cn.attr() });
+                // A hard link answers its file's inode.
+                if let Ok(attr) = tree.attr(ci) {
+                    entries.push(DirEntry { ino: attr.ino, name: name.clone(), kind: attr.kind, attr });
                 }
             }
             tree.get_mut(ino)?.dir_open += 1;

@@ -57,6 +57,7 @@ impl Core {
     /// and asked about again at the next listing).
     pub async fn apply_heads(&self, results: Vec<(Ino, Option<Head>)>) {
         let mut symlinks = Vec::new();
+        let mut inval = Vec::new();
         {
             let mut l = self.lock();
             let mut batch = Batch::default();
@@ -72,11 +73,18 @@ impl Core {
                         if applied && n.kind == Kind::Symlink && n.target.is_none() {
                             symlinks.push(ino);
                         }
+                        if applied && n.link.is_some() {
+                            // A name of a hard-linked file: it may join the file.
+                            inval.extend(l.adopt_link(ino, &mut batch));
+                        }
                     }
                 }
                 let _ = l.persist(ino, &mut batch);
             }
             let _ = l.commit(batch, false);
+        }
+        for what in inval {
+            self.invalidate(what);
         }
         self.load_symlinks(symlinks).await;
     }
@@ -267,5 +275,6 @@ pub fn apply_posix(n: &mut Inode, a: PosixAttrs) {
     }
     n.atime_ns = a.atime_ns;
     n.xattr = a.xattr;
+    n.link = a.link;
     n.attrs_known = true;
 }

@@ -141,7 +141,7 @@ impl Listings {
         }
         let ino = self.core.tree().child(parent, name).ok_or(FsError::NotFound)?;
         self.core.ensure_attrs(ino).await;
-        Ok(self.core.tree().get(ino)?.attr())
+        self.core.tree().attr(ino)
     }
 
     /// A folder about to be read: listed again if its listing is older than the TTL; a
@@ -398,6 +398,16 @@ impl Listings {
                             new_files.push(c);
                         }
                         if clean && changed {
+                            // A name of a hard-linked file that another tool changed
+                            // leaves the group: a file of its own.
+                            let c = match l.in_link_group(c) {
+                                true => {
+                                    let (now, drop) = l.split_name(c, &mut batch)?;
+                                    inval.extend(drop);
+                                    now
+                                }
+                                false => c,
+                            };
                             let n = l.get_mut(c)?;
                             n.size = m.size;
                             n.mtime_ns = to_ns(SystemTime::from(m.last_modified));
@@ -463,7 +473,14 @@ impl Listings {
                         let event = super::events::Event::new(super::events::Kind::RemoteChanged)
                             .path(core.rel_path(&child_key))
                             .change("deleted");
-                        l.remove_tree(c, &mut batch);
+                        if l.in_link_group(c) {
+                            // One name of a file with others: the file stays.
+                            let file = l.primary(c);
+                            l.remove_name(c, &mut batch)?;
+                            inval.push(Invalidation::Inode(file));
+                        } else {
+                            l.remove_tree(c, &mut batch);
+                        }
                         inval.push(Invalidation::Entry { parent: ino, name });
                         names_changed = true;
                         events.push(event);
@@ -709,7 +726,11 @@ impl Listings {
             let kids: Vec<Ino> = l.children(dir).map(|(_, c)| c).collect();
             // None is held by the kernel (counted above); none is busy here.
             let idle = |l: &Locked<'_>, c: Ino| {
-                l.get(c).is_ok_and(|n| n.writing == 0 && n.dir_open == 0) && l.is_settled(c) && l.child_count(c) == 0
+                l.get(c).is_ok_and(|n| n.writing == 0 && n.dir_open == 0)
+                    && l.is_settled(c)
+                    && l.child_count(c) == 0
+                    // A file's other names (hard links) stay with it in memory.
+                    && !l.in_link_group(c)
             };
             if kids.is_empty() || !kids.iter().all(|&c| idle(&l, c)) {
                 tracing::debug!(dir = %dir, entries = kids.len(), "listing evicted from memory's LRU, but entries are in use");

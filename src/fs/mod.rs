@@ -12,7 +12,8 @@
 //! - `files`: handles, open, read, write, close over staging and the block reader;
 //! - `upload` and `conflict`: one change as store calls, and conflicts resolved by policy;
 //! - `events`: the one stream of events that observers listen to;
-//! - `xattr`: extended attributes, kept in the inode and uploaded as object metadata.
+//! - `xattr`: extended attributes, kept in the inode and uploaded as object metadata;
+//! - `links`: hard links, a file's other names as alias records, each a copy in the bucket.
 
 mod blocks;
 mod conflict;
@@ -24,6 +25,7 @@ mod heads;
 mod ids;
 mod journal;
 mod kept;
+mod links;
 mod listing;
 mod names;
 mod object;
@@ -343,7 +345,7 @@ impl Fs {
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        Ok(self.core.tree().get(ino)?.attr())
+        self.core.tree().attr(ino)
     }
 
     pub async fn readlink(&self, ino: Ino) -> FsResult<String> {
@@ -404,12 +406,22 @@ impl Fs {
         Ok((attr, self.files.new_handle(attr.ino)))
     }
 
-    /// Looks a name up, listing the folder when it is not known yet.
+    /// link(2): another name for a file (the caller's entry is held by the kernel).
+    pub async fn link(&self, ino: Ino, newparent: Ino, newname: &str) -> FsResult<Attr> {
+        self.prepare_new(newparent, newname).await?;
+        let a = self.core.lock().link_node(ino, newparent, newname)?;
+        self.entries_replied(&[a.ino]);
+        Ok(a)
+    }
+
+    /// Looks a name up, listing the folder when it is not known yet: the inode of the name
+    /// itself (for a hard link, its own record, not the file's).
     async fn resolve(&self, parent: Ino, name: &str) -> FsResult<Ino> {
         if let Some(i) = self.core.tree().child(parent, name) {
             return Ok(i);
         }
-        self.listings.find(parent, name).await.map(|a| a.ino)
+        self.listings.find(parent, name).await?;
+        self.core.tree().child(parent, name).ok_or(FsError::NotFound)
     }
 
     pub async fn unlink(&self, parent: Ino, name: &str) -> FsResult<()> {
@@ -447,7 +459,9 @@ impl Fs {
             Err(FsError::NotFound) => None,
             Err(e) => return Err(e),
         };
-        if target == Some(ino) {
+        // Two names of one file: nothing to do (POSIX).
+        let file = |i: Ino| self.core.tree().primary(i);
+        if target.is_some_and(|t| file(t) == file(ino)) {
             return Ok(());
         }
         let is_dir = self.core.tree().get(ino)?.kind == Kind::Dir;

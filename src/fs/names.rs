@@ -92,7 +92,7 @@ impl Locked<'_> {
         // A new file is open (create): its upload waits as for a write.
         let delay = if new.kind == Kind::File { core.cfg.open_upload_delay } else { core.cfg.upload_delay };
         self.touch(ino, delay, &mut batch)?;
-        let attr = self.get(ino)?.attr();
+        let attr = self.attr(ino)?;
         self.commit(batch, false)?;
         let mut e = Event::new(EventKind::Created).size(attr.size);
         if let Some(p) = self.path_of(ino) {
@@ -114,7 +114,7 @@ impl Locked<'_> {
         let node = n.clone();
         let path = self.path_of(ino);
         self.drop_remote(&node, None, delay, &mut batch)?;
-        self.remove_name(ino, &mut batch);
+        self.remove_name(ino, &mut batch)?;
         self.changed_in(parent);
         self.commit(batch, false)?;
         self.emit_deleted(path);
@@ -124,11 +124,22 @@ impl Locked<'_> {
     /// A file or symlink lost its name (unlinked, or renamed over; its objects are dealt
     /// with by the caller). One still open keeps its inode and staging, with no name and
     /// nothing more to upload, until its last release.
-    fn remove_name(&mut self, ino: Ino, batch: &mut Batch) {
+    pub(super) fn remove_name(&mut self, ino: Ino, batch: &mut Batch) -> FsResult<()> {
+        let now = now_ns();
+        if let Some(p) = self.get(ino)?.link_of {
+            // One name of a file with others: the file stays.
+            self.queue.forget_sync(ino);
+            self.remove_tree(ino, batch);
+            self.get_mut(p)?.ctime_ns = now;
+            return self.persist(p, batch);
+        }
+        if self.promote(ino, batch)? {
+            return Ok(());
+        }
         self.queue.forget_sync(ino);
         if self.get(ino).is_ok_and(|n| n.open == 0) {
             self.remove_tree(ino, batch);
-            return;
+            return Ok(());
         }
         self.detach(ino);
         self.set_remote(ino, None);
@@ -136,9 +147,10 @@ impl Locked<'_> {
             n.overwrites = None;
             n.dirty = false;
             n.parent = Ino::NONE;
-            n.ctime_ns = now_ns();
+            n.ctime_ns = now;
         }
         batch.del_inodes.push(ino.0);
+        Ok(())
     }
 
     fn emit_deleted(&self, path: Option<String>) {
@@ -172,7 +184,7 @@ impl Locked<'_> {
     /// A folder's entries changed: its mtime and ctime are now (POSIX, for `creat`,
     /// `mkdir`, `unlink`, `rmdir`, `rename`). Kept in memory: a folder's times in the
     /// bucket are its marker's, written when the folder itself changes.
-    fn changed_in(&mut self, dir: Ino) {
+    pub(super) fn changed_in(&mut self, dir: Ino) {
         if let Ok(p) = self.get_mut(dir) {
             p.mtime_ns = now_ns();
             p.ctime_ns = p.mtime_ns;
@@ -224,11 +236,12 @@ impl Locked<'_> {
                 self.queue.forget_sync(t);
                 self.remove_tree(t, &mut batch);
             } else {
-                self.remove_name(t, &mut batch);
+                self.remove_name(t, &mut batch)?;
             }
         }
         self.move_to(ino, newparent, newname)?;
-        self.get_mut(ino)?.ctime_ns = now_ns();
+        let file = self.primary(ino);
+        self.get_mut(file)?.ctime_ns = now_ns();
         for p in [parent, newparent] {
             self.changed_in(p);
         }
@@ -293,7 +306,7 @@ impl Locked<'_> {
         } else {
             self.persist(ino, &mut batch)?;
         }
-        let attr = self.get(ino)?.attr();
+        let attr = self.attr(ino)?;
         self.commit(batch, durable)?;
         let mut e = Event::new(EventKind::AttributesChanged).size(attr.size);
         if let Some(p) = self.path_of(ino) {

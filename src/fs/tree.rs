@@ -8,12 +8,15 @@
 //! - every inode but the root is in its parent's children under its name, unless it was
 //!   detached (deleted while open, parent [`Ino::NONE`]);
 //! - `by_remote_key[k] == i` only if inode `i`'s `remote` is at key `k`;
-//! - `held[d]`, when present, is the number of `d`'s children with `lookups > 0`.
+//! - `held[d]`, when present, is the number of `d`'s children with `lookups > 0`;
+//! - `subdirs[d]` is the number of `d`'s children that are folders;
+//! - `aliases[p]` holds exactly the inodes whose `link_of` is `p` (the other names of a
+//!   hard-linked file), and `p` itself is no alias.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::error::{FsError, FsResult};
-use super::types::{Ino, Inode, Kind, Remote};
+use super::types::{Attr, Ino, Inode, Kind, Remote};
 use crate::layout;
 use crate::state::Batch;
 
@@ -29,6 +32,15 @@ pub struct Tree {
     /// Per folder, how many of its entries the kernel holds; absent when unknown (a change
     /// in the folder forgets it; it is counted again when needed).
     held: HashMap<Ino, u64>,
+    /// Per folder, how many of its children are folders (its `st_nlink` is 2 more).
+    subdirs: HashMap<Ino, u32>,
+    /// The other names of each hard-linked file (their inodes' `link_of` is the key).
+    aliases: HashMap<Ino, BTreeSet<Ino>>,
+    /// Per link group id, the inode the kernel sees for it.
+    groups: HashMap<String, Ino>,
+    /// Aliases whose `link_of` changed when their file's inode left (persisted by
+    /// `remove_tree`).
+    relinked: Vec<Ino>,
     next_ino: u64,
 }
 
@@ -41,6 +53,10 @@ impl Tree {
             children: HashMap::new(),
             by_remote_key: HashMap::new(),
             held: HashMap::new(),
+            subdirs: HashMap::new(),
+            aliases: HashMap::new(),
+            groups: HashMap::new(),
+            relinked: Vec::new(),
             next_ino: next_ino.max(Ino::ROOT.0 + 1),
         };
         for n in nodes {
@@ -68,6 +84,73 @@ impl Tree {
 
     pub fn len(&self) -> usize {
         self.inodes.len()
+    }
+
+    /// The inode the kernel sees for a name's inode: the file an alias is a name of.
+    pub fn primary(&self, ino: Ino) -> Ino {
+        self.inodes.get(&ino).and_then(|n| n.link_of).unwrap_or(ino)
+    }
+
+    /// The other names of a hard-linked file (inodes whose `link_of` is `ino`).
+    pub fn aliases(&self, ino: Ino) -> Vec<Ino> {
+        self.aliases.get(&ino).map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    pub fn has_aliases(&self, ino: Ino) -> bool {
+        self.aliases.get(&ino).is_some_and(|s| !s.is_empty())
+    }
+
+    /// A name of a file with several (a hard link, or the file it names).
+    pub fn in_link_group(&self, ino: Ino) -> bool {
+        self.has_aliases(ino) || self.inodes.get(&ino).is_some_and(|n| n.link_of.is_some())
+    }
+
+    /// The inode the kernel sees for link group `group`, if one is in memory.
+    pub fn group_leader(&self, group: &str) -> Option<Ino> {
+        self.groups.get(group).copied().filter(|i| self.inodes.contains_key(i))
+    }
+
+    /// Makes `group`'s leader `ino` when it has none in memory.
+    pub fn join_group(&mut self, group: &str, ino: Ino) {
+        if self.group_leader(group).is_none() {
+            self.groups.insert(group.to_string(), ino);
+        }
+    }
+
+    /// Makes `ino` another name of `primary` (which the kernel sees for it from now on).
+    pub fn make_alias(&mut self, ino: Ino, primary: Ino) {
+        if let Some(n) = self.inodes.get_mut(&ino) {
+            n.link_of = Some(primary);
+            self.aliases.entry(primary).or_default().insert(ino);
+        }
+    }
+
+    /// `ino` stops being a name of another file: a file of its own.
+    pub fn unalias(&mut self, ino: Ino) {
+        let Some(n) = self.inodes.get_mut(&ino) else { return };
+        n.link = None;
+        if let Some(p) = n.link_of.take()
+            && let Some(set) = self.aliases.get_mut(&p)
+        {
+            set.remove(&ino);
+            if set.is_empty() {
+                self.aliases.remove(&p);
+            }
+        }
+    }
+
+    /// The attributes the kernel gets for a name's inode: those of the file an alias names,
+    /// with one link per name.
+    pub fn attr(&self, ino: Ino) -> FsResult<Attr> {
+        let p = self.primary(ino);
+        let mut a = self.get(p)?.attr();
+        match a.kind {
+            // A folder's `..` entries: one link from each folder in it.
+            Kind::Dir => a.nlink += self.subdirs.get(&p).copied().unwrap_or(0),
+            _ if a.nlink == 1 => a.nlink += self.aliases.get(&p).map_or(0, |s| s.len() as u32),
+            _ => {}
+        }
+        Ok(a)
     }
 
     /// Every inode in memory, in no order.
@@ -143,12 +226,25 @@ impl Tree {
     /// Adds an inode under its parent (a folder gets an empty child map).
     pub fn insert(&mut self, node: Inode) {
         self.held.remove(&node.parent);
-        self.children.entry(node.parent).or_default().insert(node.name.clone(), node.ino);
+        let was = self.children.entry(node.parent).or_default().insert(node.name.clone(), node.ino);
+        if let Some(w) = was {
+            self.uncount(node.parent, w);
+        }
         if node.kind == Kind::Dir {
             self.children.entry(node.ino).or_default();
+            *self.subdirs.entry(node.parent).or_default() += 1;
         }
         if let Some(r) = &node.remote {
             self.by_remote_key.insert(r.key.clone(), node.ino);
+        }
+        match (node.link_of, &node.link) {
+            (Some(p), _) => {
+                self.aliases.entry(p).or_default().insert(node.ino);
+            }
+            (None, Some(g)) => {
+                self.groups.entry(g.clone()).or_insert(node.ino);
+            }
+            (None, None) => {}
         }
         self.inodes.insert(node.ino, node);
     }
@@ -156,11 +252,22 @@ impl Tree {
     /// Takes an inode out of its parent's children (it stays in memory).
     pub fn detach(&mut self, ino: Ino) {
         let Some(n) = self.inodes.get(&ino) else { return };
-        self.held.remove(&n.parent);
-        if let Some(c) = self.children.get_mut(&n.parent)
+        let parent = n.parent;
+        self.held.remove(&parent);
+        if let Some(c) = self.children.get_mut(&parent)
             && c.get(&n.name) == Some(&ino)
         {
             c.remove(&n.name);
+            self.uncount(parent, ino);
+        }
+    }
+
+    /// `ino` left folder `dir`'s children: one folder fewer in it, if it is one.
+    fn uncount(&mut self, dir: Ino, ino: Ino) {
+        if self.inodes.get(&ino).is_some_and(|n| n.kind == Kind::Dir)
+            && let Some(k) = self.subdirs.get_mut(&dir)
+        {
+            *k = k.saturating_sub(1);
         }
     }
 
@@ -169,11 +276,42 @@ impl Tree {
         self.detach(ino);
         self.children.remove(&ino);
         self.held.remove(&ino);
+        self.subdirs.remove(&ino);
         let n = self.inodes.remove(&ino)?;
         if let Some(r) = &n.remote
             && self.by_remote_key.get(&r.key) == Some(&ino)
         {
             self.by_remote_key.remove(&r.key);
+        }
+        if let Some(p) = n.link_of
+            && let Some(set) = self.aliases.get_mut(&p)
+        {
+            set.remove(&ino);
+            if set.is_empty() {
+                self.aliases.remove(&p);
+            }
+        }
+        if let Some(g) = &n.link
+            && self.groups.get(g) == Some(&ino)
+        {
+            self.groups.remove(g);
+        }
+        // The file's other names stay, one of them the file now.
+        if let Some(set) = self.aliases.remove(&ino) {
+            let mut names = set.into_iter();
+            if let Some(lead) = names.next() {
+                for a in names {
+                    self.make_alias(a, lead);
+                    self.relinked.push(a);
+                }
+                if let Some(l) = self.inodes.get_mut(&lead) {
+                    l.link_of = None;
+                }
+                if let Some(g) = &n.link {
+                    self.groups.insert(g.clone(), lead);
+                }
+                self.relinked.push(lead);
+            }
         }
         Some(n)
     }
@@ -194,6 +332,9 @@ impl Tree {
                 }
                 batch.del_inodes.push(k.0);
             }
+        }
+        for r in std::mem::take(&mut self.relinked) {
+            let _ = self.persist(r, batch);
         }
         staged
     }
@@ -218,7 +359,13 @@ impl Tree {
         n.parent = newparent;
         n.name = newname.to_string();
         self.held.remove(&newparent);
-        self.children.entry(newparent).or_default().insert(newname.to_string(), ino);
+        let was = self.children.entry(newparent).or_default().insert(newname.to_string(), ino);
+        if let Some(w) = was {
+            self.uncount(newparent, w);
+        }
+        if self.inodes.get(&ino).is_some_and(|n| n.kind == Kind::Dir) {
+            *self.subdirs.entry(newparent).or_default() += 1;
+        }
         Ok(())
     }
 
@@ -323,6 +470,22 @@ mod tests {
         for (k, i) in &t.by_remote_key {
             assert_eq!(t.get(*i).unwrap().remote.as_ref().map(|r| r.key.as_str()), Some(k.as_str()));
         }
+        for (p, set) in &t.aliases {
+            assert!(t.get(*p).unwrap().link_of.is_none(), "{p} names no other file");
+            for a in set {
+                assert_eq!(t.get(*a).unwrap().link_of, Some(*p), "{a} is a name of {p}");
+            }
+        }
+        for n in t.nodes() {
+            if let Some(p) = n.link_of {
+                assert!(t.aliases.get(&p).is_some_and(|s| s.contains(&n.ino)), "{} is indexed", n.ino);
+            }
+        }
+        for n in t.nodes().filter(|n| n.kind == Kind::Dir) {
+            let dirs = t.children(n.ino).filter(|(_, c)| t.get(*c).unwrap().kind == Kind::Dir).count() as u32;
+            assert_eq!(t.subdirs.get(&n.ino).copied().unwrap_or(0), dirs, "folders in {}", n.ino);
+            assert_eq!(t.attr(n.ino).unwrap().nlink, 2 + dirs);
+        }
         for (d, h) in &t.held {
             let counted = t.children(*d).filter(|(_, c)| t.get(*c).unwrap().lookups > 0).count() as u64;
             assert_eq!(*h, counted, "held count of {d}");
@@ -380,6 +543,32 @@ mod tests {
         assert_eq!(t.forget(Ino(3), 1), None, "the folder still holds d");
         assert_eq!(t.forget(Ino(2), 1), Some(Ino::ROOT), "the folder's last held entry");
         assert_eq!(t.held_in(Ino::ROOT), 0);
+        check(&t);
+    }
+
+    #[test]
+    fn hard_links_answer_as_one_inode_and_outlive_the_first_name() {
+        let mut t = sample("");
+        let mut a = node(5, 2, "f2", Kind::File);
+        a.link_of = Some(Ino(4));
+        t.insert(a);
+        t.insert(node(6, 1, "f3", Kind::File));
+        t.make_alias(Ino(6), Ino(4));
+        check(&t);
+        assert_eq!(t.attr(Ino(4)).unwrap().nlink, 3);
+        let through_alias = t.attr(Ino(6)).unwrap();
+        assert_eq!((through_alias.ino, through_alias.nlink), (Ino(4), 3), "a name answers its file's inode");
+        assert!(t.in_link_group(Ino(5)) && t.in_link_group(Ino(4)) && !t.in_link_group(Ino(3)));
+        t.unalias(Ino(6));
+        assert_eq!(t.attr(Ino(6)).unwrap().ino, Ino(6), "split off: a file of its own");
+        assert_eq!(t.attr(Ino(4)).unwrap().nlink, 2);
+        check(&t);
+        // The file's inode leaves: its other name is the file now, and persisted as such.
+        let mut batch = Batch::default();
+        t.remove_tree(Ino(4), &mut batch);
+        assert_eq!(t.get(Ino(5)).unwrap().link_of, None);
+        assert_eq!(t.attr(Ino(5)).unwrap().nlink, 1);
+        assert!(batch.put_inodes.iter().any(|(i, _)| *i == 5), "the new leader is recorded");
         check(&t);
     }
 

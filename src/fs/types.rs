@@ -111,6 +111,14 @@ pub struct Inode {
     /// `crate::xattrs`); None when it has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xattr: Option<String>,
+    /// The link group of a file with several names (hard links), as its object's
+    /// `autosync-link` metadata carries it; None for a file with one name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Another name of the file `link_of` (a hard link): its own name and object, the
+    /// content and attributes of that inode, which the kernel only ever sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_of: Option<Ino>,
     /// In-memory only: when the folder was last listed from the bucket.
     #[serde(skip)]
     pub listed_at: Option<Instant>,
@@ -162,6 +170,8 @@ impl Inode {
             listed: false,
             rdev: 0,
             xattr: None,
+            link: None,
+            link_of: None,
             listed_at: None,
             generation: 0,
             open: 0,
@@ -207,6 +217,7 @@ impl Inode {
             atime_ns: self.atime_ns.filter(|&a| a != self.mtime_ns),
             rdev: matches!(self.kind, Kind::CharDevice | Kind::BlockDevice).then_some(self.rdev),
             xattr: self.xattr.clone(),
+            link: self.link.clone(),
         }
     }
 

@@ -313,20 +313,33 @@ impl Uploader {
             if in_sync {
                 return self.finish(l, seq, Batch::default());
             }
-            l.queue.set_uploading(seq, ino);
-            let content = match n.kind {
-                Kind::Symlink => {
-                    let data = Bytes::from(n.target.clone().unwrap_or_default().into_bytes());
-                    let hash = blake3::hash(&data).to_hex().to_string();
-                    Some(Content::bytes(data, hash))
-                }
-                // A special file is an empty object; its mode says what it is.
-                k if k.is_special() => Some(Content::bytes(Bytes::new(), blake3::hash(b"").to_hex().to_string())),
-                _ => None,
-            };
-            (n, key, content)
+            if let Some(file) = n.link_of {
+                // Another name of a file (a hard link): a copy of the file's object, once
+                // that holds the file as it is (its upload queues this name again).
+                let Some(src) = l.get(file).ok().filter(|f| !f.dirty).and_then(|f| f.remote.clone()) else {
+                    return self.finish(l, seq, Batch::default());
+                };
+                l.queue.set_uploading(seq, ino);
+                (n, key, None, Some(src))
+            } else {
+                l.queue.set_uploading(seq, ino);
+                let content = match n.kind {
+                    Kind::Symlink => {
+                        let data = Bytes::from(n.target.clone().unwrap_or_default().into_bytes());
+                        let hash = blake3::hash(&data).to_hex().to_string();
+                        Some(Content::bytes(data, hash))
+                    }
+                    // A special file is an empty object; its mode says what it is.
+                    k if k.is_special() => Some(Content::bytes(Bytes::new(), blake3::hash(b"").to_hex().to_string())),
+                    _ => None,
+                };
+                (n, key, content, None)
+            }
         };
-        let (mut node, key, mut content) = plan;
+        let (mut node, key, mut content, alias_of) = plan;
+        if let Some(src) = alias_of {
+            return self.copy_alias(seq, node, key, src).await;
+        }
         if node.kind == Kind::File && node.staged {
             match self.snapshot(seq, ino, node.remote.clone()).await? {
                 Some((c, generation)) => {

@@ -17,7 +17,7 @@ use crate::fs::error::{FsError, FsResult};
 use crate::fs::object::{etag_same, obj_path, remote_of, same_version, stale};
 use crate::fs::sparse;
 use crate::fs::staging::{BlockWriter, Snapshot};
-use crate::fs::types::{ConflictRecord, Ino, Inode, Remote, Seq};
+use crate::fs::types::{ConflictRecord, Ino, Inode, Invalidation, Remote, Seq};
 use crate::layout::{self, PosixAttrs};
 use crate::state::Batch;
 
@@ -270,6 +270,61 @@ impl Uploader {
         Ok(())
     }
 
+    /// Another name of a file (a hard link) becomes a server-side copy of the file's
+    /// object `src`, group id and attributes included. An object another client put at the
+    /// name meanwhile stays: the name leaves this mount (the file keeps its other names).
+    pub(super) async fn copy_alias(&self, seq: Seq, node: Inode, key: String, src: Remote) -> FsResult<()> {
+        let dest = obj_path(&key)?;
+        let ours = [&node.remote, &node.overwrites].into_iter().flatten().find(|r| r.key == key).cloned();
+        match self.core.store.head(&dest).await {
+            Err(object_store::Error::NotFound { .. }) => {}
+            Ok(m) if ours.as_ref().is_some_and(|r| etag_same(r.etag.as_deref(), m.e_tag.as_deref())) => {}
+            Ok(_) => {
+                tracing::warn!(
+                    key,
+                    "another client wrote an object at a hard link's name: it stays, and the link goes"
+                );
+                let mut batch = Batch::default();
+                let mut l = self.core.lock();
+                if let Ok(n) = l.get(node.ino).cloned()
+                    && n.link_of.is_some()
+                {
+                    l.drop_remote(&n, Some(&key), Duration::ZERO, &mut batch)?;
+                    l.remove_name(node.ino, &mut batch)?;
+                    self.core.invalidate(Invalidation::Entry { parent: n.parent, name: n.name });
+                }
+                return self.finish(l, seq, batch);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.core.queue().writing(seq, &key);
+        self.core.store.copy(&obj_path(&src.key)?, &dest).await?;
+        let meta = self.core.store.head(&dest).await?;
+        let mut batch = Batch::default();
+        let mut l = self.core.lock();
+        if l.get(node.ino).is_ok_and(|n| n.link_of.is_some() && n.parent != Ino::NONE) {
+            let moved_from = l.get(node.ino)?.remote.clone().filter(|r| r.key != key);
+            l.set_remote(node.ino, Some(remote_of(&meta)));
+            let n = l.get_mut(node.ino)?;
+            let left_behind = n.overwrites.take_if(|o| o.key != key);
+            if n.generation == node.generation {
+                n.dirty = false;
+            }
+            l.persist(node.ino, &mut batch)?;
+            // After recording the new key, so a file now at an old key can claim it.
+            for old in [moved_from, left_behind].into_iter().flatten() {
+                l.retire(old, Duration::ZERO, &mut batch)?;
+            }
+        } else {
+            // Removed (or split off) while we copied.
+            l.retire(remote_of(&meta), Duration::ZERO, &mut batch)?;
+        }
+        l.queue.epoch += 1;
+        self.finish(l, seq, batch)?;
+        self.uploaded("link", &key, Some(meta.size), meta.e_tag.clone());
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn put_and_record(
         &self,
@@ -353,6 +408,10 @@ impl Uploader {
             inner.persist(node.ino, &mut batch)?;
             if let Some(o) = left_behind {
                 inner.retire(o, Duration::ZERO, &mut batch)?;
+            }
+            // The file's other names (hard links) copy this version.
+            if !inner.get(node.ino)?.dirty {
+                inner.requeue_aliases(node.ino, &mut batch)?;
             }
         } else {
             // Deleted while it was uploading. A file that took over the version this put

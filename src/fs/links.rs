@@ -1,0 +1,171 @@
+//! Hard links: a file with several names. The kernel sees one inode (the file); each
+//! other name is an alias record in the tree (`link_of`), with its own name and object.
+//! Every name is a full object in the bucket, a server-side copy of the file's, and all
+//! carry one link-group id (`autosync-link`), which is how a fresh mount ties them
+//! together again. Here: link, a name of a linked file going away (the file moves to one
+//! of its other names), a name edited by another tool leaving the group, and a name a
+//! HEAD finds in a group joining it.
+
+use std::time::Duration;
+
+use super::core::Locked;
+use super::error::{FsError, FsResult};
+use super::events::{Event, Kind as EventKind};
+use super::types::{Attr, Ino, Inode, Invalidation, Kind, now_ns};
+use crate::state::Batch;
+
+impl Locked<'_> {
+    /// link(2): `newname` in `newparent` becomes another name of `ino`'s file. The file's
+    /// object gets the group id (its upload is queued), the new name a copy of it.
+    pub fn link_node(&mut self, ino: Ino, newparent: Ino, newname: &str) -> FsResult<Attr> {
+        let core = self.core();
+        let mut batch = Batch::default();
+        let ino = self.primary(ino);
+        let n = self.get(ino)?;
+        if n.kind == Kind::Dir {
+            return Err(FsError::NotPermitted("a folder cannot have another name"));
+        }
+        if n.parent == Ino::NONE {
+            return Err(FsError::NotFound);
+        }
+        if self.get(newparent)?.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if self.child(newparent, newname).is_some() {
+            return Err(FsError::Exists);
+        }
+        let delay = if n.open > 0 { core.cfg.open_upload_delay } else { core.cfg.upload_delay };
+        let new_group = n.link.is_none();
+        let group = n.link.clone().unwrap_or_else(|| format!("{}-{ino}", core.writer));
+        let a = self.alloc_ino(&mut batch);
+        let n = self.get(ino)?;
+        let mut alias = Inode::new(a, newparent, newname.to_string(), n.kind, n.perm, n.uid, n.gid);
+        alias.size = n.size;
+        alias.link = Some(group.clone());
+        alias.link_of = Some(ino);
+        alias.dirty = true;
+        self.join_group(&group, ino);
+        self.insert(alias);
+        self.changed_in(newparent);
+        let f = self.get_mut(ino)?;
+        f.ctime_ns = now_ns();
+        if new_group {
+            // The file's object carries the group id too.
+            f.link = Some(group);
+            f.dirty = true;
+            self.touch(ino, delay, &mut batch)?;
+        } else {
+            self.persist(ino, &mut batch)?;
+        }
+        self.touch(a, delay, &mut batch)?;
+        let attr = self.attr(ino)?;
+        self.commit(batch, false)?;
+        let mut e = Event::new(EventKind::Created).size(attr.size);
+        if let Some(p) = self.path_of(a) {
+            e = e.path(p);
+        }
+        self.emit(e);
+        Ok(attr)
+    }
+
+    /// The name `x` (a file with other names) sits at goes: the file moves to its first
+    /// other name, taking over that name's record and object. False when it has none.
+    pub(super) fn promote(&mut self, x: Ino, batch: &mut Batch) -> FsResult<bool> {
+        let Some(&y) = self.aliases(x).first() else { return Ok(false) };
+        let yn = self.get(y)?.clone();
+        self.queue.forget_sync(y);
+        self.remove(y);
+        batch.del_inodes.push(y.0);
+        self.move_to(x, yn.parent, &yn.name)?;
+        self.set_remote(x, yn.remote.clone());
+        let delay = self.core().cfg.upload_delay;
+        let n = self.get_mut(x)?;
+        n.overwrites = yn.overwrites;
+        n.ctime_ns = now_ns();
+        if yn.dirty {
+            // That name's copy was not made yet: the file's own upload writes it.
+            n.dirty = true;
+            self.touch(x, delay, batch)?;
+        } else {
+            self.persist(x, batch)?;
+        }
+        Ok(true)
+    }
+
+    /// Another tool changed the object at name `c` of a linked file: that name leaves the
+    /// group, a file of its own. When `c` is the file the kernel sees, the file (with its
+    /// inode number, open handles and content) moves to another of its names first, and
+    /// `c`'s name gets that name's record. Returns the inode now at the name, and the
+    /// kernel entries to drop.
+    pub(super) fn split_name(&mut self, c: Ino, batch: &mut Batch) -> FsResult<(Ino, Vec<Invalidation>)> {
+        let n = self.get(c)?.clone();
+        let mut inval = vec![Invalidation::Entry { parent: n.parent, name: n.name.clone() }];
+        if let Some(p) = n.link_of {
+            self.unalias(c);
+            self.persist(c, batch)?;
+            self.persist(p, batch)?;
+            inval.push(Invalidation::Inode(p));
+            return Ok((c, inval));
+        }
+        let Some(&y) = self.aliases(c).first() else { return Ok((c, Vec::new())) };
+        let yn = self.get(y)?.clone();
+        self.unalias(y);
+        self.queue.forget_sync(y);
+        self.detach(c);
+        self.move_to(y, n.parent, &n.name)?;
+        self.set_remote(y, n.remote.clone());
+        self.move_to(c, yn.parent, &yn.name)?;
+        self.set_remote(c, yn.remote.clone());
+        let delay = self.core().cfg.upload_delay;
+        let f = self.get_mut(c)?;
+        f.ctime_ns = now_ns();
+        if yn.dirty {
+            f.dirty = true;
+            self.touch(c, delay, batch)?;
+        }
+        let s = self.get_mut(y)?;
+        s.kind = n.kind;
+        s.dirty = false;
+        self.persist(c, batch)?;
+        self.persist(y, batch)?;
+        inval.push(Invalidation::Inode(c));
+        Ok((y, inval))
+    }
+
+    /// A HEAD answered `ino`'s object with a link group: if the group's file is in memory
+    /// with the same content, this name becomes another name of it (how a fresh mount
+    /// finds a hard link again); otherwise it may be the group's file itself. Only a name
+    /// nobody holds or changed joins. Returns the kernel entries to drop.
+    pub(super) fn adopt_link(&mut self, ino: Ino, batch: &mut Batch) -> Vec<Invalidation> {
+        let Ok(n) = self.get(ino) else { return Vec::new() };
+        let Some(group) = n.link.clone() else { return Vec::new() };
+        if n.link_of.is_some() || n.kind == Kind::Dir || n.parent == Ino::NONE {
+            return Vec::new();
+        }
+        let Some(p) = self.group_leader(&group).filter(|&p| p != ino) else {
+            self.join_group(&group, ino);
+            return Vec::new();
+        };
+        let Ok(f) = self.get(p) else { return Vec::new() };
+        let same = f.kind == n.kind && f.size == n.size && f.mtime_ns == n.mtime_ns && f.parent != Ino::NONE;
+        let free = n.lookups == 0 && n.open == 0 && !n.staged && !self.has_aliases(ino) && self.is_settled(ino);
+        if !(same && free) {
+            return Vec::new();
+        }
+        let (parent, name) = (n.parent, n.name.clone());
+        self.make_alias(ino, p);
+        let _ = self.persist(ino, batch);
+        vec![Invalidation::Entry { parent, name }, Invalidation::Inode(p)]
+    }
+
+    /// The file's object changed (uploaded): each of its other names gets a fresh copy.
+    pub(super) fn requeue_aliases(&mut self, ino: Ino, batch: &mut Batch) -> FsResult<()> {
+        for a in self.aliases(ino) {
+            if let Ok(n) = self.get_mut(a) {
+                n.dirty = true;
+            }
+            self.touch(a, Duration::ZERO, batch)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+//! Hard links through the `Fs` core over `memory://`, without FUSE: one inode for every
+//! name, a write through one name seen through the others, either name removed or moved,
+//! every name a full object in the bucket with one link group, the link found again after
+//! a restart and by a fresh mount, and a name another tool edits leaving the group.
+
+use std::sync::Arc;
+
+use autosync::fs::{Caps, FsError, Ino};
+use autosync::layout::{self, PosixAttrs};
+use object_store::path::Path;
+use object_store::{GetOptions, ObjectStoreExt};
+
+mod harness;
+use harness::*;
+
+async fn link(h: &Harness, from: &str, to: &str) -> Result<u32, FsError> {
+    let ino = h.resolve(from).await?;
+    let (parent, name) = h.parent_of(to).await?;
+    let a = h.fs().link(ino, parent, name).await?;
+    assert_eq!(a.ino, ino, "the new name answers the file's inode");
+    Ok(a.nlink)
+}
+
+async fn nlink(h: &Harness, path: &str) -> (Ino, u32) {
+    let ino = h.resolve(path).await.unwrap();
+    (ino, h.fs().getattr(ino).await.unwrap().nlink)
+}
+
+/// The link group an object carries in the bucket.
+async fn group(h: &Harness, key: &str) -> Option<String> {
+    let r = h.store.get_opts(&Path::from(key), GetOptions { head: true, ..Default::default() }).await.unwrap();
+    let map = layout::metadata_map(&r.attributes);
+    assert_eq!(PosixAttrs::from_attributes(&r.attributes).0.link, map.get(layout::META_LINK).cloned());
+    map.get(layout::META_LINK).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_name_is_one_inode_and_a_full_object() {
+    let h = Harness::memory().await;
+    h.mkdir("d").await.unwrap();
+    h.write("f", b"first").await.unwrap();
+    assert_eq!(link(&h, "f", "d/g").await.unwrap(), 2);
+    let (f, n) = nlink(&h, "f").await;
+    assert_eq!(nlink(&h, "d/g").await, (f, 2), "both names: one inode, two links");
+    assert_eq!(n, 2);
+    // A third name, made through the second.
+    assert_eq!(link(&h, "d/g", "h").await.unwrap(), 3);
+
+    // A write through one name is seen through the others at once.
+    h.overwrite("d/g", b"FIRST").await.unwrap();
+    assert_eq!(h.read("f").await.unwrap(), b"FIRST");
+    assert_eq!(h.read("h").await.unwrap(), b"FIRST");
+
+    h.flush().await;
+    let bucket = h.bucket().await;
+    for key in ["f", "d/g", "h"] {
+        assert_eq!(bucket.get(key).map(Vec::as_slice), Some(&b"FIRST"[..]), "{key} is a full object: {bucket:?}");
+    }
+    let g = group(&h, "f").await.expect("the file's object carries its link group");
+    assert_eq!(group(&h, "d/g").await.as_deref(), Some(g.as_str()));
+    assert_eq!(group(&h, "h").await.as_deref(), Some(g.as_str()));
+
+    // Errors as link(2) gives them.
+    let d = h.resolve("d").await.unwrap();
+    assert_eq!(h.fs().link(d, Ino::ROOT, "d2").await.unwrap_err().errno(), libc::EPERM, "a folder");
+    assert_eq!(h.fs().link(f, Ino::ROOT, "h").await.unwrap_err().errno(), libc::EEXIST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn either_name_goes_and_the_file_stays_at_the_other() {
+    let h = Harness::memory().await;
+    h.write("a", b"content").await.unwrap();
+    link(&h, "a", "b").await.unwrap();
+    link(&h, "a", "c").await.unwrap();
+    h.flush().await;
+    let (ino, _) = nlink(&h, "a").await;
+
+    // The first name goes: the file lives on at the others, with the same inode.
+    h.unlink("a").await.unwrap();
+    assert_eq!(nlink(&h, "b").await, (ino, 2));
+    assert_eq!(h.resolve("a").await.unwrap_err().errno(), libc::ENOENT);
+    // Another name goes.
+    h.unlink("c").await.unwrap();
+    assert_eq!(nlink(&h, "b").await, (ino, 1));
+    assert_eq!(h.read("b").await.unwrap(), b"content");
+    h.flush().await;
+    assert_eq!(h.bucket().await.keys().collect::<Vec<_>>(), ["b"]);
+
+    // Renamed onto another name of the same file: nothing happens (POSIX).
+    link(&h, "b", "b2").await.unwrap();
+    h.rename("b", "b2").await.unwrap();
+    assert_eq!(nlink(&h, "b").await, (ino, 2));
+    // A name moves; the other stays linked and the bucket follows.
+    h.rename("b2", "moved").await.unwrap();
+    assert_eq!(nlink(&h, "moved").await, (ino, 2));
+    h.overwrite("moved", b"CONTENT").await.unwrap();
+    h.flush().await;
+    let bucket = h.bucket().await;
+    assert_eq!(bucket.keys().collect::<Vec<_>>(), ["b", "moved"]);
+    assert!(bucket.values().all(|v| v == b"CONTENT"), "{bucket:?}");
+    // A file renamed over one name of a linked file takes that name only.
+    h.write("other", b"other").await.unwrap();
+    h.rename("other", "b").await.unwrap();
+    assert_eq!(nlink(&h, "moved").await, (ino, 1));
+    assert_eq!(h.read("b").await.unwrap(), b"other");
+    h.flush().await;
+    assert_eq!(h.bucket().await.get("moved").map(Vec::as_slice), Some(&b"CONTENT"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_is_found_again_after_a_restart_and_by_a_fresh_mount() {
+    let mut h = Harness::memory().await;
+    h.mkdir("d").await.unwrap();
+    h.write("f", b"linked").await.unwrap();
+    link(&h, "f", "d/g").await.unwrap();
+    h.flush().await;
+
+    h.restart().await;
+    let (f, n) = nlink(&h, "f").await;
+    assert_eq!((n, nlink(&h, "d/g").await), (2, (f, 2)), "the same state dir");
+
+    // A fresh mount of the bucket ties the names together by their group.
+    let fresh = Harness::new(Arc::clone(&h.store), Caps { create: true, update: true }).await;
+    let (f2, _) = nlink(&fresh, "f").await;
+    assert_eq!(nlink(&fresh, "d/g").await, (f2, 2), "one inode on another mount");
+    assert_eq!(nlink(&fresh, "f").await, (f2, 2));
+    fresh.overwrite("d/g", b"LINKED").await.unwrap();
+    assert_eq!(fresh.read("f").await.unwrap(), b"LINKED");
+    fresh.flush().await;
+    let bucket = fresh.bucket().await;
+    assert_eq!(bucket.get("f"), bucket.get("d/g"));
+    assert_eq!(bucket.get("f").map(Vec::as_slice), Some(&b"LINKED"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_another_tool_edits_leaves_the_group() {
+    let h = Harness::memory().await;
+    h.write("f", b"ours").await.unwrap();
+    link(&h, "f", "g").await.unwrap();
+    link(&h, "f", "k").await.unwrap();
+    h.flush().await;
+    let (ino, _) = nlink(&h, "f").await;
+
+    // Another tool rewrites one name (its plain PUT carries no group).
+    h.remote_put("g", b"theirs").await;
+    assert_eq!(h.read("g").await.unwrap(), b"theirs");
+    let (g, n) = nlink(&h, "g").await;
+    assert!(g != ino && n == 1, "a file of its own");
+    assert_eq!(nlink(&h, "f").await, (ino, 2));
+    assert_eq!(h.read("k").await.unwrap(), b"ours");
+
+    // The name the mount shows the file at: the file moves to its other name, with its
+    // inode; the edited name is a file of its own.
+    h.remote_put("f", b"edited").await;
+    assert_eq!(h.read("f").await.unwrap(), b"edited");
+    let (f, n) = nlink(&h, "f").await;
+    assert!(f != ino && n == 1);
+    assert_eq!(nlink(&h, "k").await, (ino, 1));
+    assert_eq!(h.read("k").await.unwrap(), b"ours");
+
+    // Another tool deletes a name: the others stay.
+    link(&h, "k", "k2").await.unwrap();
+    h.flush().await;
+    h.store.delete(&Path::from("k")).await.unwrap();
+    assert_eq!(h.resolve("k").await.unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(nlink(&h, "k2").await, (ino, 1));
+    assert_eq!(h.read("k2").await.unwrap(), b"ours");
+    h.flush().await;
+    let bucket = h.bucket().await;
+    assert_eq!(bucket.keys().collect::<Vec<_>>(), ["f", "g", "k2"]);
+}
