@@ -1,7 +1,8 @@
 //! Real-mount tests of POSIX features legacy programs rely on, beside `real_mount.rs`:
 //! extended attributes with `setfattr`/`getfattr`, `cp -a --preserve=all` and `rsync -aX`,
 //! kept in the bucket as s3fs's `xattr` metadata and back after a remount and on a fresh
-//! mount of the bucket. Each test runs once per backend (`local::NAME`, `moto::NAME`,
+//! mount of the bucket; hard links with `ln`, a maildir delivery, `git gc` and `rsync -H`,
+//! every name a full object, linked again after a remount and on a fresh mount. Each test runs once per backend (`local::NAME`, `moto::NAME`,
 //! `garage::NAME`, `garage3::NAME`, `azurite::NAME`), with the harness of `tests/common/`.
 //!
 //! Set `AUTOSYNC_TEST_LOG` (e.g. `debug`) to change the daemons' `RUST_LOG` (default `info`).
@@ -173,4 +174,111 @@ fn cp_and_rsync_keep_xattrs(backend: Backend) {
     m.unmount();
 }
 
-against_every_backend!(setfattr_getfattr_survive_remount, cp_and_rsync_keep_xattrs);
+/// Inode and link count of a name.
+fn ino_nlink(p: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    (m.ino(), m.nlink())
+}
+
+fn git_in(fx: &Fixture, dir: &Path) -> Command {
+    let home = fx.root.join("home");
+    fs::create_dir_all(&home).unwrap();
+    let mut c = Command::new("git");
+    c.arg("-C").arg(dir).env("HOME", &home).env("GIT_CONFIG_NOSYSTEM", "1");
+    for (k, v) in [("NAME", "Test"), ("EMAIL", "test@example.com")] {
+        c.env(format!("GIT_AUTHOR_{k}"), v).env(format!("GIT_COMMITTER_{k}"), v);
+    }
+    c
+}
+
+/// The names that are linked together in the mount (and must stay so after a remount and
+/// on a fresh mount): `ln`'s pair and `rsync -H`'s pair.
+fn check_links(fx: &Fixture, what: &str) {
+    // A fresh mount counts the names it has seen: each pair is looked at whole first.
+    let b = ino_nlink(&fx.m("d/b"));
+    assert_eq!((ino_nlink(&fx.m("a")), b), (b, b), "{what}: ln a d/b, one inode");
+    assert_eq!(b.1, 2, "{what}");
+    assert_eq!(read(&fx.m("d/b")), b"one\ntwo\n", "{what}");
+    let y = ino_nlink(&fx.m("rs/sub/y"));
+    assert_eq!((ino_nlink(&fx.m("rs/x")), y.1), (y, 2), "{what}: rsync -H kept the link");
+    let x = y.0;
+    assert_eq!(ino_nlink(&fx.m("rs/z")).1, 1, "{what}");
+    assert_ne!(ino_nlink(&fx.m("rs/z")).0, x, "{what}");
+    let fsck = run_ok(git_in(fx, &fx.m("repo")).args(["fsck", "--full", "--no-progress"]));
+    assert!(fsck.stderr.trim().is_empty(), "{what}: {fsck}");
+}
+
+/// Hard links as programs make them: `ln`, then a write through one name seen through the
+/// other; a maildir delivery (link into new/, unlink from tmp/); `git` (which links each
+/// object file into place) through `git gc`; `rsync -aH` of a tree with a hard link. Every
+/// name is a full object with the same link group in the bucket; the links hold after an
+/// unmount and remount, and on a fresh mount of the bucket.
+fn hard_links_with_ln_maildir_git_and_rsync(backend: Backend) {
+    let fx = Fixture::new(&TIER, "links", backend);
+    let src = fx.root.join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    write_file(&src.join("x"), b"linked by rsync\n");
+    fs::hard_link(src.join("x"), src.join("sub/y")).unwrap();
+    write_file(&src.join("z"), b"alone\n");
+    let m = fx.mount_as(1);
+
+    fs::create_dir(fx.m("d")).unwrap();
+    write_file(&fx.m("a"), b"one\n");
+    run_ok(cmd("ln", &[&fx.m("a"), &fx.m("d/b")]));
+    run_ok(cmd("sh", &[&"-c", &format!("echo two >> {}", fx.m("d/b").display())]));
+    assert_eq!(read(&fx.m("a")), b"one\ntwo\n", "a write through one name is seen through the other");
+    assert_eq!(errno(fs::hard_link(fx.m("d"), fx.m("d2"))), Some(libc::EPERM), "a folder");
+
+    // A maildir delivery: written in tmp/, linked into new/, unlinked from tmp/.
+    for sub in ["tmp", "new", "cur"] {
+        fs::create_dir_all(fx.m(&format!("Maildir/{sub}"))).unwrap();
+    }
+    write_file(&fx.m("Maildir/tmp/1.host"), b"Subject: hi\n\nbody\n");
+    fs::hard_link(fx.m("Maildir/tmp/1.host"), fx.m("Maildir/new/1.host")).unwrap();
+    fs::remove_file(fx.m("Maildir/tmp/1.host")).unwrap();
+    assert_eq!(ino_nlink(&fx.m("Maildir/new/1.host")).1, 1);
+
+    // git links every object file into place; gc packs and prunes them.
+    let repo = fx.m("repo");
+    fs::create_dir(&repo).unwrap();
+    run_ok(git_in(&fx, &repo).args(["init", "-q", "-b", "main"]));
+    for i in 0..3 {
+        write_file(&repo.join(format!("f{i}.txt")), format!("file {i}\n").as_bytes());
+        run_ok(git_in(&fx, &repo).args(["add", "-A"]));
+        run_ok(git_in(&fx, &repo).args(["commit", "-q", "-m", &format!("commit {i}")]));
+    }
+    run_ok(git_in(&fx, &repo).args(["gc", "-q", "--prune=now"]));
+    let count = run_ok(git_in(&fx, &repo).args(["count-objects", "-v"]));
+    assert!(count.stdout.contains("count: 0\n") && count.stdout.contains("in-pack: 9\n"), "{count}");
+
+    run_ok(cmd("rsync", &[&"-aH", &format!("{}/", src.display()), &fx.m("rs")]));
+    check_links(&fx, "in the mount");
+    m.flush();
+
+    // In the bucket: every name a full object, the linked ones with one group.
+    // (Azure names it `autosync_link`: its metadata names are identifiers.)
+    let group = |key: &str| {
+        let meta = fx.bucket.get(key).meta;
+        meta.get("autosync-link").or(meta.get("autosync_link")).cloned()
+    };
+    assert_eq!(fx.bucket.data("a"), b"one\ntwo\n");
+    assert_eq!(fx.bucket.data("d/b"), b"one\ntwo\n");
+    assert!(group("a").is_some() && group("a") == group("d/b"), "{:?} {:?}", group("a"), group("d/b"));
+    assert_eq!(fx.bucket.data("rs/sub/y"), b"linked by rsync\n");
+    assert!(group("rs/x").is_some() && group("rs/x") == group("rs/sub/y"));
+    assert_eq!(group("rs/z"), None);
+    assert_eq!(fx.bucket.data("Maildir/new/1.host"), b"Subject: hi\n\nbody\n");
+    assert!(fx.bucket.try_get("Maildir/tmp/1.host").is_none(), "the tmp/ name is gone");
+    m.unmount();
+
+    let m = fx.mount_as(1);
+    check_links(&fx, "after unmount + remount");
+    m.unmount();
+    let m = fx.mount_as(2);
+    check_links(&fx, "in a fresh mount of the bucket");
+    assert_eq!(read(&fx.m("Maildir/new/1.host")), b"Subject: hi\n\nbody\n");
+    m.unmount();
+}
+
+against_every_backend!(setfattr_getfattr_survive_remount, cp_and_rsync_keep_xattrs, hard_links_with_ln_maildir_git_and_rsync);
