@@ -174,7 +174,9 @@ impl Core {
             let Ok(n) = l.get(ino) else { return };
             let fresh = l.get(n.parent).is_ok_and(|p| p.is_listed_fresh(self.cfg.metadata_ttl));
             match &n.remote {
-                Some(r) if !fresh && l.is_settled(ino) => r.clone(),
+                // A file with other names (hard links) follows the bucket through listings,
+                // where a name another tool changed leaves the group.
+                Some(r) if !fresh && l.is_settled(ino) && !l.has_aliases(ino) => r.clone(),
                 _ => return,
             }
         };
