@@ -281,4 +281,8 @@ fn hard_links_with_ln_maildir_git_and_rsync(backend: Backend) {
     m.unmount();
 }
 
-against_every_backend!(setfattr_getfattr_survive_remount, cp_and_rsync_keep_xattrs, hard_links_with_ln_maildir_git_and_rsync);
+against_every_backend!(
+    setfattr_getfattr_survive_remount,
+    cp_and_rsync_keep_xattrs,
+    hard_links_with_ln_maildir_git_and_rsync
+);
