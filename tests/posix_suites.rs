@@ -48,7 +48,11 @@ fn suite_file(name: &str) -> PathBuf {
 
 /// The exclusion patterns, each with its reason.
 fn exclusions() -> Vec<(String, String)> {
-    let text = fs::read_to_string(suite_file("pjdfstest-exclusions")).unwrap();
+    parse_exclusions(&fs::read_to_string(suite_file("pjdfstest-exclusions")).unwrap())
+}
+
+/// Exclusion lines: `PATTERN REASON`; blank lines and `#` comments skipped.
+fn parse_exclusions(text: &str) -> Vec<(String, String)> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
@@ -173,5 +177,8 @@ fn verdict_lines_and_patterns_are_read() {
     let (ok, failed, skipped) = verdicts(out);
     assert_eq!((ok.len(), failed.len(), skipped.len()), (1, 1, 1));
     assert!(matches("link::b::*", "link::b::c") && !matches("link::b", "link::b::c"));
-    assert!(!exclusions().is_empty());
+    let parsed = parse_exclusions("# comment\n\nlink::b::*   why it fails\n");
+    assert_eq!(parsed, [("link::b::*".to_string(), "why it fails".to_string())]);
+    // The file in the repo reads (every line has a reason; it is empty now).
+    assert!(exclusions().len() <= 5, "the issue allows 5 exclusions at most");
 }
