@@ -169,3 +169,61 @@ async fn a_name_another_tool_edits_leaves_the_group() {
     let bucket = h.bucket().await;
     assert_eq!(bucket.keys().collect::<Vec<_>>(), ["f", "g", "k2"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_removed_before_the_other_names_copy_keeps_the_content() {
+    // Nothing goes up until the test flushes: the link's copy is not made when `a` goes.
+    let mut h = Harness::with_config(
+        Arc::new(object_store::memory::InMemory::new()),
+        Caps { create: true, update: true },
+        cfg_with_delay(std::time::Duration::from_secs(3600)),
+    )
+    .await;
+    // Another client's file, known here from a listing only (nothing of it local).
+    h.remote_put("a", b"only in the bucket").await;
+    link(&h, "a", "b").await.unwrap();
+    h.unlink("a").await.unwrap();
+    assert_eq!(h.read("b").await.unwrap(), b"only in the bucket");
+    h.flush().await;
+    assert_eq!(h.bucket().await.into_iter().collect::<Vec<_>>(), [("b".to_string(), b"only in the bucket".to_vec())]);
+
+    // The same with a rename onto the file's name.
+    h.remote_put("c", b"second").await;
+    link(&h, "c", "d").await.unwrap();
+    h.write("e", b"over it").await.unwrap();
+    h.rename("e", "c").await.unwrap();
+    assert_eq!(h.read("d").await.unwrap(), b"second");
+    h.flush().await;
+    let bucket = h.bucket().await;
+    assert_eq!((bucket["c"].as_slice(), bucket["d"].as_slice()), (&b"over it"[..], &b"second"[..]));
+    h.restart().await;
+    assert_eq!(h.read("d").await.unwrap(), b"second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_deleted_in_the_bucket_leaves_the_names_outside_it() {
+    let mut h = Harness::memory().await;
+    for d in ["d1", "d2", "d3"] {
+        h.mkdir(d).await.unwrap();
+    }
+    h.write("d1/a", b"lives on").await.unwrap();
+    link(&h, "d1/a", "d2/b").await.unwrap();
+    h.write("d3/x", b"both go").await.unwrap();
+    link(&h, "d3/x", "d3/y").await.unwrap();
+    h.flush().await;
+    let (ino, _) = nlink(&h, "d2/b").await;
+
+    // Another tool removes d1 whole, and both names in d3.
+    for key in ["d1/a", "d1/.autosync-folder", "d3/x", "d3/y"] {
+        h.store.delete(&Path::from(key)).await.unwrap();
+    }
+    assert_eq!(h.resolve("d1").await.unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(nlink(&h, "d2/b").await, (ino, 1), "the file lives on at its other name");
+    assert_eq!(h.read("d2/b").await.unwrap(), b"lives on");
+    assert!(h.tree().await.keys().all(|k| !k.starts_with("d3/")), "both names in d3 are gone");
+    h.flush().await;
+    h.restart().await;
+    assert_eq!(h.read("d2/b").await.unwrap(), b"lives on");
+    let tree = h.tree().await;
+    assert_eq!(tree.keys().collect::<Vec<_>>(), ["d2", "d2/b", "d3"], "{tree:?}");
+}

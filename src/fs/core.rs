@@ -267,6 +267,8 @@ impl<'a> Locked<'a> {
 
     /// Removes an inode and what is below it, with their staging files.
     pub fn remove_tree(&mut self, ino: Ino, batch: &mut Batch) {
+        // A file in it with another name outside lives on there (hard links).
+        self.keep_linked_outside(ino, batch);
         for staged in self.tree.remove_tree(ino, batch) {
             self.core.staging.remove(staged);
         }

@@ -6,6 +6,7 @@
 //! of its other names), a name edited by another tool leaving the group, and a name a
 //! HEAD finds in a group joining it.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use super::core::Locked;
@@ -68,10 +69,20 @@ impl Locked<'_> {
         Ok(attr)
     }
 
-    /// The name `x` (a file with other names) sits at goes: the file moves to its first
-    /// other name, taking over that name's record and object. False when it has none.
+    /// The name `x` (a file with other names) sits at goes: the file moves to another of
+    /// its names (one whose copy is not under way, if there is one), taking over that
+    /// name's record and object. False when it has none. The caller made the file's
+    /// content local first when that name's copy is not made yet (it then uploads it).
     pub(super) fn promote(&mut self, x: Ino, batch: &mut Batch) -> FsResult<bool> {
-        let Some(&y) = self.aliases(x).first() else { return Ok(false) };
+        let names = self.aliases(x);
+        let idle = names.iter().copied().find(|&a| !self.queue.is_uploading(a));
+        let Some(y) = idle.or(names.first().copied()) else { return Ok(false) };
+        self.promote_to(x, y, batch)?;
+        Ok(true)
+    }
+
+    /// Moves file `x` to the name of its alias `y`, whose record goes.
+    fn promote_to(&mut self, x: Ino, y: Ino, batch: &mut Batch) -> FsResult<()> {
         let yn = self.get(y)?.clone();
         self.queue.forget_sync(y);
         self.remove(y);
@@ -89,15 +100,37 @@ impl Locked<'_> {
         } else {
             self.persist(x, batch)?;
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// Whether a name of a linked file going away needs the file's content here first:
+    /// the name it moves to has no copy of it yet, and its own object goes.
+    pub fn needs_content_to_move(&self, x: Ino) -> bool {
+        let names = self.aliases(x);
+        !names.is_empty() && names.iter().all(|&a| self.get(a).is_ok_and(|n| n.dirty || n.remote.is_none()))
+    }
+
+    /// Before `top` and what is below it leave memory: a file in there with a name
+    /// outside moves to that name, with its inode and content.
+    pub(super) fn keep_linked_outside(&mut self, top: Ino, batch: &mut Batch) {
+        if !self.has_links() {
+            return;
+        }
+        let inside: HashSet<Ino> = self.subtree(top).into_iter().collect();
+        for &x in &inside {
+            if let Some(y) = self.aliases(x).into_iter().find(|a| !inside.contains(a)) {
+                let _ = self.promote_to(x, y, batch);
+            }
+        }
     }
 
     /// Another tool changed the object at name `c` of a linked file: that name leaves the
     /// group, a file of its own. When `c` is the file the kernel sees, the file (with its
     /// inode number, open handles and content) moves to another of its names first, and
     /// `c`'s name gets that name's record. Returns the inode now at the name, and the
-    /// kernel entries to drop.
-    pub(super) fn split_name(&mut self, c: Ino, batch: &mut Batch) -> FsResult<(Ino, Vec<Invalidation>)> {
+    /// kernel entries to drop; None when no other name is ready to take the file (a copy
+    /// under way): the change is taken at a later listing.
+    pub(super) fn split_name(&mut self, c: Ino, batch: &mut Batch) -> FsResult<Option<(Ino, Vec<Invalidation>)>> {
         let n = self.get(c)?.clone();
         let mut inval = vec![Invalidation::Entry { parent: n.parent, name: n.name.clone() }];
         if let Some(p) = n.link_of {
@@ -105,9 +138,11 @@ impl Locked<'_> {
             self.persist(c, batch)?;
             self.persist(p, batch)?;
             inval.push(Invalidation::Inode(p));
-            return Ok((c, inval));
+            return Ok(Some((c, inval)));
         }
-        let Some(&y) = self.aliases(c).first() else { return Ok((c, Vec::new())) };
+        // A name whose copy is made and not under way takes the file; none yet: later.
+        let ready = self.aliases(c).into_iter().find(|&a| self.is_settled(a));
+        let Some(y) = ready else { return Ok(None) };
         let yn = self.get(y)?.clone();
         self.unalias(y);
         self.queue.forget_sync(y);
@@ -129,7 +164,7 @@ impl Locked<'_> {
         self.persist(c, batch)?;
         self.persist(y, batch)?;
         inval.push(Invalidation::Inode(c));
-        Ok((y, inval))
+        Ok(Some((y, inval)))
     }
 
     /// A HEAD answered `ino`'s object with a link group: if the group's file is in memory

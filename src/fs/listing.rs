@@ -401,11 +401,13 @@ impl Listings {
                             // A name of a hard-linked file that another tool changed
                             // leaves the group: a file of its own.
                             let c = match l.in_link_group(c) {
-                                true => {
-                                    let (now, drop) = l.split_name(c, &mut batch)?;
-                                    inval.extend(drop);
-                                    now
-                                }
+                                true => match l.split_name(c, &mut batch)? {
+                                    Some((now, drop)) => {
+                                        inval.extend(drop);
+                                        now
+                                    }
+                                    None => continue,
+                                },
                                 false => c,
                             };
                             let n = l.get_mut(c)?;
@@ -454,11 +456,14 @@ impl Listings {
             // are ours and still on their way up.
             if !epoch_changed {
                 let local: Vec<(String, Ino)> = l.children(ino).map(|(k, v)| (k.clone(), v)).collect();
-                for (name, c) in local {
+                for (name, _) in local {
                     if seen.contains(&name) {
                         continue;
                     }
-                    let n = l.get(c)?;
+                    // What is at the name now: a file with other names may have moved to
+                    // one of them (another name gone before it).
+                    let Some(c) = l.child(ino, &name) else { continue };
+                    let Ok(n) = l.get(c) else { continue };
                     // Only what still sits at the key it came from can have been deleted there.
                     let child_key = l.key_of(c)?;
                     // A key with a pending delete or move is missing on purpose.

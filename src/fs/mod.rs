@@ -426,12 +426,23 @@ impl Fs {
 
     pub async fn unlink(&self, parent: Ino, name: &str) -> FsResult<()> {
         let ino = self.resolve(parent, name).await?;
-        let n = self.core.tree().get(ino)?.clone();
-        if n.open > 0 && n.kind == Kind::File {
-            // Still open: keep the content readable after the object is gone.
+        self.keep_content(ino).await?;
+        self.core.lock().unlink_node(parent, ino)
+    }
+
+    /// A file's name is about to go (unlink, or a rename onto it): its content is made
+    /// local first when it would have nowhere else to be read from: the file is still open,
+    /// or it moves to another of its names (hard links) whose copy is not made yet.
+    async fn keep_content(&self, ino: Ino) -> FsResult<()> {
+        let needed = {
+            let l = self.core.lock();
+            let n = l.get(ino)?;
+            n.kind == Kind::File && (n.open > 0 || l.needs_content_to_move(ino))
+        };
+        if needed {
             self.files.ensure_staged(ino).await?;
         }
-        self.core.lock().unlink_node(parent, ino)
+        Ok(())
     }
 
     pub async fn rmdir(&self, parent: Ino, name: &str) -> FsResult<()> {
@@ -471,11 +482,9 @@ impl Fs {
             }
             // The object the target is uploading right now is what we replace: let it land.
             self.uploader.wait_not_uploading(t).await;
-            let (tkind, topen) = self.core.tree().get(t).map(|n| (n.kind, n.open))?;
-            if tkind == Kind::File && topen > 0 {
-                // Still open: keep its content readable after its object is replaced.
-                self.files.ensure_staged(t).await?;
-            }
+            let tkind = self.core.tree().get(t)?.kind;
+            // Still open, or living on at another name: its content stays readable.
+            self.keep_content(t).await?;
             match (is_dir, tkind == Kind::Dir) {
                 (true, false) => return Err(FsError::NotDir),
                 (false, true) => return Err(FsError::IsDir),

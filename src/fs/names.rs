@@ -130,7 +130,9 @@ impl Locked<'_> {
             // One name of a file with others: the file stays.
             self.queue.forget_sync(ino);
             self.remove_tree(ino, batch);
-            self.get_mut(p)?.ctime_ns = now;
+            if let Ok(f) = self.get_mut(p) {
+                f.ctime_ns = now;
+            }
             return self.persist(p, batch);
         }
         if self.promote(ino, batch)? {

@@ -96,6 +96,11 @@ impl Tree {
         self.aliases.get(&ino).map(|s| s.iter().copied().collect()).unwrap_or_default()
     }
 
+    /// Whether any file has another name (hard links) in memory.
+    pub fn has_links(&self) -> bool {
+        !self.aliases.is_empty()
+    }
+
     pub fn has_aliases(&self, ino: Ino) -> bool {
         self.aliases.get(&ino).is_some_and(|s| !s.is_empty())
     }

@@ -128,7 +128,8 @@ impl Uploader {
             None => {
                 // Whatever it was to replace stays: nothing of it was touched yet.
                 inner.get_mut(node.ino)?.overwrites = None;
-                inner.remove_tree(node.ino, &mut batch);
+                // A file with other names lives on at one of them.
+                inner.remove_name(node.ino, &mut batch)?;
                 if let Ok(p) = inner.get_mut(parent) {
                     p.listed_at = None;
                 }
@@ -283,6 +284,8 @@ impl Uploader {
             inner.move_to(node.ino, parent, &name_now)?;
             inner.set_remote(node.ino, Some(remote));
             inner.persist(node.ino, &mut batch)?;
+            // The file's other names (hard links) copy this version.
+            inner.requeue_aliases(node.ino, &mut batch)?;
             if let Ok(p) = inner.get_mut(parent) {
                 // Relist so the bucket's version appears at the original name.
                 p.listed_at = None;
@@ -522,6 +525,7 @@ impl Uploader {
             n.overwrites = None;
             inner.set_remote(node.ino, Some(remote_of(&t.meta)));
             inner.persist(node.ino, &mut batch)?;
+            inner.requeue_aliases(node.ino, &mut batch)?;
         }
         inner.queue.epoch += 1;
         inner.queue.record_conflict(record, &mut batch)?;

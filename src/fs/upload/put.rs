@@ -316,8 +316,17 @@ impl Uploader {
                 l.retire(old, Duration::ZERO, &mut batch)?;
             }
         } else {
-            // Removed (or split off) while we copied.
-            l.retire(remote_of(&meta), Duration::ZERO, &mut batch)?;
+            // The file itself moved to this name meanwhile (its name there went, or another
+            // tool's edit split it off): this copy of its content is its object now.
+            let file = l.ino_at_key(&key).filter(|&o| Some(o) == node.link_of);
+            match file {
+                Some(f) if l.get(f).is_ok_and(|n| n.remote.as_ref().is_some_and(|r| r.key == key)) => {
+                    l.set_remote(f, Some(remote_of(&meta)));
+                    l.persist(f, &mut batch)?;
+                }
+                // Removed (or split off) while we copied.
+                _ => l.retire(remote_of(&meta), Duration::ZERO, &mut batch)?,
+            }
         }
         l.queue.epoch += 1;
         self.finish(l, seq, batch)?;
