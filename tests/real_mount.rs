@@ -979,10 +979,11 @@ fn rename_rmdir_noreplace_and_link_semantics(backend: Backend) {
     assert_gone(&c);
     assert_eq!(read(&fx.m("c2.txt")), b"c\n");
 
-    // Hard links are refused with EPERM; `ln` fails and creates nothing.
+    // A hard link to a folder is refused with EPERM; `ln` fails and creates nothing (hard
+    // links of files: posix_mount.rs).
     let h = fx.m("hard");
-    assert_eq!(errno_of(fs::hard_link(&a, &h)), Some(libc::EPERM));
-    let out = run(sh("ln", &[&a, &h]));
+    assert_eq!(errno_of(fs::hard_link(&d, &h)), Some(libc::EPERM));
+    let out = run(sh("ln", &[&d, &h]));
     assert!(!out.ok(), "ln should fail: {out}");
     assert_gone(&h);
 
