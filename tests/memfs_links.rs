@@ -227,3 +227,161 @@ async fn a_folder_deleted_in_the_bucket_leaves_the_names_outside_it() {
     let tree = h.tree().await;
     assert_eq!(tree.keys().collect::<Vec<_>>(), ["d2", "d2/b", "d3"], "{tree:?}");
 }
+
+/// One step of the hard-link model.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Writes the name (a new file if it has none) with content `n`.
+    Write(usize, u8),
+    Link(usize, usize),
+    Unlink(usize),
+    Rename(usize, usize),
+    Flush,
+    Restart,
+    /// Once everything is up, another tool rewrites the name (a plain PUT, no group).
+    RemoteEdit(usize, u8),
+    /// Once everything is up, another tool deletes the name.
+    RemoteDelete(usize),
+}
+
+const NAMES: [&str; 4] = ["a", "b", "d/c", "d/e"];
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let name = 0..NAMES.len();
+    prop_oneof![
+        3 => (name.clone(), any::<u8>()).prop_map(|(i, n)| Step::Write(i, n)),
+        4 => (name.clone(), name.clone()).prop_map(|(a, b)| Step::Link(a, b)),
+        2 => name.clone().prop_map(Step::Unlink),
+        2 => (name.clone(), name).prop_map(|(a, b)| Step::Rename(a, b)),
+        1 => Just(Step::Flush),
+        1 => Just(Step::Restart),
+        1 => (0..NAMES.len(), any::<u8>()).prop_map(|(i, n)| Step::RemoteEdit(i, n)),
+        1 => (0..NAMES.len()).prop_map(Step::RemoteDelete),
+    ]
+}
+
+/// Names to files, and each file's content: what the mount must show.
+#[derive(Default)]
+struct Model {
+    names: std::collections::BTreeMap<&'static str, u32>,
+    content: std::collections::HashMap<u32, Vec<u8>>,
+    next: u32,
+}
+
+async fn run_model(steps: Vec<Step>, upload_delay: std::time::Duration) {
+    let mut h = Harness::with_config(
+        Arc::new(object_store::memory::InMemory::new()),
+        Caps { create: true, update: true },
+        cfg_with_delay(upload_delay),
+    )
+    .await;
+    h.mkdir("d").await.unwrap();
+    let mut m = Model::default();
+    let mut done = Vec::new();
+    for s in steps {
+        done.push(s.clone());
+        match s {
+            Step::Write(i, n) => {
+                let data = format!("{} {n}", NAMES[i]).into_bytes();
+                h.write(NAMES[i], &data).await.unwrap();
+                let file = *m.names.entry(NAMES[i]).or_insert_with(|| {
+                    m.next += 1;
+                    m.next
+                });
+                m.content.insert(file, data);
+            }
+            Step::Link(a, b) => {
+                let r = link(&h, NAMES[a], NAMES[b]).await;
+                match (m.names.get(NAMES[a]).copied(), m.names.contains_key(NAMES[b])) {
+                    (None, _) => assert_eq!(r.unwrap_err().errno(), libc::ENOENT, "{done:?}"),
+                    (Some(_), true) => assert_eq!(r.unwrap_err().errno(), libc::EEXIST, "{done:?}"),
+                    (Some(f), false) => {
+                        r.unwrap_or_else(|e| panic!("{done:?}: {e}"));
+                        m.names.insert(NAMES[b], f);
+                    }
+                }
+            }
+            Step::Unlink(a) => {
+                let r = h.unlink(NAMES[a]).await;
+                match m.names.remove(NAMES[a]) {
+                    Some(_) => r.unwrap_or_else(|e| panic!("{done:?}: {e}")),
+                    None => assert_eq!(r.unwrap_err().errno(), libc::ENOENT, "{done:?}"),
+                }
+            }
+            Step::Rename(a, b) => {
+                let r = h.rename(NAMES[a], NAMES[b]).await;
+                match m.names.get(NAMES[a]).copied() {
+                    None => assert_eq!(r.unwrap_err().errno(), libc::ENOENT, "{done:?}"),
+                    Some(f) => {
+                        r.unwrap_or_else(|e| panic!("{done:?}: {e}"));
+                        // Two names of one file (or one name): nothing happens.
+                        if m.names.get(NAMES[b]) != Some(&f) {
+                            m.names.remove(NAMES[a]);
+                            m.names.insert(NAMES[b], f);
+                        }
+                    }
+                }
+            }
+            Step::Flush => h.flush().await,
+            Step::Restart => h.restart().await,
+            Step::RemoteEdit(i, n) => {
+                h.flush().await;
+                let data = format!("theirs {n}").into_bytes();
+                h.remote_put(NAMES[i], &data).await;
+                // The name is a file of its own now (split off from its group, if any).
+                m.next += 1;
+                m.names.insert(NAMES[i], m.next);
+                m.content.insert(m.next, data);
+            }
+            Step::RemoteDelete(i) => {
+                h.flush().await;
+                if m.names.remove(NAMES[i]).is_some() {
+                    h.store.delete(&Path::from(NAMES[i])).await.unwrap();
+                }
+            }
+        }
+        check(&h, &m, &done).await;
+    }
+    h.flush().await;
+    let want: std::collections::BTreeMap<String, Vec<u8>> =
+        m.names.iter().map(|(n, f)| (n.to_string(), m.content[f].clone())).collect();
+    assert_eq!(h.bucket().await, want, "the bucket after the last flush, {done:?}");
+    // A fresh mount of the bucket shows the same files, linked as they are here.
+    let fresh = Harness::new(Arc::clone(&h.store), Caps { create: true, update: true }).await;
+    check(&fresh, &m, &done).await;
+}
+
+/// Every name shows its file's content; names of one file share an inode, and each
+/// counts them all; names of no file are not there.
+async fn check(h: &Harness, m: &Model, done: &[Step]) {
+    // Every folder read first: another tool's change of a name is seen when its folder is.
+    for name in NAMES {
+        let _ = h.resolve(name).await;
+    }
+    let mut inos: std::collections::HashMap<u32, Ino> = Default::default();
+    for name in NAMES {
+        match m.names.get(name) {
+            None => assert_eq!(h.resolve(name).await.unwrap_err().errno(), libc::ENOENT, "{name}, {done:?}"),
+            Some(f) => {
+                assert_eq!(h.read(name).await.unwrap_or_else(|e| panic!("{name}: {e}, {done:?}")), m.content[f]);
+                let (ino, n) = nlink(h, name).await;
+                let want = m.names.values().filter(|g| *g == f).count() as u32;
+                assert_eq!(n, want, "st_nlink of {name}, {done:?}");
+                assert_eq!(*inos.entry(*f).or_insert(ino), ino, "one inode for the names of a file, {done:?}");
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48), ..Default::default() })]
+    /// Random links, writes, unlinks, renames, flushes and restarts against a model of
+    /// names and files; uploads only at flushes, then racing the next steps.
+    #[test]
+    fn links_follow_the_model(steps in proptest::collection::vec(step(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(run_model(steps.clone(), std::time::Duration::from_secs(3600)));
+        rt.block_on(run_model(steps, std::time::Duration::ZERO));
+    }
+}

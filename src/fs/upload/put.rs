@@ -306,7 +306,8 @@ impl Uploader {
             let moved_from = l.get(node.ino)?.remote.clone().filter(|r| r.key != key);
             l.set_remote(node.ino, Some(remote_of(&meta)));
             let n = l.get_mut(node.ino)?;
-            let left_behind = n.overwrites.take_if(|o| o.key != key);
+            // The object it replaced at its key is used up; one at another key is left behind.
+            let left_behind = n.overwrites.take().filter(|o| o.key != key);
             if n.generation == node.generation {
                 n.dirty = false;
             }
