@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use super::core::Locked;
 use super::error::{FsError, FsResult};
-use super::events::{Event, Kind as EventKind};
 use super::types::{Attr, Ino, Inode, Invalidation, Kind, now_ns};
 use crate::state::Batch;
 
@@ -61,11 +60,7 @@ impl Locked<'_> {
         self.touch(a, delay, &mut batch)?;
         let attr = self.attr(ino)?;
         self.commit(batch, false)?;
-        let mut e = Event::new(EventKind::Created).size(attr.size);
-        if let Some(p) = self.path_of(a) {
-            e = e.path(p);
-        }
-        self.emit(e);
+        self.emit_created(a, attr.size);
         Ok(attr)
     }
 

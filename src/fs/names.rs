@@ -94,12 +94,17 @@ impl Locked<'_> {
         self.touch(ino, delay, &mut batch)?;
         let attr = self.attr(ino)?;
         self.commit(batch, false)?;
-        let mut e = Event::new(EventKind::Created).size(attr.size);
-        if let Some(p) = self.path_of(ino) {
+        self.emit_created(ino, attr.size);
+        Ok(attr)
+    }
+
+    /// A `created` event for the name of inode `at` (a new entry, or a hard link).
+    pub(super) fn emit_created(&self, at: Ino, size: u64) {
+        let mut e = Event::new(EventKind::Created).size(size);
+        if let Some(p) = self.path_of(at) {
             e = e.path(p);
         }
         self.emit(e);
-        Ok(attr)
     }
 
     /// Removes a file or symlink. One still open stays readable (its staging copy, made by
