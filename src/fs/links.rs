@@ -35,8 +35,11 @@ impl Locked<'_> {
             return Err(FsError::Exists);
         }
         let delay = if n.open > 0 { core.cfg.open_upload_delay } else { core.cfg.upload_delay };
-        let new_group = n.link.is_none();
-        let group = n.link.clone().unwrap_or_else(|| format!("{}-{ino}", core.writer));
+        // A group id the file carries but does not lead (it was split off another file's
+        // group, keeping the metadata) is not its own: it gets a new one.
+        let own = n.link.clone().filter(|g| self.group_leader(g) == Some(ino));
+        let new_group = own.is_none();
+        let group = own.unwrap_or_else(|| format!("{}-{ino}", core.writer));
         let a = self.alloc_ino(&mut batch);
         let n = self.get(ino)?;
         let mut alias = Inode::new(a, newparent, newname.to_string(), n.kind, n.perm, n.uid, n.gid);
