@@ -1629,3 +1629,28 @@ async fn concurrent_misses_share_one_fetch_and_random_reads_fetch_only_their_blo
     assert!(h.read("big.bin").await.unwrap() == data);
     assert_eq!(fetched(&h), 4, "a sequential read fetched a block twice");
 }
+
+/// A file renamed onto another whose object still sits at the name the first left (its
+/// move not uploaded yet): that object is on its way out, and the folder does not show
+/// it again. (The source still sat at that key when the target's objects were dropped, and
+/// took that one over as its own, unhidden.) Found by memfs_links' model test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_left_by_two_renames_is_not_shown_again() {
+    let h = Harness::with_config(
+        Arc::new(InMemory::new()),
+        Caps { create: true, update: true },
+        cfg_with_delay(Duration::from_secs(3600)),
+    )
+    .await;
+    h.mkdir("d").await.unwrap();
+    h.write("d/e", b"first").await.unwrap();
+    h.flush().await;
+    h.rename("d/e", "b").await.unwrap();
+    h.write("d/e", b"second").await.unwrap();
+    h.rename("d/e", "b").await.unwrap();
+    let want = BTreeMap::from([("b".to_string(), Some(b"second".to_vec())), ("d".to_string(), None)]);
+    assert_eq!(h.tree().await, want, "before the uploads");
+    h.flush().await;
+    assert_eq!(h.tree().await, want);
+    assert_eq!(h.bucket().await, BTreeMap::from([("b".to_string(), b"second".to_vec())]));
+}

@@ -385,3 +385,26 @@ proptest::proptest! {
         rt.block_on(run_model(steps, std::time::Duration::ZERO));
     }
 }
+
+/// Found by the model: a name is moved away from `a` and a new link made at `a` before
+/// the uploads; the new name's copy found the moving name's object still at `a`, took it
+/// for another client's, and dropped the link. It now waits for that object to leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_at_a_name_another_name_is_leaving() {
+    use Step::*;
+    let steps = vec![
+        Write(1, 205),
+        Restart,
+        Link(1, 0),
+        Write(3, 84),
+        RemoteEdit(2, 220),
+        Write(0, 242),
+        Rename(0, 3),
+        Link(1, 0),
+        Unlink(2),
+        RemoteDelete(1),
+    ];
+    for delay in [3600, 0] {
+        run_model(steps.clone(), std::time::Duration::from_secs(delay)).await;
+    }
+}

@@ -224,17 +224,17 @@ impl Locked<'_> {
         if let Some(prev) = self.get_mut(ino)?.overwrites.take() {
             self.push_op(Op::Delete { remote: prev }, delay, &mut batch)?;
         }
+        // The target's objects, but the one at the new key (the moved file takes that over;
+        // a moved folder needs a marker there), go once the source has left its key: a
+        // source still at one of those keys would take it over (see `retire`).
+        let mut replaced = None;
         if let Some(t) = target {
             let tnode = self.get(t)?.clone();
             let new_key = self.key_of(t)?;
-            if is_dir {
-                // The empty target's marker stays: the moved folder needs one at that key.
-                self.drop_remote(&tnode, Some(new_key.as_str()), delay, &mut batch)?;
-            } else {
-                // The moved file takes over the target's object: it may overwrite that version.
+            if !is_dir {
+                // The moved file may overwrite the version of the target's object.
                 let takeover =
                     [&tnode.remote, &tnode.overwrites].into_iter().flatten().find(|r| r.key == new_key).cloned();
-                self.drop_remote(&tnode, Some(new_key.as_str()), delay, &mut batch)?;
                 if let Some(r) = takeover {
                     self.get_mut(ino)?.overwrites = Some(r);
                 }
@@ -245,8 +245,12 @@ impl Locked<'_> {
             } else {
                 self.remove_name(t, &mut batch)?;
             }
+            replaced = Some((tnode, new_key));
         }
         self.move_to(ino, newparent, newname)?;
+        if let Some((tnode, new_key)) = replaced {
+            self.drop_remote(&tnode, Some(new_key.as_str()), delay, &mut batch)?;
+        }
         let file = self.primary(ino);
         self.get_mut(file)?.ctime_ns = now_ns();
         for p in [parent, newparent] {

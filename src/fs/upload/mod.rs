@@ -314,6 +314,14 @@ impl Uploader {
                 return self.finish(l, seq, Batch::default());
             }
             if let Some(file) = n.link_of {
+                // The object at this name still belongs to another of our files, moving
+                // away: go after it, and take that object over when it is retired.
+                let owner = l.owner_of_key(&key).filter(|&o| o != ino);
+                if owner.is_some_and(|o| l.key_of(o).is_ok_and(|k| k != key)) {
+                    let mut batch = Batch::default();
+                    l.requeue(ino, Duration::ZERO, &mut batch)?;
+                    return self.finish(l, seq, batch);
+                }
                 // Another name of a file (a hard link): a copy of the file's object, once
                 // that holds the file as it is (its upload queues this name again).
                 let Some(src) = l.get(file).ok().filter(|f| !f.dirty).and_then(|f| f.remote.clone()) else {
