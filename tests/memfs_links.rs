@@ -374,6 +374,18 @@ async fn check(h: &Harness, m: &Model, done: &[Step]) {
     }
 }
 
+/// Found by the model: a name that took over the file's old object, then took the file
+/// itself (the file's name unlinked), was recorded and removed in one commit; the record
+/// came back at the next start, a second name of the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_removed_in_the_commit_that_recorded_it_stays_removed() {
+    use Step::*;
+    let steps = vec![Write(3, 0), Flush, Rename(3, 1), Link(1, 3), Unlink(1), Restart];
+    for delay in [3600, 0] {
+        run_model(steps.clone(), std::time::Duration::from_secs(delay)).await;
+    }
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48), ..Default::default() })]
     /// Random links, writes, unlinks, renames, flushes and restarts against a model of

@@ -84,7 +84,7 @@ impl Locked<'_> {
         let yn = self.get(y)?.clone();
         self.queue.forget_sync(y);
         self.remove(y);
-        batch.del_inodes.push(y.0);
+        batch.remove_inode(y.0);
         self.move_to(x, yn.parent, &yn.name)?;
         self.set_remote(x, yn.remote.clone());
         let delay = self.core().cfg.upload_delay;

@@ -752,7 +752,7 @@ impl Listings {
                     // Kept aside, for the next listing of the folder to take back.
                     let _ = batch.evicted(dir.0, c.0, &n);
                 }
-                batch.del_inodes.push(c.0);
+                batch.remove_inode(c.0);
             }
             if let Ok(d) = l.get_mut(dir) {
                 d.listed_at = None;

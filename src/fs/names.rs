@@ -156,7 +156,7 @@ impl Locked<'_> {
             n.parent = Ino::NONE;
             n.ctime_ns = now;
         }
-        batch.del_inodes.push(ino.0);
+        batch.remove_inode(ino.0);
         Ok(())
     }
 

@@ -335,7 +335,7 @@ impl Tree {
                     // Entries it kept aside when its listing left memory go with it.
                     batch.del_evicted.push(k.0);
                 }
-                batch.del_inodes.push(k.0);
+                batch.remove_inode(k.0);
             }
         }
         for r in std::mem::take(&mut self.relinked) {

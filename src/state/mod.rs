@@ -107,6 +107,12 @@ impl Batch {
             None => self.meta.push((key, value)),
         }
     }
+    /// Deletes an inode's record, and any record of it put earlier in this batch (deletes
+    /// are applied before puts: a later put of it still wins).
+    pub fn remove_inode(&mut self, ino: u64) {
+        self.put_inodes.retain(|(i, _)| *i != ino);
+        self.del_inodes.push(ino);
+    }
     pub fn inode<T: Serialize>(&mut self, ino: u64, rec: &T) -> Result<(), StateError> {
         self.put_inodes.push((ino, serde_json::to_vec(rec)?));
         Ok(())
@@ -317,12 +323,17 @@ mod tests {
             b.meta.push(("next_ino", 4));
             db.commit(&b, false).unwrap();
             let mut b = Batch::default();
-            b.del_inodes.push(3);
+            b.remove_inode(3);
+            // Put, then removed, in one batch: removed; removed, then put again: kept.
+            b.inode(4, &"four").unwrap();
+            b.remove_inode(4);
+            b.remove_inode(5);
+            b.inode(5, &"five").unwrap();
             db.commit(&b, true).unwrap();
         }
         let db = StateDb::open(&path, &key).unwrap();
         let l: Loaded<String, String> = db.load().unwrap();
-        assert_eq!(l.inodes, vec!["two".to_string()]);
+        assert_eq!(l.inodes, vec!["two".to_string(), "five".to_string()]);
         assert_eq!(l.ops, vec![(1, "op1".to_string())]);
         assert!(l.meta.contains(&("next_ino".to_string(), 4)));
     }
