@@ -134,9 +134,14 @@ impl Tree {
     pub fn unalias(&mut self, ino: Ino) {
         let Some(n) = self.inodes.get_mut(&ino) else { return };
         n.link = None;
-        if let Some(p) = n.link_of.take()
-            && let Some(set) = self.aliases.get_mut(&p)
-        {
+        if let Some(p) = n.link_of.take() {
+            self.drop_alias(p, ino);
+        }
+    }
+
+    /// Takes `ino` out of the names indexed under file `p`.
+    fn drop_alias(&mut self, p: Ino, ino: Ino) {
+        if let Some(set) = self.aliases.get_mut(&p) {
             set.remove(&ino);
             if set.is_empty() {
                 self.aliases.remove(&p);
@@ -288,13 +293,8 @@ impl Tree {
         {
             self.by_remote_key.remove(&r.key);
         }
-        if let Some(p) = n.link_of
-            && let Some(set) = self.aliases.get_mut(&p)
-        {
-            set.remove(&ino);
-            if set.is_empty() {
-                self.aliases.remove(&p);
-            }
+        if let Some(p) = n.link_of {
+            self.drop_alias(p, ino);
         }
         if let Some(g) = &n.link
             && self.groups.get(g) == Some(&ino)
